@@ -1,0 +1,271 @@
+"""Supervised fine-tuning (SFT): maximum likelihood on demonstrations.
+
+Paper lineage: the SFT stage of "Training language models to follow instructions with human feedback"
+(Ouyang et al., arXiv 2203.02155). Implements
+    L(θ) = - Σ_{i,t} m_{i,t} log π_θ(y_{i,t} | x_i, y_{i,<t}) / N_lab
+with N_lab the number of label tokens in the whole optimizer-step batch (all accumulation micro-batches and all
+processes): a global token mean, so gradient accumulation and multi-process runs give the same update as one big
+batch. By default the loss covers completion tokens only (prompt-completion data) or every token (language-modelling
+data); `--completion_only_loss False` trains on prompt tokens too. Completions keep their EOS token.
+
+Data: language modelling (`text` / `messages`) or prompt-completion (`prompt`, `completion`), standard or
+conversational. Default: the built-in toy addition task and a freshly initialised toy Llama (no network).
+
+Run:
+    python algos/sft.py                                   # toy model on toy:add, about a minute on 2 CPU cores
+    python algos/sft.py --dataset_name toy:reverse:conversational
+    accelerate launch --num_processes 2 algos/sft.py      # same global batch, same result
+    python algos/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \
+        --learning_rate 2e-5 --max_length 1024 --per_device_train_batch_size 4 --gradient_accumulation_steps 8
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import tyro
+
+from common import checkpoint, data, distributed, model as model_utils, tracking
+from common.generation import HFGenerator, SamplingConfig
+
+
+@dataclass
+class Args:
+    # --- common block (identical names in every script)
+    exp_name: str = "sft"
+    """name of this experiment (used in the default run name)"""
+    seed: int = 1
+    """random seed (model init, data order, sampling)"""
+    run_name: str | None = None
+    """run name; default '{exp_name}__{dataset}__{seed}__{unix time}'"""
+    output_dir: str | None = None
+    """where metrics, checkpoints and the final model go; default runs/{run_name}"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "cleanalign"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    model_name_or_path: str = "toy"
+    """'toy' (fresh toy Llama), a local folder or a hub name"""
+    dataset_name: str = "toy:add"
+    """'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or a hub name"""
+    dataset_split: str = "train"
+    """split to train on"""
+    eval_split: str | None = "test"
+    """held-out split for evaluation (None to skip)"""
+    logging_steps: int = 10
+    """log metrics every this many optimizer steps"""
+    save_steps: int = 100
+    """checkpoint every this many optimizer steps (0: only the final model)"""
+    save_total_limit: int | None = 2
+    """keep at most this many checkpoints"""
+    resume_from: str | None = None
+    """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    mixed_precision: str | None = None
+    """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
+    # --- optimisation
+    learning_rate: float = 1e-3
+    """AdamW learning rate (the toy model trains from scratch; use ~2e-5 for a pretrained model)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 20
+    """linear warm-up steps, then linear decay to 0"""
+    max_steps: int = 800
+    """optimizer steps"""
+    per_device_train_batch_size: int = 64
+    """sequences per micro-batch per process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 to disable)"""
+    # --- SFT
+    max_length: int = 128
+    """longest tokenised sequence kept (prompt tokens are cut from the left first)"""
+    completion_only_loss: bool = True
+    """prompt-completion data: loss on completion tokens only (False: on every token)"""
+    eval_steps: int = 100
+    """evaluate every this many steps"""
+    num_eval_prompts: int = 256
+    """held-out prompts for the greedy exact-match evaluation on toy tasks"""
+
+
+# ----------------------------------------------------------------------------- the loss
+# Shapes: B sequences per micro-batch, T target tokens.
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_items: float) -> torch.Tensor:
+    """Masked negative log-likelihood summed over the micro-batch and divided by the label-token count of the whole
+    optimizer step (global token mean). logps, mask: (B, T)."""
+    assert logps.shape == mask.shape
+    return -(logps * mask).sum() / num_items
+
+
+def token_accuracy(logits_argmax: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((logits_argmax == targets) * mask).sum().item() / max(mask.sum().item(), 1)
+
+
+# ----------------------------------------------------------------------------- data
+def tokenize_rows(ds, tokenizer, completion_only: bool, max_length: int):
+    """(prefix ids, target ids) per row: the loss covers the targets. For language-modelling rows the prefix is the
+    first token; with completion_only=False the prompt's tokens after the first become targets too."""
+    kind = data.detect_type(ds.column_names)
+    if kind == "lm":
+        texts = [data.lm_text(ex, tokenizer) for ex in ds]
+        ids = data.tokenize(tokenizer, texts)
+        pairs = [(s[:1], s[1:]) for s in ids]
+    else:
+        p_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
+        c_ids = data.tokenize(tokenizer, [data.completion_text(p, c, tokenizer)
+                                          for p, c in zip(ds["prompt"], ds["completion"])])
+        if completion_only:
+            pairs = list(zip(p_ids, c_ids))
+        else:
+            pairs = [((p + c)[:1], (p + c)[1:]) for p, c in zip(p_ids, c_ids)]
+    out = []
+    for prefix, target in pairs:
+        over = len(prefix) + len(target) - max_length
+        if over > 0:  # cut the prompt from the left first, then the target from the right
+            cut = min(over, max(len(prefix) - 1, 0))
+            prefix, target = prefix[cut:], target[: len(target) - (over - cut)]
+        out.append((prefix, target))
+    return out
+
+
+def load_sft_data(name: str, split: str):
+    ds = data.load_data(name, split, toy_kind="prompt_completion")
+    kind = data.detect_type(ds.column_names)
+    if kind not in ("lm", "prompt_completion"):
+        raise data.DatasetFormatError(
+            f"sft.py needs a language-modelling dataset (columns {{text}} or {{messages}}) or a prompt-completion one "
+            f"({{prompt, completion}}); found columns {sorted(ds.column_names)} (detected type: {kind or 'unknown'})")
+    return ds
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, args, accelerator) -> dict:
+    """Held-out metrics: mean NLL of the eval split's targets; on toy tasks, greedy exact-match accuracy."""
+    from common import toy
+
+    metrics = {}
+    task = data.toy_task(args.dataset_name)
+    if not args.eval_split:
+        return metrics
+    if task is not None:
+        ds = data.load_data(args.dataset_name, args.eval_split, toy_kind="prompt", n=args.num_eval_prompts)
+        gen = HFGenerator(tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=16), accelerator)
+        prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
+        out = gen.generate(model, prompt_ids, n=1, greedy=True)
+        rewards = toy.gold_reward(task)(ds["prompt"], out.texts)
+        metrics["eval/accuracy"] = sum(rewards) / len(rewards)
+        metrics["eval/terminated"] = out.terminated.float().mean().item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    accelerator = distributed.make_accelerator(args)
+    if args.max_steps <= 0 or args.per_device_train_batch_size <= 0:
+        raise ValueError("--max_steps and --per_device_train_batch_size must be positive")
+
+    # data first: a bad dataset fails before any model is built
+    tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
+    train = tokenize_rows(load_sft_data(args.dataset_name, args.dataset_split), tokenizer, args.completion_only_loss,
+                          args.max_length)
+    global_bs = distributed.global_batch_size(args, accelerator)
+
+    model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_lambda(step):  # linear warm-up, then linear decay to 0
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step, elapsed = 0, 0.0
+    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        start_step, elapsed = state["step"], state["elapsed"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+                               show=("loss", "mean_token_accuracy", "eval/accuracy"))
+    if accelerator.is_main_process:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"sft: {len(train)} rows, {n_params / 1e6:.2f}M parameters, global batch {global_bs}, "
+              f"{args.max_steps} steps -> {args.output_dir}", flush=True)
+
+    pad_id = tokenizer.pad_token_id
+    stats = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "entropy": 0.0}
+    model.train()
+    for step in range(start_step, args.max_steps):
+        indices = data.batch_indices(len(train), global_bs, step, args.seed)
+        micro = distributed.micro_batches(indices, args, accelerator)
+        local_tokens = sum(len(train[i][1]) for mb in micro for i in mb)
+        num_items = distributed.gather_sum(accelerator, local_tokens)  # label tokens in the whole step
+        for mb in micro:
+            batch = data.batch_prompt_completion([train[i][0] for i in mb], [train[i][1] for i in mb], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                T = batch["completion_mask"].shape[1]
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]),
+                            logits_to_keep=T + 1, use_cache=False)
+                logits = out.logits[:, :-1]
+                targets = batch["input_ids"][:, -T:]
+                logps = model_utils.selective_log_softmax(logits, targets)
+                mask = batch["completion_mask"].float()
+                loss = sft_loss(logps, mask, num_items)
+                # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
+                # gradient is exactly that of the global token mean
+                accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            with torch.no_grad():
+                stats["loss"] += -(logps * mask).sum().item()
+                stats["correct"] += ((logits.argmax(-1) == targets) * mask).sum().item()
+                stats["tokens"] += mask.sum().item()
+                lp = torch.log_softmax(logits.float(), -1)
+                stats["entropy"] += (-(lp.exp() * lp).sum(-1) * mask).sum().item()
+
+        done = step + 1
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            tot = {k: distributed.gather_sum(accelerator, v) for k, v in stats.items()}
+            metrics = {"loss": tot["loss"] / tot["tokens"], "mean_token_accuracy": tot["correct"] / tot["tokens"],
+                       "entropy": tot["entropy"] / tot["tokens"], "num_tokens": tot["tokens"],
+                       "learning_rate": scheduler.get_last_lr()[0]}
+            stats = dict.fromkeys(stats, 0.0)
+            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                metrics.update(evaluate(model, tokenizer, args, accelerator))
+            tracker.log(metrics, done, args.max_steps)
+        if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
+            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
+                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    if args.save_steps:
+        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+    tracker.close()
+    accelerator.print(f"saved the final model to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))

@@ -1,0 +1,92 @@
+"""Run tracking: resolved args and one JSON record per logging step in the run folder, mirrored to wandb with
+`--track` (WANDB_MODE=offline works without a network), sample completions at an interval, a progress line.
+
+Files in `output_dir`: args.json, metrics.jsonl (one {"step", "time", ...metrics} per line), samples.jsonl.
+`benchmarks/plot.py` reads metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if hasattr(v, "item"):
+        return _jsonable(v.item())
+    return str(v)
+
+
+class Tracker:
+    def __init__(self, args, is_main: bool = True, resume_step: int = 0, elapsed: float = 0.0,
+                 show: tuple[str, ...] = ("loss",)):
+        self.args, self.is_main, self.show = args, is_main, show
+        self.dir = Path(args.output_dir)
+        self.t0 = time.time() - elapsed  # a resumed run continues the wall clock where it stopped
+        self.wandb = None
+        if not is_main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = _jsonable(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else vars(args))
+        (self.dir / "args.json").write_text(json.dumps(config, indent=2) + "\n")
+        metrics = self.dir / "metrics.jsonl"
+        if resume_step and metrics.exists():  # drop records past the resume point, they will be written again
+            keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            metrics.write_text("".join(line + "\n" for line in keep))
+        elif metrics.exists():
+            metrics.unlink()
+        if getattr(args, "track", False):
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.run_name,
+                                    config=config, dir=str(self.dir), resume="allow")
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def log(self, metrics: dict, step: int, total_steps: int | None = None):
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(self.elapsed(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
+        for k in self.show:
+            if k in record and record[k] is not None:
+                parts.append(f"{k} {record[k]:.4g}")
+        parts.append(f"{record['time']:.1f}s")
+        print(" | ".join(parts), flush=True)
+
+    def log_samples(self, step: int, rows: list[dict], n_print: int = 2):
+        """Sample completions with their rewards: samples.jsonl, a wandb table, and a couple printed."""
+        if not self.is_main or not rows:
+            return
+        rows = [{k: _jsonable(v) for k, v in r.items()} for r in rows]
+        with open(self.dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            cols = list(rows[0])
+            self.wandb.log({"completions": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])},
+                           step=step)
+        for r in rows[:n_print]:
+            print("   sample:", " | ".join(f"{k}={str(v)!r:.80}" for k, v in r.items()), flush=True)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
