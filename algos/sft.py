@@ -78,7 +78,7 @@ class Args:
     """AdamW weight decay"""
     warmup_steps: int = 20
     """linear warm-up steps, then linear decay to 0"""
-    max_steps: int = 800
+    max_steps: int = 700
     """optimizer steps"""
     per_device_train_batch_size: int = 64
     """sequences per micro-batch per process"""

@@ -88,5 +88,12 @@ class Tracker:
             print("   sample:", " | ".join(f"{k}={str(v)!r:.80}" for k, v in r.items()), flush=True)
 
     def close(self):
+        """Write perf.json (wall time, peak resident memory of this process) and finish wandb."""
+        if self.is_main:
+            import resource
+
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+            (self.dir / "perf.json").write_text(json.dumps({"time": round(self.elapsed(), 3),
+                                                            "peak_rss_mb": round(peak_mb, 1)}) + "\n")
         if self.wandb is not None:
             self.wandb.finish()

@@ -1,0 +1,255 @@
+"""Reward modelling with the Bradley-Terry model (outcome reward model).
+
+Paper lineage: "Training language models to follow instructions with human feedback" (Ouyang et al., arXiv
+2203.02155, Eq. 1); the margin term from Llama 2 (arXiv 2307.09288, Eq. 2); reward centring from "Helping or
+Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking" (Eisenstein et al., arXiv 2312.09244).
+Implements, for preference pairs (x, y_w, y_l) with scalar scores r = r_φ(x, y) read at the last real token:
+    L(φ) = mean_i [ -log σ(r_w,i - r_l,i - margin_i) ]  +  c · mean_i (r_w,i + r_l,i)^2     (c = --center_rewards_coefficient)
+margin_i comes from an optional `margin` column (0 when absent). The model is a `*ForSequenceClassification` with
+one output, saved so that `AutoModelForSequenceClassification.from_pretrained` loads it back.
+
+Data: preference (`prompt, chosen, rejected`, or implicit prompt `chosen, rejected`), standard or conversational.
+Default: the toy addition task's pairs (chosen correct, rejected a plausible wrong answer), toy Llama backbone.
+
+Run:
+    python algos/reward.py                                  # toy reward model, well under a minute on 2 CPU cores
+    accelerate launch --num_processes 2 algos/reward.py
+    python algos/reward.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --max_length 1024
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+from common import checkpoint, data, distributed, model as model_utils, tracking
+
+
+@dataclass
+class Args:
+    # --- common block (identical names in every script)
+    exp_name: str = "reward"
+    """name of this experiment (used in the default run name)"""
+    seed: int = 1
+    """random seed (model init, data order)"""
+    run_name: str | None = None
+    """run name; default '{exp_name}__{dataset}__{seed}__{unix time}'"""
+    output_dir: str | None = None
+    """where metrics, checkpoints and the final model go; default runs/{run_name}"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "cleanalign"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    model_name_or_path: str = "toy-sft"
+    """'toy-sft' (the toy SFT policy, as InstructGPT initialises its reward model from the SFT model), 'toy' (fresh
+    toy Llama), a local folder or a hub name; a causal-LM checkpoint gets a new score head"""
+    dataset_name: str = "toy:add"
+    """'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or a hub name"""
+    dataset_split: str = "train"
+    """split to train on"""
+    eval_split: str | None = "test"
+    """held-out split for pairwise accuracy (None to skip)"""
+    logging_steps: int = 10
+    """log metrics every this many optimizer steps"""
+    save_steps: int = 100
+    """checkpoint every this many optimizer steps (0: only the final model)"""
+    save_total_limit: int | None = 2
+    """keep at most this many checkpoints"""
+    resume_from: str | None = None
+    """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    mixed_precision: str | None = None
+    """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
+    # --- optimisation
+    learning_rate: float = 3e-4
+    """AdamW learning rate (TRL's default is 1e-4)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 20
+    """linear warm-up steps, then linear decay to 0"""
+    max_steps: int = 800
+    """optimizer steps"""
+    per_device_train_batch_size: int = 64
+    """preference pairs per micro-batch per process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 to disable)"""
+    # --- reward model
+    max_length: int = 128
+    """longest tokenised prompt+completion kept (cut from the left)"""
+    center_rewards_coefficient: float | None = None
+    """c in + c·mean((r_w + r_l)^2), keeps scores centred on 0 (2312.09244 recommends 0.01; None: off)"""
+    eval_steps: int = 100
+    """evaluate every this many steps"""
+    num_eval_pairs: int = 512
+    """held-out pairs for the evaluation accuracy"""
+
+
+# ----------------------------------------------------------------------------- the loss
+# Shapes: B preference pairs.
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float | None = None) -> torch.Tensor:
+    """mean(-log σ(r_w - r_l - margin)) [+ c·mean((r_w + r_l)^2)]. r_chosen, r_rejected, margin: (B,)."""
+    assert r_chosen.shape == r_rejected.shape and r_chosen.dim() == 1
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------- data
+def tokenize_pairs(ds, tokenizer, max_length: int):
+    """Token ids of prompt+chosen and prompt+rejected per row (cut from the left to max_length), and margins."""
+    prompts = [data.prompt_text(p, tokenizer) for p in ds["prompt"]]
+    chosen = data.tokenize(tokenizer, [p + data.completion_text(q, c, tokenizer)
+                                       for p, q, c in zip(prompts, ds["prompt"], ds["chosen"])])
+    rejected = data.tokenize(tokenizer, [p + data.completion_text(q, r, tokenizer)
+                                         for p, q, r in zip(prompts, ds["prompt"], ds["rejected"])])
+    margins = [float(m) for m in ds["margin"]] if "margin" in ds.column_names else [0.0] * len(ds)
+    return [(c[-max_length:], r[-max_length:], m) for c, r, m in zip(chosen, rejected, margins)]
+
+
+def load_preference(name: str, split: str, n: int | None = None):
+    ds = data.load_data(name, split, toy_kind="preference", n=n)
+    return data.convert(ds, "preference", script="reward.py")
+
+
+def score_pairs(model, rows, pad_id, device, score_head=None):
+    """Scores (2B,) for the chosen rows then the rejected rows, in one left-padded forward."""
+    ids, mask = data.pad([r[0] for r in rows] + [r[1] for r in rows], pad_id, "left")
+    return model_utils.sequence_classifier_scores(model, ids.to(device), mask.to(device), score_head)
+
+
+@torch.no_grad()
+def evaluate(model, rows, pad_id, device, score_head, batch_size=256) -> dict:
+    correct, margin = 0.0, 0.0
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        scores = score_pairs(model, chunk, pad_id, device, score_head)
+        rc, rr = scores[: len(chunk)], scores[len(chunk):]
+        correct += (rc > rr).float().sum().item()
+        margin += (rc - rr).sum().item()
+    return {"eval/accuracy": correct / len(rows), "eval/margin": margin / len(rows)}
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    from transformers import AutoModelForSequenceClassification
+
+    from common import toy
+
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    accelerator = distributed.make_accelerator(args)
+
+    tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
+    train = tokenize_pairs(load_preference(args.dataset_name, args.dataset_split), tokenizer, args.max_length)
+    eval_rows = (tokenize_pairs(load_preference(args.dataset_name, args.eval_split, args.num_eval_pairs), tokenizer,
+                                args.max_length) if args.eval_split else [])
+    global_bs = distributed.global_batch_size(args, accelerator)
+
+    if args.model_name_or_path == "toy":
+        torch.manual_seed(args.seed)
+        config = toy.make_config(tokenizer)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_utils.resolve(args.model_name_or_path),
+                                                                   num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    score_head = model.score
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_lambda(step):
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
+
+    start_step, elapsed = 0, 0.0
+    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        start_step, elapsed = state["step"], state["elapsed"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+                               show=("loss", "accuracy", "eval/accuracy"))
+    accelerator.print(f"reward: {len(train)} pairs, global batch {global_bs}, {args.max_steps} steps -> {args.output_dir}")
+
+    pad_id, A, W = tokenizer.pad_token_id, args.gradient_accumulation_steps, accelerator.num_processes
+    stats = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0, "pairs": 0.0, "tokens": 0.0}
+    rmin, rmax = float("inf"), float("-inf")
+    model.train()
+    for step in range(start_step, args.max_steps):
+        indices = data.batch_indices(len(train), global_bs, step, args.seed)
+        for mb in distributed.micro_batches(indices, args, accelerator):
+            rows = [train[i] for i in mb]
+            with accelerator.accumulate(model):
+                scores = score_pairs(model, rows, pad_id, accelerator.device, score_head)
+                rc, rr = scores[: len(rows)], scores[len(rows):]
+                margin = torch.tensor([r[2] for r in rows], device=rc.device)
+                # each micro-batch holds the same number of pairs, so the mean of micro-batch means is the batch mean
+                loss = bradley_terry_loss(rc, rr, margin, args.center_rewards_coefficient)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            with torch.no_grad():
+                stats["loss"] += loss.item() * len(rows)
+                stats["correct"] += (rc > rr).float().sum().item()
+                stats["margin"] += (rc - rr).sum().item()
+                stats["chosen"] += rc.sum().item()
+                stats["rejected"] += rr.sum().item()
+                stats["pairs"] += len(rows)
+                stats["tokens"] += sum(len(r[0]) + len(r[1]) for r in rows)
+                rmin, rmax = min(rmin, scores.min().item()), max(rmax, scores.max().item())
+
+        done = step + 1
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            tot = {k: distributed.gather_sum(accelerator, v) for k, v in stats.items()}
+            n = tot["pairs"]
+            metrics = {"loss": tot["loss"] / n, "accuracy": tot["correct"] / n, "margin": tot["margin"] / n,
+                       "mean_reward": (tot["chosen"] + tot["rejected"]) / (2 * n), "chosen_reward": tot["chosen"] / n,
+                       "rejected_reward": tot["rejected"] / n, "min_reward": rmin, "max_reward": rmax,
+                       "num_tokens": tot["tokens"], "learning_rate": scheduler.get_last_lr()[0]}
+            stats, rmin, rmax = dict.fromkeys(stats, 0.0), float("inf"), float("-inf")
+            if eval_rows and args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                model.eval()
+                metrics.update(evaluate(model, eval_rows, pad_id, accelerator.device, score_head))
+                model.train()
+            tracker.log(metrics, done, args.max_steps)
+        if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
+            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
+                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    if args.save_steps:
+        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+    tracker.close()
+    accelerator.print(f"saved the final reward model to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))

@@ -1,0 +1,56 @@
+"""Shared test plumbing: repo on sys.path, one cache of the built default toy models per session, and a helper
+that runs a script through its real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "algos"))
+os.environ.setdefault("CLEANALIGN_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_script(script: str, *args: str, launcher: list[str] | None = None, timeout: int = 600, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `algos/<script>` as a user would (optionally under `accelerate launch ...`)."""
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "algos" / script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def accelerate_launcher(num_processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--cpu",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def toy_policy() -> Path:
+    """The cached default RL starting policy (built once, about a minute)."""
+    from common import toy
+
+    return toy.toy_policy_path("add")
+
+
+@pytest.fixture(scope="session")
+def toy_rm() -> Path:
+    """The cached default toy reward model (built once)."""
+    from common import toy
+
+    return toy.toy_reward_model_path("add")
