@@ -265,7 +265,7 @@ def check_run(out_dir):
 @needs_vllm
 @needs_grpo
 def test_grpo_colocate(tmp_path):
-    run_script("grpo.py", "--use_vllm", "--vllm_mode", "colocate", "--output_dir", str(tmp_path), *E2E)
+    run_script("grpo.py", "--use_vllm", "True", "--vllm_mode", "colocate", "--output_dir", str(tmp_path), *E2E)
     check_run(tmp_path)
 
 
@@ -273,7 +273,7 @@ def test_grpo_colocate(tmp_path):
 @needs_grpo
 def test_grpo_server_mode_leaves_no_process(tmp_path, server):
     port, proc = server
-    run_script("grpo.py", "--use_vllm", "--vllm_mode", "server", "--vllm_server_port", str(port),
+    run_script("grpo.py", "--use_vllm", "True", "--vllm_mode", "server", "--vllm_server_port", str(port),
                "--output_dir", str(tmp_path), *E2E)
     check_run(tmp_path)
     stop_server(proc)
@@ -283,6 +283,6 @@ def test_grpo_server_mode_leaves_no_process(tmp_path, server):
 @needs_vllm
 @needs_grpo
 def test_grpo_colocate_two_processes(tmp_path):
-    run_script("grpo.py", "--use_vllm", "--vllm_mode", "colocate", "--output_dir", str(tmp_path), *E2E,
+    run_script("grpo.py", "--use_vllm", "True", "--vllm_mode", "colocate", "--output_dir", str(tmp_path), *E2E,
                launcher=accelerate_launcher(2), timeout=900)
     check_run(tmp_path)
