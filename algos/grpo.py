@@ -1,0 +1,568 @@
+"""GRPO: Group Relative Policy Optimization, with the variants users expect (Dr. GRPO, DAPO, GSPO, INTELLECT-2's
+two-sided clip).
+
+Paper: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (Shao et al., arXiv
+2402.03300), Eq. 3 (objective) and Sec. 4.1.2 (outcome supervision: group-normalised advantages). Variants:
+"Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO, arXiv 2503.20783), "DAPO: An Open-Source LLM
+Reinforcement Learning System at Scale" (arXiv 2503.14476, clip-higher and the token-level loss), "Group Sequence
+Policy Optimization" (GSPO, arXiv 2507.18071, Eq. 5-7), INTELLECT-2 (arXiv 2505.07291, the `delta` clip).
+
+For each prompt x, G completions y_1..y_G are sampled from π_old; rewards r_i = Σ_f w_f r_f(x, y_i) (a function
+returning None for a sample is left out of that sample's sum; a sample no function scores gets advantage 0);
+    A_i = (r_i - mean_g r) / (s + 1e-4)   s = group std (group) | std of the whole generation batch (batch) | 1 (none)
+Per completion token t (ρ_t = π_θ(y_t|.) / π_old(y_t|.), or GSPO's ρ_i = exp(mean_t log ρ_t) for every token):
+    L_{i,t} = -min(ρ A_i, clip(ρ, 1-ε, 1+ε_high) A_i) + β k3_t,    k3_t = π_ref/π_θ - log(π_ref/π_θ) - 1
+(with --delta the unclipped ρ is capped at δ). The KL is a loss term (k3), not a reward penalty. Aggregation:
+    grpo     (1/B) Σ_i (1/|y_i|) Σ_t L_{i,t}         per micro-batch, then averaged over micro-batches (2402.03300)
+    bnpo     Σ_{i,t} L / Σ_{i,t} m                    token mean of the micro-batch, averaged over micro-batches
+    dr_grpo  Σ_{i,t} L / (B · max_new_tokens)         constant normaliser (2503.20783)
+    dapo     Σ_{i,t} L / N_tok                        N_tok = completion tokens of the whole optimizer step, over all
+                                                      micro-batches and processes (2503.14476, Eq. 12); the default
+With --num_iterations μ > 1 each generation batch is used for μ optimizer steps and π_old are the log-probs stored
+before the first of them; with μ = 1 the ratio is exactly 1 (π_old = sg(π_θ)) and nothing is recomputed.
+
+Batch arithmetic. Each process samples `per_device_train_batch_size * gradient_accumulation_steps / num_generations`
+prompts, G completions each (its generation batch), scores them and then takes μ optimizer steps over it, each in
+`gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` completions. Groups never straddle two
+processes, so group statistics are local; only `--scale_rewards batch` needs the gathered batch. The global batch of
+one optimizer step is the per-process generation batch times the number of processes, and a run on 2 processes gives
+the same update as 1 process with twice the per-device batch (tests/test_grpo.py checks both invariances).
+
+Deliberate differences from TRL 1.16: the k3 term is not multiplied by ρ when off-policy (`use_bias_correction_kl`),
+and a sample no reward function scores gets A = 0 (TRL scores it 0).
+
+Run:
+    python algos/grpo.py                                           # toy SFT policy on toy:add, a few minutes on 2 CPU cores
+    python algos/grpo.py --loss_type grpo --scale_rewards none     # (Dr. GRPO: --loss_type dr_grpo --scale_rewards none)
+    python algos/grpo.py --importance_sampling_level sequence --loss_type grpo --num_iterations 4 \
+        --epsilon 3e-4 --epsilon_high 4e-4                         # GSPO recipe
+    python algos/grpo.py --reward_funcs my_rewards.py:fn add --reward_weights 0.5 1.0
+    accelerate launch --num_processes 2 algos/grpo.py --per_device_train_batch_size 32
+    bash benchmarks/pg.sh                                          # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import tyro
+
+from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
+from common.generation import build_generator
+
+
+@dataclass
+class Args:
+    # --- common block (identical names in every script)
+    exp_name: str = "grpo"
+    """name of this experiment (used in the default run name)"""
+    seed: int = 1
+    """random seed (data order, sampling)"""
+    run_name: str | None = None
+    """run name; default '{exp_name}__{dataset}__{seed}__{unix time}'"""
+    output_dir: str | None = None
+    """where metrics, checkpoints and the final model go; default runs/{run_name}"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "cleanalign"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    model_name_or_path: str = "toy-sft"
+    """'toy-sft' (the toy SFT policy), a local folder or a hub name"""
+    dataset_name: str = "toy:add"
+    """prompt-only data: 'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk
+    folder or a hub name (extra columns are passed to the reward functions)"""
+    dataset_split: str = "train"
+    """split to train on"""
+    logging_steps: int = 5
+    """log metrics every this many optimizer steps (averaged over the steps since the last log)"""
+    save_steps: int = 0
+    """checkpoint every this many optimizer steps (0: only the final model); rounded to generation boundaries"""
+    save_total_limit: int | None = 2
+    """keep at most this many checkpoints"""
+    resume_from: str | None = None
+    """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    mixed_precision: str | None = None
+    """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
+    # --- optimisation
+    learning_rate: float = 2e-4
+    """AdamW learning rate (the toy policy is tiny; use ~1e-6 for a pretrained LM, as in the paper)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear warm-up steps, then constant"""
+    max_steps: int = 100
+    """optimizer steps (each generation batch gives num_iterations of them)"""
+    per_device_train_batch_size: int = 64
+    """completions per micro-batch per process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 to disable)"""
+    # --- sampling (common/generation.py)
+    num_generations: int = 8
+    """G, completions per prompt (a group)"""
+    temperature: float = 1.0
+    """sampling temperature; the trained log-probs use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    top_k: int = 0
+    """top-k sampling (0: off)"""
+    min_p: float | None = None
+    """min-p sampling"""
+    max_new_tokens: int = 8
+    """longest completion (also L_max of dr_grpo)"""
+    max_prompt_length: int | None = 256
+    """prompts longer than this keep their last tokens"""
+    use_vllm: bool = False
+    """sample with vLLM (common/vllm_backend.py) instead of HF generate"""
+    vllm_mode: str = "colocate"
+    """'colocate' (in-process) or 'server'"""
+    vllm_server_host: str = "127.0.0.1"
+    """vLLM server host (server mode)"""
+    vllm_server_port: int = 8000
+    """vLLM server port (server mode)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """fraction of GPU memory vLLM may take (colocate)"""
+    vllm_kv_cache_gb: float = 1.0
+    """CPU KV-cache space for vLLM on CPU"""
+    vllm_importance_sampling_cap: float | None = 3.0
+    """when the sampler returns its log-probs: multiply each token's loss by min(π_old/π_sampler, cap) (truncated
+    importance sampling); None: only log the mismatch"""
+    # --- rewards
+    reward_funcs: list[str] | None = None
+    """reward functions: 'add'/'reverse' (toy gold rewards), 'path/file.py:fn', 'module:fn', 'model:<name or dir>';
+    default: the toy task's gold reward"""
+    reward_model_name_or_path: str | None = None
+    """a reward model added to reward_funcs (e.g. 'toy-rm'); same as 'model:<name>' there"""
+    reward_weights: list[float] | None = None
+    """one weight per reward source (reward_funcs, then the reward model); default all 1"""
+    # --- GRPO
+    scale_rewards: str = "group"
+    """advantage scale: 'group' (group std), 'batch' (std of the whole generation batch) or 'none' (Dr. GRPO)"""
+    loss_type: str = "dapo"
+    """aggregation: 'grpo' | 'bnpo' | 'dr_grpo' | 'dapo' (see the module docstring)"""
+    importance_sampling_level: str = "token"
+    """'token' (per-token ratio) or 'sequence' (GSPO: exp of the mean token log-ratio)"""
+    epsilon: float = 0.2
+    """lower clip: ρ >= 1 - epsilon"""
+    epsilon_high: float | None = None
+    """upper clip: ρ <= 1 + epsilon_high (DAPO's clip-higher uses 0.28); default: epsilon"""
+    delta: float | None = None
+    """two-sided clipping (INTELLECT-2): the unclipped ratio is capped at delta (> 1 + epsilon_high)"""
+    beta: float = 0.0
+    """weight of the k3 KL to the reference model (the initial policy); the reference is loaded only if beta > 0"""
+    num_iterations: int = 1
+    """μ: optimizer steps per generation batch (off-policy reuse with stored old log-probs)"""
+    mask_truncated_completions: bool = False
+    """leave completions that did not end with EOS out of the loss"""
+    # --- evaluation and logging
+    eval_steps: int = 25
+    """held-out gold reward every this many steps (and at step 0 and at the end); 0: never"""
+    num_eval_prompts: int = 256
+    """held-out prompts of the toy task (greedy decoding)"""
+    log_completions_steps: int = 25
+    """write sample completions with their rewards every this many steps (0: never)"""
+    num_completions_to_log: int = 8
+    """sample completions per log"""
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+# ----------------------------------------------------------------------------- the math
+# Shapes: N completions in a generation batch (N = prompts * G), G completions per prompt, B completions per
+# micro-batch, T completion tokens. Masks are 0/1 floats over completion tokens (EOS included).
+def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, F) rewards with NaN where a function returned None, (F,) weights -> (N,) weighted sum over the functions
+    that scored the sample; NaN when none did."""
+    assert rewards_per_func.dim() == 2 and weights.shape == (rewards_per_func.shape[1],)
+    scored = ~torch.isnan(rewards_per_func)
+    total = torch.where(scored, rewards_per_func * weights, torch.zeros_like(rewards_per_func)).sum(1)
+    return torch.where(scored.any(1), total, torch.full_like(total, float("nan")))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(N,) rewards, rows g*G..(g+1)*G-1 one group -> (N,) advantages (r - group mean) / (std + eps).
+    std: Bessel-corrected group std ('group'), std of all rewards in the batch ('batch'), or no scaling ('none').
+    NaN rewards (unscored) are left out of the statistics and get A = 0; a group whose scored rewards are all equal
+    gets exactly A = 0."""
+    assert rewards.dim() == 1 and rewards.numel() % group_size == 0
+    r = rewards.view(-1, group_size)  # (N/G, G)
+    valid = ~torch.isnan(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    count = valid.sum(1, keepdim=True)
+    mean = r0.sum(1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(valid, r - mean, torch.zeros_like(r))
+    big, small = torch.finfo(r.dtype).max, torch.finfo(r.dtype).min
+    all_equal = (torch.where(valid, r, torch.full_like(r, small)).amax(1, keepdim=True)
+                 == torch.where(valid, r, torch.full_like(r, big)).amin(1, keepdim=True))
+    centered = torch.where(all_equal, torch.zeros_like(centered), centered)
+    if scale_rewards == "group":
+        std = ((centered ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        adv = centered / (std + eps)
+    elif scale_rewards == "batch":
+        flat = rewards[~torch.isnan(rewards)]
+        std = flat.std() if flat.numel() > 1 else torch.zeros(())
+        adv = centered / (std + eps)
+    elif scale_rewards == "none":
+        adv = centered
+    else:
+        raise ValueError(f"--scale_rewards {scale_rewards!r}: use 'group', 'batch' or 'none'")
+    return adv.reshape(-1)
+
+
+def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """ρ: token level exp(ℓ - ℓ_old) (B, T); sequence level (GSPO) exp(masked mean_t (ℓ - ℓ_old)) broadcast to (B, T)."""
+    assert logps.shape == old_logps.shape == mask.shape
+    log_ratio = logps - old_logps
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level == "sequence":
+        seq = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        return torch.exp(seq)[:, None].expand_as(logps)
+    raise ValueError(f"--importance_sampling_level {level!r}: use 'token' or 'sequence'")
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float,
+                      delta: float | None = None) -> torch.Tensor:
+    """Per-token -min(ρ A, clip(ρ, 1-ε, 1+ε_high) A), ρ capped at delta in the unclipped term when given. (B, T)."""
+    assert ratio.dim() == 2 and advantages.shape == (ratio.shape[0],)
+    adv = advantages[:, None]
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    return -torch.min(unclipped * adv, clipped * adv)
+
+
+def k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ || π_ref): exp(ℓ_ref - ℓ) - (ℓ_ref - ℓ) - 1 >= 0. (B, T)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, num_items: float | None = None,
+              max_completion_length: int | None = None) -> torch.Tensor:
+    """Scalar loss of a micro-batch from (B, T) per-token losses and the 0/1 mask (see the module docstring).
+    num_items: completion tokens of the whole optimizer step (dapo); max_completion_length: L_max (dr_grpo)."""
+    assert per_token_loss.shape == mask.shape
+    masked = per_token_loss * mask
+    if loss_type == "grpo":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return masked.sum() / (mask.shape[0] * max_completion_length)
+    if loss_type == "dapo":
+        return masked.sum() / max(num_items, 1)
+    raise ValueError(f"--loss_type {loss_type!r}: use one of {LOSS_TYPES}")
+
+
+def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float,
+                   epsilon_high: float) -> dict[str, torch.Tensor]:
+    """Token counts (sums over the mask) where the clip takes effect: ρ < 1-ε with A < 0 (low), ρ > 1+ε_high with
+    A > 0 (high), either (region). Divide by the mask sum for fractions."""
+    adv = advantages[:, None]
+    low = (ratio < 1 - epsilon) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return {"low": (low * mask).sum(), "high": (high * mask).sum(), "region": ((low | high) * mask).sum()}
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+def check_args(args: Args) -> int:
+    """Reject bad flag combinations before anything is loaded; returns the prompts per process and generation."""
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"--loss_type {args.loss_type!r}: use one of {LOSS_TYPES}")
+    if args.scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"--scale_rewards {args.scale_rewards!r}: use 'group', 'batch' or 'none'")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"--importance_sampling_level {args.importance_sampling_level!r}: use 'token' or 'sequence'")
+    if args.num_generations < 2:
+        raise ValueError("--num_generations must be >= 2 (the advantage compares completions of the same prompt)")
+    if args.num_iterations < 1 or args.max_steps <= 0:
+        raise ValueError("--num_iterations and --max_steps must be positive")
+    gen_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if gen_batch % args.num_generations:
+        good = args.num_generations * max(1, round(gen_batch / args.num_generations))
+        raise ValueError(
+            f"the per-process batch per_device_train_batch_size * gradient_accumulation_steps = "
+            f"{args.per_device_train_batch_size} * {args.gradient_accumulation_steps} = {gen_batch} completions is not "
+            f"divisible by --num_generations {args.num_generations} (groups are kept whole on one process); e.g. set "
+            f"--per_device_train_batch_size {good // args.gradient_accumulation_steps if good % args.gradient_accumulation_steps == 0 else good} "
+            f"{'' if good % args.gradient_accumulation_steps == 0 else '--gradient_accumulation_steps 1 '}"
+            f"or change --num_generations")
+    n_sources = len(reward_specs(args))
+    if args.reward_weights is not None and len(args.reward_weights) != n_sources:
+        raise ValueError(f"--reward_weights has {len(args.reward_weights)} values but there are {n_sources} reward "
+                         f"sources ({reward_specs(args)}); give one weight per source")
+    if args.delta is not None and args.delta <= 1 + (args.epsilon_high if args.epsilon_high is not None else args.epsilon):
+        raise ValueError("--delta must be > 1 + epsilon_high (it caps the unclipped ratio above the clip range)")
+    return gen_batch // args.num_generations
+
+
+def reward_specs(args: Args) -> list[str]:
+    specs = list(args.reward_funcs) if args.reward_funcs else []
+    if not specs and args.reward_model_name_or_path is None:
+        task = data.toy_task(args.dataset_name)
+        if task is None:
+            raise ValueError("--reward_funcs is required for non-toy datasets (e.g. 'my_rewards.py:accuracy' or "
+                             "--reward_model_name_or_path DIR)")
+        specs = [task]
+    if args.reward_model_name_or_path is not None:
+        specs.append(f"model:{args.reward_model_name_or_path}")
+    return specs
+
+
+def load_prompts(args: Args, tokenizer):
+    """Prompt-only rows (other columns kept for the reward functions) and their tokenised rendered prompts."""
+    ds = data.convert(data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt"), "prompt",
+                      script="grpo.py")
+    ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
+    if args.max_prompt_length:
+        ids = [s[-args.max_prompt_length:] for s in ids]
+    return ds, ids
+
+
+def sequence_logps(model, batch: dict, rows: slice, temperature: float, return_entropy: bool = False):
+    """Per-token log-probs (B, T) of the completions in `rows`, trimmed to the micro-batch's own padding."""
+    cmask = batch["completion_mask"][rows]
+    T = max(int(cmask.sum(1).max()), 1)
+    amask = batch["attention_mask"][rows]
+    P = batch["prompt_len"]
+    keep = P - int(amask[:, :P].sum(1).max())  # leading columns that are padding in every row
+    ids = batch["input_ids"][rows, keep:P + T]
+    am = amask[:, keep:P + T]
+    out = model_utils.completion_logps(model, ids, am, T, temperature, return_entropy)
+    return out, T
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    prompts_per_process = check_args(args)
+    eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
+    G, A_steps, mu = args.num_generations, args.gradient_accumulation_steps, args.num_iterations
+    accelerator = distributed.make_accelerator(args)
+    W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+
+    # data and reward functions first: bad input fails before any model is loaded
+    tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
+    ds, prompt_ids = load_prompts(args, tokenizer)
+    all_prompts = ds["prompt"]
+    extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
+    conversational = data.is_conversational(ds[0])
+    specs = reward_specs(args)
+    reward_funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
+    reward_names = [reward_utils.reward_name(f) for f in reward_funcs]
+    weights = torch.tensor(args.reward_weights if args.reward_weights is not None else [1.0] * len(specs))
+
+    model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    ref_model = None
+    if args.beta > 0:  # frozen reference = the initial policy, outside accelerator.prepare
+        ref_model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name).to(device).eval()
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
+    generator = build_generator(args, tokenizer, accelerator, model)
+
+    start_step, elapsed, num_tokens = 0, 0.0, 0.0
+    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        start_step, elapsed, num_tokens = state["step"], state["elapsed"], state["num_tokens"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+        generator.sync_weights(model)
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+                               show=("reward", "loss", "eval/gold_reward"))
+    accelerator.print(f"grpo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completions per "
+                      f"generation, {mu} optimizer step(s) each, {args.max_steps} steps -> {args.output_dir}")
+
+    def evaluate() -> dict:
+        return evaluation.heldout_gold_reward(accelerator.unwrap_model(model), tokenizer, args.dataset_name,
+                                              args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
+
+    if start_step == 0 and args.eval_steps:
+        tracker.log(evaluate(), 0, args.max_steps)
+
+    pad_id = tokenizer.pad_token_id
+    window = defaultdict(list)  # per-step metrics since the last log
+    batch = None
+    model.train()
+    for step in range(start_step, args.max_steps):
+        # ---------------------------------------------------------------- generate and score (every μ steps)
+        if batch is None or step % mu == 0:
+            t0 = time.time()
+            n_prompts = prompts_per_process * W
+            gen_round = step // mu
+            indices = data.batch_indices(len(ds), n_prompts, gen_round, args.seed)
+            local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
+            p_ids = [prompt_ids[i] for i in local]
+            out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
+            gen_time = time.time() - t0
+            cmask = out.completion_mask.float()
+            prompts = [all_prompts[i] for i in local for _ in range(G)]
+            completions = ([[{"role": "assistant", "content": t}] for t in out.texts] if conversational
+                           else list(out.texts))
+            columns = {c: [vals[i] for i in local for _ in range(G)] for c, vals in extra_columns.items()}
+            comp_id_lists = [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
+            rpf = reward_utils.score(reward_funcs, prompts, completions, comp_id_lists, columns)  # (N, F)
+            # advantages: groups are local, but 'batch' scaling and the metrics need every process's rewards
+            rpf_all = distributed.gather_cat(accelerator, rpf)
+            r_all = combine_rewards(rpf_all, weights)
+            adv_all = group_advantages(r_all, G, args.scale_rewards)
+            N = rpf.shape[0]
+            advantages = adv_all[rank * N:(rank + 1) * N].to(device)
+
+            loss_mask = cmask * out.terminated[:, None].float() if args.mask_truncated_completions else cmask
+            pp_ids, pp_mask = data.pad(p_ids, pad_id, "left")
+            P = pp_ids.shape[1]
+            batch = {
+                "input_ids": torch.cat([pp_ids.repeat_interleave(G, 0), out.completion_ids.cpu()], 1).to(device),
+                "attention_mask": torch.cat([pp_mask.repeat_interleave(G, 0), out.completion_mask.cpu()], 1).to(device),
+                "completion_mask": out.completion_mask.to(device), "loss_mask": loss_mask.to(device), "prompt_len": P,
+            }
+            # old (π_old) and reference log-probs: once per generation batch, no grad
+            old_logps, ref_logps = [None] * A_steps, [None] * A_steps
+            B = args.per_device_train_batch_size
+            need_old = mu > 1 or out.sampler_logps is not None
+            if need_old or ref_model is not None:
+                with torch.no_grad():
+                    for m in range(A_steps):
+                        rows = slice(m * B, (m + 1) * B)
+                        if need_old:
+                            old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
+                        if ref_model is not None:
+                            ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
+            is_weights = [None] * A_steps
+            if out.sampler_logps is not None:  # sampler vs trainer mismatch (vLLM): log it, optionally correct
+                diffs, ratios = [], []
+                for m in range(A_steps):
+                    rows = slice(m * B, (m + 1) * B)
+                    T_m = old_logps[m].shape[1]
+                    mm = batch["completion_mask"][rows, :T_m].bool()
+                    d = old_logps[m] - out.sampler_logps[rows, :T_m].to(device)
+                    diffs.append(d[mm].abs())
+                    ratios.append(torch.exp(d)[mm])
+                    if args.vllm_importance_sampling_cap is not None:
+                        is_weights[m] = torch.exp(d).clamp(max=args.vllm_importance_sampling_cap).detach()
+                diffs, ratios = torch.cat(diffs), torch.cat(ratios)
+                window["sampling/sampling_logp_difference/mean"].append(diffs.mean().item())
+                window["sampling/sampling_logp_difference/max"].append(diffs.max().item())
+                window["sampling/importance_sampling_ratio/min"].append(ratios.min().item())
+                window["sampling/importance_sampling_ratio/mean"].append(ratios.mean().item())
+                window["sampling/importance_sampling_ratio/max"].append(ratios.max().item())
+
+            # generation and reward metrics over every process's samples
+            lengths = distributed.gather_cat(accelerator, cmask.sum(1).cpu())
+            term = distributed.gather_cat(accelerator, out.terminated.float().cpu())
+            grouped = r_all.view(-1, G)
+            for f, name in enumerate(reward_names):
+                window[f"rewards/{name}/mean"].append(torch.nanmean(rpf_all[:, f]).item())
+                col = rpf_all[:, f][~torch.isnan(rpf_all[:, f])]
+                window[f"rewards/{name}/std"].append(col.std().item() if col.numel() > 1 else 0.0)
+            window["reward"].append(torch.nanmean(r_all).item())
+            window["reward_std"].append(r_all[~torch.isnan(r_all)].std().item() if (~torch.isnan(r_all)).sum() > 1 else 0.0)
+            window["frac_reward_zero_std"].append((torch.nan_to_num(grouped, 0.0).std(1) == 0).float().mean().item())
+            window["completions/mean_length"].append(lengths.mean().item())
+            window["completions/min_length"].append(lengths.min().item())
+            window["completions/max_length"].append(lengths.max().item())
+            window["completions/clipped_ratio"].append(1.0 - term.mean().item())
+            window["completions/mean_terminated_length"].append(
+                lengths[term.bool()].mean().item() if term.any() else 0.0)
+            gen_tokens = lengths.sum().item()
+            window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9) * W)
+            num_tokens += gen_tokens + distributed.gather_sum(accelerator, pp_mask.sum().item() * G)
+            if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
+                k = min(args.num_completions_to_log, N)
+                tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
+                                            **{n: rpf[i, f].item() for f, n in enumerate(reward_names)},
+                                            "advantage": advantages[i].item()} for i in range(k)])
+
+        # ---------------------------------------------------------------- one optimizer step over the batch
+        t0 = time.time()
+        B = args.per_device_train_batch_size
+        # dapo: tokens of the whole optimizer step, every micro-batch and every process
+        num_items = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())
+        sums = defaultdict(float)
+        for m in range(A_steps):
+            rows = slice(m * B, (m + 1) * B)
+            with accelerator.accumulate(model):
+                (logps, entropy), T = sequence_logps(model, batch, rows, args.temperature, return_entropy=True)
+                mask = batch["loss_mask"][rows, :T]
+                old = old_logps[m] if old_logps[m] is not None else logps.detach()  # μ = 1: ratio exactly 1
+                ratio = importance_ratio(logps, old, mask, args.importance_sampling_level)
+                adv = advantages[rows]
+                per_token = clipped_surrogate(ratio, adv, eps_low, eps_high, args.delta)
+                if is_weights[m] is not None:
+                    per_token = per_token * is_weights[m]
+                if ref_model is not None:
+                    kl = k3(logps, ref_logps[m])
+                    per_token = per_token + args.beta * kl
+                loss = aggregate(per_token, mask, args.loss_type, num_items, args.max_new_tokens)
+                # accelerate divides by the accumulation steps and DDP averages over processes: right for the per
+                # micro-batch means, undone for dapo whose normaliser already covers the whole step
+                scaled = loss * (A_steps * W if args.loss_type == "dapo" else 1.0)
+                accelerator.backward(scaled)
+                if accelerator.sync_gradients:
+                    if args.max_grad_norm > 0:
+                        sums["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+            with torch.no_grad():
+                sums["loss"] += scaled.item()
+                sums["tokens"] += mask.sum().item()
+                sums["entropy"] += (entropy * mask).sum().item()
+                for k_, v in clip_fractions(ratio, adv, mask, eps_low, eps_high).items():
+                    sums[f"clip_{k_}"] += v.item()
+                if ref_model is not None:
+                    sums["kl"] += (kl * mask).sum().item()
+        generator.sync_weights(model)
+        train_time = time.time() - t0
+        tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
+        ntok = max(tot["tokens"], 1)
+        window["loss"].append(tot["loss"] / (A_steps * W))
+        window["entropy"].append(tot["entropy"] / ntok)
+        for k_ in ("low", "high", "region"):
+            window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / ntok)
+        if ref_model is not None:
+            window["kl"].append(tot["kl"] / ntok)
+        if "grad_norm" in sums:
+            window["grad_norm"].append(sums["grad_norm"])
+        window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
+
+        done = step + 1
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
+            metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0]})
+            window = defaultdict(list)
+            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                metrics.update(evaluate())
+            tracker.log(metrics, done, args.max_steps)
+        if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
+            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
+                                       {"elapsed": tracker.elapsed(), "num_tokens": num_tokens}, args.save_total_limit)
+
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    if args.save_steps:
+        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed(), "num_tokens": num_tokens}, args.save_total_limit)
+    tracker.close()
+    accelerator.print(f"saved the final model to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))

@@ -1,0 +1,310 @@
+"""GRPO: the math against hand-computed values, batch invariances, runs through the entry point, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_script
+
+import grpo
+
+
+# ----------------------------------------------------------------------------- tier 1: math
+def test_combine_rewards_nan_safe():
+    rpf = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")], [0.5, 2.0]])
+    r = grpo.combine_rewards(rpf, torch.tensor([2.0, 0.5]))
+    assert r[0] == 2.0 and math.isnan(r[1]) and r[2] == pytest.approx(2.0)
+
+
+def test_advantages_each_scale_mode_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4; the second all equal
+    group_std = math.sqrt(4 * 0.25 / 3)  # Bessel-corrected std of (1, 0, 0, 1)
+    batch_std = math.sqrt(5.5 / 7)  # std of all 8 rewards (mean 1.25, squared deviations sum to 5.5)
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    expected = {"group": 0.5 / (group_std + 1e-4), "batch": 0.5 / (batch_std + 1e-4), "none": 0.5}
+    for mode, value in expected.items():
+        a = grpo.group_advantages(r, 4, mode)
+        torch.testing.assert_close(a[:4], value * sign)
+        assert torch.equal(a[4:], torch.zeros(4)), mode  # all-equal group: exactly zero
+        assert a.view(2, 4).sum(1).abs().max() < 1e-6
+
+
+def test_advantages_all_equal_and_unscored_never_nan():
+    r = torch.tensor([0.7] * 8 + [float("nan"), 1.0, 0.0, float("nan")])
+    for mode in ("group", "batch", "none"):
+        a = grpo.group_advantages(r, 4, mode)
+        assert not torch.isnan(a).any()
+        assert torch.equal(a[:8], torch.zeros(8))  # 0.7 * 8 does not sum exactly: still zero
+        assert a[8] == 0 and a[11] == 0 and a[9] > 0 > a[10]
+
+
+def test_loss_type_normalisations_unequal_lengths():
+    L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # lengths 3 and 1
+    assert grpo.aggregate(L, m, "grpo").item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert grpo.aggregate(L, m, "bnpo").item() == pytest.approx(10 / 4)
+    assert grpo.aggregate(L, m, "dr_grpo", max_completion_length=5).item() == pytest.approx(10 / (2 * 5))
+    assert grpo.aggregate(L, m, "dapo", num_items=8).item() == pytest.approx(10 / 8)
+    # dr_grpo with B * L_max equal to the token count matches bnpo (spec test)
+    m_full = torch.ones(2, 3)
+    assert grpo.aggregate(L, m_full, "dr_grpo", max_completion_length=3) == grpo.aggregate(L, m_full, "bnpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.aggregate(L, m, "sum")
+
+
+def test_gspo_sequence_ratio():
+    logps = torch.tensor([[-1.0, -2.0, -7.0]])
+    old = torch.tensor([[-1.5, -1.0, -3.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: it must not count
+    seq = grpo.importance_ratio(logps, old, m, "sequence")
+    torch.testing.assert_close(seq, torch.full((1, 3), math.exp((0.5 - 1.0) / 2)))
+    tok = grpo.importance_ratio(logps, old, m, "token")
+    torch.testing.assert_close(tok[0, :2], torch.tensor([math.exp(0.5), math.exp(-1.0)]))
+
+
+def test_k3_values():
+    lp, ref = torch.tensor([[-1.0, -0.5]]), torch.tensor([[-2.0, -0.5]])
+    torch.testing.assert_close(grpo.k3(lp, ref), torch.tensor([[math.exp(-1) + 1 - 1, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    assert (grpo.k3(a, b) >= 0).all()
+
+
+def test_clipped_surrogate_and_delta():
+    ratio = torch.tensor([[1.5, 0.5, 1.1], [1.5, 0.5, 5.0]])
+    adv = torch.tensor([1.0, -1.0])
+    out = grpo.clipped_surrogate(ratio, adv, 0.2, 0.2)
+    torch.testing.assert_close(out, torch.tensor([[-1.2, -0.5, -1.1], [1.5, 0.8, 5.0]]))
+    capped = grpo.clipped_surrogate(ratio, adv, 0.2, 0.2, delta=2.0)  # A < 0, ρ = 5: the cap bounds the loss
+    assert capped[1, 2].item() == pytest.approx(2.0)
+    high = grpo.clipped_surrogate(torch.tensor([[1.25]]), torch.tensor([1.0]), 0.2, 0.28)  # clip-higher
+    assert high.item() == pytest.approx(-1.25)
+
+
+def test_clip_counted_only_where_it_takes_effect():
+    ratio = torch.tensor([[0.7, 1.3, 1.0, 0.5], [0.7, 1.3, 1.25, 9.0]])
+    adv = torch.tensor([-1.0, 1.0])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    c = grpo.clip_fractions(ratio, adv, m, 0.2, 0.28)
+    # row 0 (A<0): only 0.7 < 0.8 counts (1.3 with A<0 is not clipped; 0.5 is padding)
+    # row 1 (A>0): 1.3 and 9.0 > 1.28 count; 0.7 with A>0 is not clipped; 1.25 is inside
+    assert (c["low"].item(), c["high"].item(), c["region"].item()) == (1, 2, 3)
+
+
+def _toy_logps(seed=0, B=4, T=5):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, 7, generator=g, requires_grad=True)
+    targets = torch.randint(0, 7, (B, T), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float)[:B]
+    return logits, targets, mask
+
+
+def test_on_policy_gradient_is_reinforce_and_gspo_matches():
+    logits, targets, mask = _toy_logps()
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+
+    def grad(level):
+        logits.grad = None
+        lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        ratio = grpo.importance_ratio(lp, lp.detach(), mask, level)
+        grpo.aggregate(grpo.clipped_surrogate(ratio, adv, 0.2, 0.2), mask, "grpo").backward()
+        return logits.grad.clone()
+
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    ref = -(adv * (lp * mask).sum(1) / mask.sum(1)).mean()
+    expected = torch.autograd.grad(ref, logits)[0]
+    torch.testing.assert_close(grad("token"), expected)
+    torch.testing.assert_close(grad("sequence"), expected)
+
+
+def test_dapo_scaling_gives_the_global_batch_gradient():
+    """The script's dapo scaling (loss over the global token count, times accumulation steps x processes, then
+    accelerate's /accumulation and DDP's mean over processes) equals the gradient of one big batch; the per
+    micro-batch 'bnpo' mean does not (lengths differ), so the check can fail."""
+    logits, targets, mask = _toy_logps()
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+
+    def per_token(rows):
+        lp = torch.log_softmax(logits[rows], -1).gather(-1, targets[rows][..., None])[..., 0]
+        return grpo.clipped_surrogate(torch.exp(lp - lp.detach()), adv[rows], 0.2, 0.2), mask[rows]
+
+    L, m = per_token(slice(0, 4))
+    full = torch.autograd.grad(grpo.aggregate(L, m, "dapo", num_items=mask.sum().item()), logits)[0]
+    for loss_type, should_match in (("dapo", True), ("bnpo", False)):
+        total = torch.zeros_like(logits)
+        world, accum = 2, 2  # micro-batch (process p, step a) holds row 2p + a
+        for p in range(world):
+            for a in range(accum):
+                L, m = per_token(slice(2 * p + a, 2 * p + a + 1))
+                loss = grpo.aggregate(L, m, loss_type, num_items=mask.sum().item())
+                scale = accum * world if loss_type == "dapo" else 1.0
+                total += torch.autograd.grad(loss * scale / accum, logits)[0] / world
+        assert torch.allclose(total, full, atol=1e-7) == should_match, loss_type
+
+
+# ----------------------------------------------------------------------------- tier 2: runs
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--num_generations", "4", "--logging_steps", "1",
+        "--eval_steps", "2", "--num_eval_prompts", "16", "--log_completions_steps", "1"]
+REQUIRED = ["reward", "reward_std", "rewards/add_exact/mean", "rewards/add_exact/std", "frac_reward_zero_std",
+            "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+            "completions/mean_terminated_length", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+            "clip_ratio/region_mean", "num_tokens", "loss", "learning_rate", "grad_norm",
+            "tokens_per_second/generation", "tokens_per_second/training"]
+
+
+def _params(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_default_run_logs_metrics_and_moves_params(tmp_path, toy_policy):
+    out = tmp_path / "run"
+    run_script("grpo.py", *FAST, "--beta", "0.05", "--output_dir", str(out))
+    recs = read_metrics(out)
+    assert recs[0]["step"] == 0 and 0 <= recs[0]["eval/gold_reward"] <= 1
+    last = recs[-1]
+    for k in REQUIRED + ["kl", "eval/gold_reward"]:
+        assert k in last and last[k] is not None and math.isfinite(last[k]), k
+    assert last["step"] == 2 and last["kl"] >= 0 and 0 <= last["reward"] <= 1
+    before, after = _params(toy_policy), _params(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "completion", "add_exact", "advantage"} <= set(samples[0])
+
+
+def test_user_reward_file_by_path_conversational_and_none(tmp_path, toy_policy):
+    rf = tmp_path / "my_rewards.py"
+    rf.write_text(textwrap.dedent("""
+        def short(prompts, completions, **kwargs):
+            # conversational completions arrive as message lists; None for every other sample
+            return [None if i % 2 else -float(len(c[-1]["content"])) for i, c in enumerate(completions)]
+    """))
+    out = tmp_path / "run"
+    run_script("grpo.py", *FAST, "--dataset_name", "toy:add:conversational", "--reward_funcs", f"{rf}:short", "add",
+               "--reward_weights", "0.1", "1.0", "--loss_type", "grpo", "--scale_rewards", "none",
+               "--mask_truncated_completions", "True", "--output_dir", str(out))
+    last = read_metrics(out)[-1]
+    assert last["rewards/short/mean"] <= 0 and math.isfinite(last["reward"]) and math.isfinite(last["loss"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset_name", "{bad}", "--reward_funcs", "add"], "columns"),
+    (["--reward_funcs", "add", "add", "--reward_weights", "1.0"], "reward_weights"),
+    (["--per_device_train_batch_size", "10", "--num_generations", "4"], "num_generations"),
+    (["--loss_type", "ppo"], "loss_type"),
+])
+def test_bad_inputs_fail_early(tmp_path, flags, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "1+1=2"}\n' * 8)
+    flags = [f.replace("{bad}", str(bad)) for f in flags]
+    proc = run_script("grpo.py", *flags, "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr  # failed before any model was loaded
+
+
+def test_gradient_accumulation_2x4_equals_1x8_for_dapo(tmp_path, toy_policy):
+    common = ["--max_steps", "2", "--num_generations", "4", "--loss_type", "dapo", "--eval_steps", "0",
+              "--log_completions_steps", "0", "--logging_steps", "1", "--max_grad_norm", "0"]
+    run_script("grpo.py", *common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "a"))
+    run_script("grpo.py", *common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+               "--output_dir", str(tmp_path / "b"))
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    for ra, rb in zip(ma, mb):
+        assert ra["reward"] == rb["reward"]  # the same samples
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+    pa, pb = _params(tmp_path / "a"), _params(tmp_path / "b")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=2e-6, rtol=0)
+
+
+FAKE_SAMPLER = '''
+import runpy, sys, zlib
+import torch
+sys.path.insert(0, {root!r})
+from common import generation
+
+_orig = generation.HFGenerator.generate
+
+def fake_generate(self, model, prompt_ids, n=1, greedy=False):
+    """Completions that depend only on (prompt, sample index), so every process layout sees the same batch."""
+    if greedy:
+        return _orig(self, model, prompt_ids, n, greedy)
+    tok, rows = self.tokenizer, []
+    for p in prompt_ids:
+        for j in range(n):
+            h = zlib.crc32(repr((p, j)).encode())
+            rows.append([tok.convert_tokens_to_ids(str((h >> (3 * k)) % 10)) for k in range(1 + h % 5)]
+                        + [tok.eos_token_id])
+    ids, mask = generation.pad_completions(rows, tok.pad_token_id)
+    texts = tok.batch_decode([r[:-1] for r in rows])
+    return generation.Generation(ids, mask, torch.ones(len(rows), dtype=torch.bool), texts)
+
+generation.HFGenerator.generate = fake_generate
+script = {script!r}
+sys.argv = [script] + sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def cpu_launcher(num_processes: int) -> tuple[list[str], dict]:
+    """`accelerate launch` that really starts `num_processes` CPU processes (gloo). With `--cpu` accelerate 1.15 uses
+    its single-process launcher; `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun workers on the CPU."""
+    return ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+
+
+def run_with_fake_sampler(tmp_path, script, args, num_processes):
+    wrapper = tmp_path / "fake_sampler.py"
+    wrapper.write_text(FAKE_SAMPLER.format(root=str(ROOT), script=str(ROOT / "algos" / script)))
+    launcher, env = cpu_launcher(num_processes) if num_processes > 1 else ([sys.executable], {})
+    proc = subprocess.run(launcher + [str(wrapper), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert f"{num_processes} process(es)" in proc.stdout, proc.stdout[-2000:]  # the layout really ran
+
+
+def multiprocess_matches_single(tmp_path, script, extra):
+    """2 processes x 8 completions == 1 process x 16 on identical samples: loss, grad norm, reward, parameters."""
+    rf = tmp_path / "length_reward.py"
+    rf.write_text("def length(completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    common = ["--max_steps", "2", "--num_generations", "4", "--eval_steps", "0", "--log_completions_steps", "0",
+              "--logging_steps", "1", "--reward_funcs", f"{rf}:length", *extra]
+    run_with_fake_sampler(tmp_path, script, [*common, "--per_device_train_batch_size", "16", "--output_dir",
+                                             str(tmp_path / "one")], 1)
+    run_with_fake_sampler(tmp_path, script, [*common, "--per_device_train_batch_size", "8", "--output_dir",
+                                             str(tmp_path / "two")], 2)
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        for k in ("reward", "reward_std", "loss", "grad_norm", "completions/mean_length"):
+            assert (k in a) == (k in b), k
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    p1, p2 = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], atol=2e-6, rtol=0)
+
+
+def test_two_processes_match_one_process(tmp_path, toy_policy):
+    multiprocess_matches_single(tmp_path, "grpo.py", ["--loss_type", "dapo", "--scale_rewards", "batch",
+                                                      "--num_iterations", "2"])
+
+
+# ----------------------------------------------------------------------------- tier 3: learning
+@pytest.mark.slow
+def test_default_run_raises_heldout_gold_reward(tmp_path, toy_policy):
+    out = tmp_path / "run"
+    run_script("grpo.py", "--output_dir", str(out), timeout=1800)
+    recs = [r for r in read_metrics(out) if r.get("eval/gold_reward") is not None]
+    start, final = recs[0]["eval/gold_reward"], recs[-1]["eval/gold_reward"]
+    assert final >= start + 0.05, (start, final)
