@@ -1,0 +1,725 @@
+"""V-MPO for language models: an E-step over the best samples and a KL-constrained weighted maximum likelihood M-step.
+
+Paper: "V-MPO: On-Policy Maximum a Posteriori Policy Optimization for Discrete and Continuous Control" (Song et al.,
+arXiv 1909.12238), adapted to sequences as a bandit (state = prompt, action = the whole completion). Per optimizer step,
+over the N = B·K samples of the whole step (all processes, all accumulation micro-batches):
+
+  advantages   A = (r - baseline) / scale           baseline: per-prompt mean, batch mean or EMA; scale: a std or 1
+  E-step       D = the n = ceil(ρ N) samples with the largest A                      (paper §4.1, "top half": ρ = 0.5)
+               ψ_i = exp(A_i/η) / Σ_{j∈D} exp(A_j/η) on D, 0 elsewhere, stop-gradient         (paper Eq. 4)
+  η dual       L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n]                              (paper Eq. 4)
+               dL_η/dη = ε_η - KL(ψ ‖ uniform on D): at the optimum the weights sit ε_η away from uniform
+  M-step       L_π = - Σ_i ψ_i S^θ_i                  S = sequence log-prob (sum over completion tokens, EOS kept)
+  trust region L_KL = α · KL,  KL = mean_i kl_i                                                  (paper Eq. 5)
+               α dual  L_α = α (ε_α - sg[KL]): α grows while KL > ε_α and shrinks below it
+  total        L = L_π + α·KL [+ c_ref · mean_i (S^θ_i - S^ref_i)]  (the last term only with old_policy_ref)
+
+KL estimators (`--kl_estimator`; sequence sums, so ε_α is in nats per sequence):
+  old_policy      kl_i = S^old_i - S^θ_i on samples from a frozen snapshot π_old (hard copy of θ every
+                  `--old_policy_sync_steps` steps): k1 estimate of KL(π_old ‖ π_θ), the paper's direction
+  old_policy_ref  the same, plus the reference anchor above (default; `--ref_anchor_coef`)
+  ref             kl_i = S^θ_i - S^ref_i on samples from π_θ: k1 estimate of KL(π_θ ‖ π_ref)
+  behavior        kl_i = S^beh_i - S^θ_i with `behavior_logps` from an offline dataset: KL(π_beh ‖ π_θ)
+
+Implementation choices (numbered so the tests and the README can point at them):
+ 1. Samples are drawn from π_old for the old_policy* estimators (then S^old - S^θ is an unbiased estimate of
+    KL(π_old‖π_θ) and its gradient is exactly that KL's), from π_θ otherwise.
+ 2. DEVIATION(paper Eq. 5 as used by the reference implementation): when a KL is to be estimated on samples of the
+    policy itself (`ref`, and the anchor of `old_policy_ref`, whose samples come from π_old ≈ π_θ), the loss uses the
+    score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref). The plain k1 term S^θ - S^ref has an
+    expected gradient of zero on the policy's own samples, so as a penalty it does nothing but add noise.
+ 3. Duals are log-parameterised, η = exp(u_η), α = exp(u_α), trained by their own Adam (no weight decay, outside the
+    model optimizer) and clamped to [min, max] in log space. Why log: positivity without a projection that sticks at
+    the bound, and (with Adam) a step is a relative change, so the same step size works whatever the scale of A or of
+    the KL. One dual step per optimizer step, from the gathered global batch, so every process holds the same duals.
+    The weights ψ and the α in the loss use the values from before this step's dual update (as the paper does).
+ 4. The top-n selection runs over the whole optimizer-step batch gathered across processes (the paper's learner
+    batch), not per device, so `--num_processes 2` gives the same update as one process with the same global batch.
+ 5. Advantage baseline and scale compose: the scale only divides (no re-centring), so an EMA or batch baseline is
+    never cancelled by the normalisation (the reference implementation re-centres per prompt after subtracting its
+    EMA, which removes it).
+ 6. Configurations that make the method degenerate fail at start-up: K = 1 with a per-prompt baseline or scale (all
+    A = 0); ε_η ≥ log n (η is driven to its floor, ψ one-hot); `behavior` without behaviour log-probs (KL ≡ 0).
+    Old-policy sync every step (KL ≡ 0) warns, and so does a streak of near-zero KL values.
+ 7. The completion mask comes from generation (cut after the first EOS, EOS kept) or from token counts, never from
+    pad_token_id, so the EOS token is trained on even when pad == eos.
+
+Toy defaults (the benchmark's): toy-sft policy on toy:add, 32 prompts x K=2 per step, lr 3e-5 (Adam), 150 steps,
+ε_η = 0.1, ε_α = 0.05, old-policy sync every 16 steps; about two minutes on 2 CPU cores.
+
+Data (`--data_mode`): prompt-only -> online sampling and rewards from `--reward_funcs` / a reward model; preference
+-> offline pairs with rewards [1, 0]; prompt-completion-reward (`completions[K]`, `rewards[K]`, optional
+`behavior_logps[K]` = sequence log-probs under the sampler) -> offline, K inferred from the data.
+
+Run:
+    python algos/vmpo.py                                     # online on toy:add, gold reward
+    accelerate launch algos/vmpo.py --k 2
+    accelerate launch --num_processes 2 algos/vmpo.py --k 4 --kl_estimator ref
+    python algos/vmpo.py --data_mode preference              # offline, toy preference pairs
+    python algos/vmpo.py --data_mode prompt_completion_reward --kl_estimator old_policy
+    python algos/vmpo.py --reward_model_name_or_path toy-rm  # learned reward model instead of the gold reward
+    bash benchmarks/vmpo.sh                                  # curves over 3 seeds
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import tyro
+
+from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
+from common.generation import build_generator
+
+KL_ESTIMATORS = ("ref", "behavior", "old_policy", "old_policy_ref")
+BASELINES = ("per_prompt", "batch", "ema")
+ADV_NORMS = ("per_prompt", "batch", "none")
+DATA_MODES = ("auto", "online", "preference", "prompt_completion_reward")
+
+
+@dataclass
+class Args:
+    # --- common block (identical names in every script)
+    exp_name: str = "vmpo"
+    """name of this experiment (used in the default run name)"""
+    seed: int = 1
+    """random seed (data order, sampling)"""
+    run_name: str | None = None
+    """run name; default '{exp_name}__{dataset}__{seed}__{unix time}'"""
+    output_dir: str | None = None
+    """where metrics, checkpoints and the final model go; default runs/{run_name}"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "cleanalign"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    model_name_or_path: str = "toy-sft"
+    """starting policy (also the reference): 'toy-sft' (the toy SFT policy), a local folder or a hub name"""
+    dataset_name: str = "toy:add"
+    """'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or a hub name"""
+    dataset_split: str = "train"
+    """split to train on"""
+    logging_steps: int = 5
+    """log metrics every this many optimizer steps"""
+    save_steps: int = 0
+    """checkpoint every this many optimizer steps (0: only the final model)"""
+    save_total_limit: int | None = 2
+    """keep at most this many checkpoints"""
+    resume_from: str | None = None
+    """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    mixed_precision: str | None = None
+    """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
+    # --- optimisation
+    learning_rate: float = 3e-5
+    """Adam learning rate of the policy (use ~5e-7 for a pretrained LM)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to the dual variables)"""
+    warmup_steps: int = 0
+    """linear warm-up steps, then a constant learning rate"""
+    max_steps: int = 150
+    """optimizer steps"""
+    per_device_train_batch_size: int = 32
+    """prompts per micro-batch per process (each brings K completions)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 to disable)"""
+    # --- data and rewards
+    data_mode: str = "auto"
+    """'auto' (toy: online; files: by columns), 'online' (prompts), 'preference' (offline pairs, rewards [1, 0]) or
+    'prompt_completion_reward' (offline completions[K] + rewards[K], optional behavior_logps[K])"""
+    reward_funcs: list[str] | None = None
+    """online reward sources: 'add', 'reverse', 'file.py:fn', 'module:fn', 'model:<name or dir>'; default: the toy
+    task's gold reward (none when --reward_model_name_or_path is given)"""
+    reward_model_name_or_path: str | None = None
+    """a one-output sequence classifier used as a reward (e.g. 'toy-rm'); added to --reward_funcs"""
+    reward_weights: list[float] | None = None
+    """one weight per reward source (default all 1); the reward is the weighted sum (NaN counts as 0)"""
+    # --- sampling (same names in every online script)
+    k: int = 2
+    """completions sampled per prompt (online); offline it is inferred from the data"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are computed at the same temperature)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    top_k: int = 0
+    """top-k sampling (0: off)"""
+    min_p: float | None = None
+    """min-p sampling"""
+    max_new_tokens: int = 8
+    """longest completion"""
+    max_prompt_length: int = 128
+    """prompts keep their last this many tokens"""
+    use_vllm: bool = False
+    """sample with vLLM (common/vllm_backend.py)"""
+    vllm_mode: str = "colocate"
+    """'colocate' or 'server'"""
+    vllm_server_host: str = "127.0.0.1"
+    """vLLM server host (server mode)"""
+    vllm_server_port: int = 8000
+    """vLLM server port (server mode)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """GPU memory share of a colocated vLLM"""
+    vllm_kv_cache_gb: float = 1.0
+    """KV-cache space of a CPU vLLM"""
+    # --- V-MPO
+    topk_fraction: float = 0.5
+    """ρ: share of the step's samples (highest advantage first) kept in the E-step"""
+    eps_eta: float = 0.1
+    """ε_η: target KL of the E-step weights from uniform over the selected samples (< log n)"""
+    eps_alpha: float = 0.05
+    """ε_α: KL trust-region target, in nats per sequence"""
+    eta_init: float = 1.0
+    """initial temperature η"""
+    alpha_init: float = 1.0
+    """initial KL multiplier α"""
+    eta_lr: float = 0.05
+    """Adam step size of log η (roughly the relative change of η per step)"""
+    alpha_lr: float = 0.05
+    """Adam step size of log α"""
+    min_eta: float = 1e-8
+    """lower bound of η"""
+    max_eta: float = 100.0
+    """upper bound of η"""
+    min_alpha: float = 1e-8
+    """lower bound of α"""
+    max_alpha: float = 100.0
+    """upper bound of α"""
+    kl_estimator: str = "old_policy_ref"
+    """'old_policy_ref', 'old_policy', 'ref' or 'behavior' (see the module docstring)"""
+    old_policy_sync_steps: int = 16
+    """optimizer steps between hard copies of the policy into the old-policy snapshot"""
+    ref_anchor_coef: float = 0.1
+    """c_ref, the reference anchor's coefficient (old_policy_ref only; 0 disables it)"""
+    baseline: str = "per_prompt"
+    """advantage baseline: 'per_prompt' (mean of the prompt's K rewards), 'batch' (step mean) or 'ema'"""
+    reward_ema_decay: float = 0.98
+    """EMA decay of the 'ema' baseline (updated with the step's mean reward before use)"""
+    adv_norm: str = "batch"
+    """advantage scale: divide by the 'batch' std, the 'per_prompt' std (per_prompt baseline only) or 'none'"""
+    kl_zero_tol: float = 1e-6
+    """|KL| below this counts as zero"""
+    kl_warning_patience: int = 20
+    """consecutive near-zero KL steps before a (single) warning"""
+    # --- evaluation and samples
+    eval_steps: int = 25
+    """held-out gold reward (toy tasks) every this many steps, at step 0 and at the end (0: start and end only)"""
+    num_eval_prompts: int = 256
+    """held-out prompts for the evaluation"""
+    log_completions_steps: int = 25
+    """log a few sample completions every this many steps (0: never)"""
+
+
+# ----------------------------------------------------------------------------- the math
+# Shapes: B prompts, K completions per prompt, N = B·K samples (row b*K + k), T completion tokens.
+def compute_advantages(rewards: torch.Tensor, baseline: str, norm: str, ema: float | None = None,
+                       eps: float = 1e-6) -> torch.Tensor:
+    """A = (r - baseline) / scale, rewards (B, K) -> (B, K). The scale only divides (choice 5): per_prompt std,
+    batch std (biased, over the whole step) or 1. `ema` is the (already updated) EMA baseline value."""
+    assert rewards.dim() == 2
+    if baseline == "per_prompt":
+        adv = rewards - rewards.mean(1, keepdim=True)
+    elif baseline == "batch":
+        adv = rewards - rewards.mean()
+    elif baseline == "ema":
+        assert ema is not None
+        adv = rewards - ema
+    else:
+        raise ValueError(f"unknown baseline '{baseline}'")
+    if norm == "per_prompt":
+        adv = adv / rewards.std(1, unbiased=False, keepdim=True).clamp(min=eps)
+    elif norm == "batch":
+        adv = adv / rewards.std(unbiased=False).clamp(min=eps)
+    elif norm != "none":
+        raise ValueError(f"unknown adv_norm '{norm}'")
+    return adv
+
+
+def update_ema(ema: float | None, batch_mean: float, decay: float) -> float:
+    """EMA of the step's mean reward; the first step initialises it to that mean (no bias towards 0)."""
+    return batch_mean if ema is None else decay * ema + (1 - decay) * batch_mean
+
+
+def num_selected(n: int, fraction: float) -> int:
+    return max(1, math.ceil(fraction * n))
+
+
+def select_top(adv: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask (N,) of the ceil(ρN) largest advantages (ties broken by torch.topk)."""
+    assert adv.dim() == 1
+    idx = torch.topk(adv, num_selected(adv.numel(), fraction)).indices
+    mask = torch.zeros_like(adv, dtype=torch.bool)
+    mask[idx] = True
+    return mask
+
+
+def estep_weights(adv: torch.Tensor, selected: torch.Tensor, eta: float | torch.Tensor) -> torch.Tensor:
+    """ψ (N,): softmax(A/η) over the selected samples, 0 elsewhere, no gradient."""
+    assert adv.shape == selected.shape and adv.dim() == 1
+    logits = (adv.detach() / eta).masked_fill(~selected, float("-inf"))
+    return torch.softmax(logits, 0).detach()
+
+
+def eta_dual_loss(eta: torch.Tensor, adv: torch.Tensor, selected: torch.Tensor, eps_eta: float) -> torch.Tensor:
+    """L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n], A detached; dL/dη = ε_η - KL(ψ‖U_D)."""
+    a = adv.detach()[selected]
+    return eta * eps_eta + eta * (torch.logsumexp(a / eta, 0) - math.log(a.numel()))
+
+
+def alpha_dual_loss(alpha: torch.Tensor, kl: torch.Tensor | float, eps_alpha: float) -> torch.Tensor:
+    """L_α = α (ε_α - sg[KL]): gradient descent raises α while KL > ε_α and lowers it below."""
+    return alpha * (eps_alpha - torch.as_tensor(kl).detach())
+
+
+def weights_kl_from_uniform(weights: torch.Tensor, selected: torch.Tensor) -> float:
+    """KL(ψ ‖ uniform on the selected set) = Σ ψ log(ψ n); the η dual drives it to ε_η."""
+    w = weights[selected]
+    return (w * torch.log(w.clamp(min=1e-30) * w.numel())).sum().item()
+
+
+def weights_entropy(weights: torch.Tensor) -> float:
+    w = weights[weights > 0]
+    return -(w * w.log()).sum().item()
+
+
+def sequence_kl(estimator: str, s_policy: torch.Tensor, s_ref: torch.Tensor | None, s_old: torch.Tensor | None,
+                s_beh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl value (N,), loss surrogate (N,)) of the chosen estimator; sequence log-probs (N,), s_policy with gradient.
+    The surrogate has the value's value and the gradient the trust region needs (choice 2)."""
+    assert s_policy.dim() == 1
+    if estimator in ("old_policy", "old_policy_ref"):
+        kl = s_old - s_policy  # samples from π_old: k1 of KL(π_old‖π_θ), gradient -∇S^θ is that KL's gradient
+        return kl.detach(), kl
+    if estimator == "behavior":
+        kl = s_beh - s_policy
+        return kl.detach(), kl
+    if estimator == "ref":
+        kl = (s_policy - s_ref).detach()
+        return kl, score_function_surrogate(kl, s_policy)
+    raise ValueError(f"unknown kl_estimator '{estimator}'")
+
+
+def score_function_surrogate(value: torch.Tensor, s_policy: torch.Tensor) -> torch.Tensor:
+    """value + value·(S^θ - sg S^θ): equals `value`, gradient value·∇S^θ (REINFORCE form of ∇KL(π_θ‖π_ref))."""
+    return value.detach() + value.detach() * (s_policy - s_policy.detach())
+
+
+def ref_anchor(s_policy: torch.Tensor, s_ref: torch.Tensor, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, surrogate) per sequence of c_ref·(S^θ - S^ref) (choice 2)."""
+    kl = (s_policy - s_ref).detach()
+    return coef * kl, coef * score_function_surrogate(kl, s_policy)
+
+
+def vmpo_loss(weights: torch.Tensor, s_policy: torch.Tensor, kl_surrogate: torch.Tensor, alpha: float,
+              anchor_surrogate: torch.Tensor | None, num_global: int) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of L = -Σ ψ S^θ + α Σ kl / N + Σ anchor / N (sums over its rows, N = the step's
+    sample count): summed over micro-batches and processes it is the loss of the whole step."""
+    assert weights.shape == s_policy.shape == kl_surrogate.shape and weights.dim() == 1
+    policy_loss = -(weights * s_policy).sum()
+    kl_loss = alpha * kl_surrogate.sum() / num_global
+    anchor_loss = anchor_surrogate.sum() / num_global if anchor_surrogate is not None else s_policy.new_zeros(())
+    return policy_loss + kl_loss + anchor_loss, {"policy_loss": policy_loss.item(), "kl_loss": kl_loss.item(),
+                                                 "ref_anchor_loss": anchor_loss.item()}
+
+
+class Duals(torch.nn.Module):
+    """η and α, log-parameterised (choice 3)."""
+
+    def __init__(self, eta_init: float, alpha_init: float):
+        super().__init__()
+        self.log_eta = torch.nn.Parameter(torch.tensor(math.log(eta_init)))
+        self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(alpha_init)))
+
+    def eta(self) -> torch.Tensor:
+        return self.log_eta.exp()
+
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.exp()
+
+    def clamp_(self, min_eta, max_eta, min_alpha, max_alpha):
+        with torch.no_grad():
+            self.log_eta.clamp_(math.log(min_eta), math.log(max_eta))
+            self.log_alpha.clamp_(math.log(min_alpha), math.log(max_alpha))
+
+
+def dual_optimizer(duals: Duals, eta_lr: float, alpha_lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam([{"params": [duals.log_eta], "lr": eta_lr},
+                             {"params": [duals.log_alpha], "lr": alpha_lr}], weight_decay=0.0)
+
+
+# ----------------------------------------------------------------------------- checks and data
+def check_args(args: Args):
+    """Flag checks that need no data or model (choice 6 continues in check_degenerate)."""
+    for name, value, options in (("kl_estimator", args.kl_estimator, KL_ESTIMATORS), ("baseline", args.baseline,
+                                 BASELINES), ("adv_norm", args.adv_norm, ADV_NORMS), ("data_mode", args.data_mode,
+                                                                                      DATA_MODES)):
+        if value not in options:
+            raise ValueError(f"--{name} {value}: choose one of {options}")
+    if not 0 < args.topk_fraction <= 1:
+        raise ValueError(f"--topk_fraction {args.topk_fraction}: must be in (0, 1]")
+    if args.eps_eta <= 0 or args.eps_alpha <= 0:
+        raise ValueError("--eps_eta and --eps_alpha must be positive")
+    if not (0 < args.min_eta <= args.eta_init <= args.max_eta and 0 < args.min_alpha <= args.alpha_init <= args.max_alpha):
+        raise ValueError("need 0 < min_eta <= eta_init <= max_eta and 0 < min_alpha <= alpha_init <= max_alpha")
+    if args.adv_norm == "per_prompt" and args.baseline != "per_prompt":
+        raise ValueError(f"--adv_norm per_prompt divides by each prompt's reward std, which is 0 when its samples "
+                         f"tie; with --baseline {args.baseline} those advantages blow up. Use --adv_norm batch or none "
+                         f"(or --baseline per_prompt)")
+    if args.old_policy_sync_steps < 1:
+        raise ValueError("--old_policy_sync_steps must be >= 1")
+    if args.k < 1 or args.max_steps < 1 or args.per_device_train_batch_size < 1:
+        raise ValueError("--k, --max_steps and --per_device_train_batch_size must be positive")
+    if args.kl_estimator.startswith("old_policy") and args.old_policy_sync_steps == 1:
+        warnings.warn("--old_policy_sync_steps 1 copies the policy into the old policy every step: the KL is always "
+                      "0, α decays to its floor and there is no trust region")
+
+
+def check_degenerate(args: Args, k: int, num_global: int, has_behavior: bool):
+    """Start-up checks that need K and the step's sample count (choice 6)."""
+    if k == 1 and (args.baseline == "per_prompt" or args.adv_norm == "per_prompt"):
+        raise ValueError("K = 1 completion per prompt with a per-prompt baseline/normalisation makes every advantage "
+                         "0; use --k 2 or more, or --baseline batch|ema with --adv_norm batch|none")
+    n_sel = num_selected(num_global, args.topk_fraction)
+    if args.eps_eta >= math.log(n_sel):
+        raise ValueError(f"--eps_eta {args.eps_eta} >= log(n selected) = log({n_sel}) = {math.log(n_sel):.3f}: the "
+                         f"weights can never be that far from uniform, so η is driven to its floor. Lower --eps_eta "
+                         f"or select more samples (--topk_fraction, --k, batch size)")
+    if args.kl_estimator == "behavior" and not has_behavior:
+        raise ValueError("--kl_estimator behavior needs behaviour log-probs (a 'behavior_logps' column in a "
+                         "prompt_completion_reward dataset); without them the KL is exactly 0 and the trust region "
+                         "is off. Use old_policy, old_policy_ref or ref")
+
+
+def resolve_mode(args: Args, ds_type: str | None) -> str:
+    if args.data_mode != "auto":
+        return args.data_mode
+    if ds_type in ("preference", "prompt_completion_reward"):
+        return ds_type
+    return "online"
+
+
+def load_rows(args: Args, tokenizer):
+    """Rows of the training data: (mode, K, rows). Online rows: {prompt, prompt_ids, columns}; offline rows also
+    carry completion token lists (ending with EOS), rewards and optional behaviour log-probs."""
+    toy = data.toy_task(args.dataset_name) is not None
+    mode = args.data_mode if args.data_mode != "auto" else "online"
+    ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt" if mode == "online" else mode)
+    mode = resolve_mode(args, None if toy else data.detect_type(ds.column_names))
+    if mode == "preference":
+        ds = data.convert(ds, "preference", script="vmpo.py --data_mode preference")
+    ds = data.convert(ds, "prompt" if mode == "online" else "prompt_completion_reward", script="vmpo.py")
+    prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
+    prompt_ids = [p[-args.max_prompt_length:] for p in prompt_ids]
+    skip = {"prompt", "completions", "rewards", "behavior_logps"}
+    extra = [c for c in ds.column_names if c not in skip]
+    rows = [{"prompt": p, "prompt_ids": ids, "columns": {c: ds[c][i] for c in extra}}
+            for i, (p, ids) in enumerate(zip(ds["prompt"], prompt_ids))]
+    if mode == "online":
+        return mode, args.k, rows
+    ks = {len(c) for c in ds["completions"]}
+    if len(ks) != 1 or {len(r) for r in ds["rewards"]} != ks:
+        raise data.DatasetFormatError(f"every row needs the same number K of completions and rewards; found "
+                                      f"completion counts {sorted(ks)}")
+    k = ks.pop()
+    has_beh = "behavior_logps" in ds.column_names
+    for i, row in enumerate(rows):
+        comps = ds["completions"][i]
+        row["completion_ids"] = data.tokenize(tokenizer, [data.completion_text(row["prompt"], c, tokenizer)
+                                                          for c in comps])
+        row["completion_ids"] = [c[:args.max_new_tokens] for c in row["completion_ids"]]
+        row["completion_texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in comps]
+        row["rewards"] = [float(r) for r in ds["rewards"][i]]
+        if has_beh:
+            row["behavior_logps"] = [float(b) for b in ds["behavior_logps"][i]]
+    return mode, k, rows
+
+
+def make_batch(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, k: int,
+               pad_id: int) -> dict:
+    """[left-padded prompt (repeated K times) | completion] -> input_ids, attention_mask (N, P+T), completion_mask
+    (N, T). The completion mask is passed in (choice 7)."""
+    p_ids, p_mask = data.pad(prompt_ids, pad_id, "left")
+    p_ids, p_mask = p_ids.repeat_interleave(k, 0), p_mask.repeat_interleave(k, 0)
+    return {"input_ids": torch.cat([p_ids, completion_ids], 1),
+            "attention_mask": torch.cat([p_mask, completion_mask], 1), "completion_mask": completion_mask}
+
+
+def sequence_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S (N,) summed over completion tokens, per-token log-probs (N, T))."""
+    T = batch["completion_mask"].shape[1]
+    logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T, temperature)
+    return (logps * batch["completion_mask"]).sum(1), logps
+
+
+def combine_rewards(per_func: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
+    """(N, F) -> (N,): weighted sum, NaN (a function that does not apply) counted as 0."""
+    w = torch.tensor(weights if weights is not None else [1.0] * per_func.shape[1])
+    return (torch.nan_to_num(per_func, nan=0.0) * w).sum(1)
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    import copy
+
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    check_args(args)
+    accelerator = distributed.make_accelerator(args)
+    device, W, GA = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps
+
+    # data and every degenerate-configuration check before any model is loaded
+    tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
+    mode, k, rows = load_rows(args, tokenizer)
+    online = mode == "online"
+    global_prompts = distributed.global_batch_size(args, accelerator)
+    num_global = global_prompts * k
+    check_degenerate(args, k, num_global, has_behavior=not online and "behavior_logps" in rows[0])
+    if not online and args.k != k:
+        accelerator.print(f"offline data has K = {k} completions per prompt (--k {args.k} is ignored)")
+    funcs, names = [], []
+    if online:
+        specs = list(args.reward_funcs) if args.reward_funcs is not None else (
+            [] if args.reward_model_name_or_path else [data.toy_task(args.dataset_name) or "add"])
+        if args.reward_model_name_or_path:
+            specs.append(f"model:{args.reward_model_name_or_path}")
+        if not specs:
+            raise ValueError("online mode needs a reward: --reward_funcs and/or --reward_model_name_or_path")
+        if args.reward_weights is not None and len(args.reward_weights) != len(specs):
+            raise ValueError(f"--reward_weights has {len(args.reward_weights)} values for {len(specs)} reward sources "
+                             f"{specs}")
+        funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
+        names = [reward_utils.reward_name(f) for f in funcs]
+
+    model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    old_model = (copy.deepcopy(model).to(device).eval().requires_grad_(False)
+                 if args.kl_estimator.startswith("old_policy") else None)
+    duals = Duals(args.eta_init, args.alpha_init)
+    dual_opt = dual_optimizer(duals, args.eta_lr, args.alpha_lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
+    generator = build_generator(args, tokenizer, accelerator, model) if online else None
+    sampler = old_model if old_model is not None else model  # choice 1
+
+    state = {"ema": None, "streak": 0, "warned": False, "syncs": 0}
+    start_step, elapsed = 0, 0.0
+    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    if resume is not None:
+        saved = checkpoint.load_checkpoint(accelerator, resume)
+        start_step, elapsed, state = saved["step"], saved["elapsed"], saved["vmpo_state"]
+        duals.load_state_dict(saved["duals"])
+        dual_opt.load_state_dict(saved["dual_opt"])
+        if old_model is not None:
+            old_model.load_state_dict(saved["old_policy"])
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+    if generator is not None:
+        generator.sync_weights(sampler)
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+                               show=("vmpo/rewards_mean", "vmpo/kl_mean", "vmpo/eta", "vmpo/alpha", "eval/gold_reward"))
+    accelerator.print(f"vmpo: {mode} mode, {len(rows)} prompts, K = {k}, {num_global} samples per step "
+                      f"({num_selected(num_global, args.topk_fraction)} selected), kl {args.kl_estimator}, "
+                      f"{args.max_steps} steps -> {args.output_dir}")
+
+    def evaluate() -> dict:
+        return evaluation.heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
+                                              args.max_new_tokens, accelerator=accelerator)
+
+    if start_step == 0 and (first := evaluate()):
+        tracker.log(first, 0, args.max_steps)
+    pad_id = tokenizer.pad_token_id
+    sums, n_logged = {}, 0
+    model.train()
+    for step in range(start_step, args.max_steps):
+        done = step + 1
+        indices = data.batch_indices(len(rows), global_prompts, step, args.seed)
+        micro = distributed.micro_batches(indices, args, accelerator)
+
+        # 1. completions, rewards and frozen log-probs for this process's micro-batches
+        mbs, sample_rows = [], []
+        for mb in micro:
+            prompt_ids = [rows[i]["prompt_ids"] for i in mb]
+            if online:
+                gen = generator.generate(sampler, prompt_ids, n=k)
+                c_ids, c_mask, terminated = gen.completion_ids.to(device), gen.completion_mask.to(device), gen.terminated
+                texts = gen.texts
+                prompts = [rows[i]["prompt"] for i in mb for _ in range(k)]
+                completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
+                               for p, t in zip(prompts, texts)]
+                cols = {c: [rows[i]["columns"][c] for i in mb for _ in range(k)] for c in rows[mb[0]]["columns"]}
+                ids_list = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
+                r = combine_rewards(reward_utils.score(funcs, prompts, completions, ids_list, cols), args.reward_weights)
+                beh = None
+            else:
+                comp = [c for i in mb for c in rows[i]["completion_ids"]]
+                c_ids, c_mask = data.pad(comp, pad_id, "right")
+                c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+                terminated = torch.ones(len(comp), dtype=torch.bool)
+                texts = [t for i in mb for t in rows[i]["completion_texts"]]
+                r = torch.tensor([x for i in mb for x in rows[i]["rewards"]])
+                beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
+                       if "behavior_logps" in rows[mb[0]] else None)
+                gen = None
+            batch = make_batch(prompt_ids, c_ids, c_mask, k, pad_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            with torch.no_grad():
+                s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
+                s_old, old_tok = sequence_logps(old_model, batch, args.temperature) if old_model is not None else (None, None)
+            mbs.append({"batch": batch, "rewards": r, "s_ref": s_ref, "s_old": s_old, "s_beh": beh, "gen": gen,
+                        "old_tok": old_tok, "terminated": terminated})
+            if len(sample_rows) < 4:
+                sample_rows += [{"prompt": str(rows[i]["prompt"]), "completion": texts[j * k + kk],
+                                 "reward": r[j * k + kk].item()} for j, i in enumerate(mb[:2]) for kk in range(k)]
+
+        # 2. advantages, E-step weights and the η dual over the whole step's batch (choice 4)
+        local_r = torch.cat([m["rewards"] for m in mbs]).float()
+        all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)  # (B_global, K)
+        if args.baseline == "ema":
+            state["ema"] = update_ema(state["ema"], all_r.mean().item(), args.reward_ema_decay)
+        adv = compute_advantages(all_r, args.baseline, args.adv_norm, state["ema"]).flatten()  # (N,)
+        selected = select_top(adv, args.topk_fraction)
+        eta_now, alpha_now = duals.eta().item(), duals.alpha().item()
+        psi = estep_weights(adv, selected, eta_now)
+        offset = accelerator.process_index * local_r.numel()
+        local_psi = psi[offset:offset + local_r.numel()].to(device)
+
+        # 3. M-step: weighted maximum likelihood + α·KL (+ reference anchor), one backward per micro-batch
+        st = dict.fromkeys(("policy_loss", "kl_loss", "ref_anchor_loss", "kl", "s_policy", "s_ref", "s_old",
+                            "anchor", "len", "term", "neg_logp", "tokens", "sampler_diff", "sampler_diff_max",
+                            "is_min", "is_max", "is_sum"), 0.0)
+        st["is_min"], pos = float("inf"), 0
+        for m in mbs:
+            batch, n_mb = m["batch"], m["rewards"].numel()
+            w = local_psi[pos:pos + n_mb]
+            pos += n_mb
+            with accelerator.accumulate(model):
+                s_pol, tok = sequence_logps(model, batch, args.temperature)
+                kl_val, kl_sur = sequence_kl(args.kl_estimator, s_pol, m["s_ref"], m["s_old"], m["s_beh"])
+                anchor_val, anchor_sur = (ref_anchor(s_pol, m["s_ref"], args.ref_anchor_coef)
+                                          if args.kl_estimator == "old_policy_ref" else (None, None))
+                loss, parts = vmpo_loss(w, s_pol, kl_sur, alpha_now, anchor_sur, num_global)
+                # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
+                # summed micro-batch losses give exactly the gradient of the whole step's loss
+                accelerator.backward(loss * GA * W)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            with torch.no_grad():
+                cm = batch["completion_mask"].float()
+                for key, v in parts.items():
+                    st[key] += v
+                st["kl"] += kl_val.sum().item()
+                st["anchor"] += anchor_val.sum().item() if anchor_val is not None else 0.0
+                st["s_policy"] += s_pol.sum().item()
+                st["s_ref"] += m["s_ref"].sum().item()
+                sampler_s = m["s_old"] if m["s_old"] is not None else (m["s_beh"] if m["s_beh"] is not None else s_pol)
+                st["s_old"] += sampler_s.sum().item()
+                st["len"] += cm.sum().item()
+                st["term"] += m["terminated"].float().sum().item()
+                st["neg_logp"] += -(tok * cm).sum().item()
+                gen = m["gen"]
+                if gen is not None and gen.sampler_logps is not None:  # sampler (e.g. vLLM) vs trainer log-probs
+                    trainer_tok = m["old_tok"] if m["old_tok"] is not None else tok
+                    diff = (gen.sampler_logps.to(device) - trainer_tok).abs() * cm
+                    ratio = torch.exp(trainer_tok - gen.sampler_logps.to(device))[cm.bool()]
+                    st["sampler_diff"] += diff.sum().item()
+                    st["sampler_diff_max"] = max(st["sampler_diff_max"], diff.max().item())
+                    st["is_min"], st["is_max"] = min(st["is_min"], ratio.min().item()), max(st["is_max"], ratio.max().item())
+                    st["is_sum"] += ratio.sum().item()
+
+        # 4. duals: one step on L_η + L_α from the global batch (choice 3)
+        tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items()
+               if key not in ("sampler_diff_max", "is_min", "is_max")}
+        kl_mean = tot["kl"] / num_global
+        dual_opt.zero_grad()
+        eta_loss = eta_dual_loss(duals.eta(), adv, selected, args.eps_eta)
+        alpha_loss = alpha_dual_loss(duals.alpha(), kl_mean, args.eps_alpha)
+        (eta_loss + alpha_loss).backward()
+        dual_opt.step()
+        duals.clamp_(args.min_eta, args.max_eta, args.min_alpha, args.max_alpha)
+        state["streak"] = state["streak"] + 1 if abs(kl_mean) <= args.kl_zero_tol else 0
+        if state["streak"] >= args.kl_warning_patience and not state["warned"]:
+            state["warned"] = True
+            warnings.warn(f"the KL ({args.kl_estimator}) has been below {args.kl_zero_tol} for {state['streak']} "
+                          f"steps: the trust region is inactive (old-policy sync too frequent, or no behaviour "
+                          f"log-probs?)")
+
+        # 5. old-policy snapshot: hard copy every old_policy_sync_steps optimizer steps
+        if old_model is not None and done % args.old_policy_sync_steps == 0:
+            old_model.load_state_dict(accelerator.unwrap_model(model).state_dict())
+            state["syncs"] += 1
+        if generator is not None and (old_model is None or done % args.old_policy_sync_steps == 0):
+            generator.sync_weights(sampler)
+
+        # 6. metrics (means over the steps since the last log)
+        sel_adv = adv[selected]
+        metrics = {
+            "vmpo/rewards_mean": all_r.mean().item(), "vmpo/rewards_std": all_r.std(unbiased=False).item(),
+            "vmpo/advantages_mean": adv.mean().item(), "vmpo/advantages_std": adv.std(unbiased=False).item(),
+            "vmpo/top_advantages_mean": sel_adv.mean().item(),
+            "vmpo/top_advantages_std": sel_adv.std(unbiased=False).item() if sel_adv.numel() > 1 else 0.0,
+            "vmpo/weights_entropy": weights_entropy(psi), "vmpo/weights_kl_uniform": weights_kl_from_uniform(psi, selected),
+            "vmpo/selected_fraction": selected.float().mean().item(), "vmpo/eta": eta_now, "vmpo/eta_loss": eta_loss.item(),
+            "vmpo/alpha": alpha_now, "vmpo/kl_mean": kl_mean, "vmpo/logps_policy": tot["s_policy"] / num_global,
+            "vmpo/logps_ref": tot["s_ref"] / num_global, "vmpo/logps_old": tot["s_old"] / num_global,
+            "vmpo/policy_loss": tot["policy_loss"], "vmpo/kl_loss": tot["kl_loss"],
+            "vmpo/ref_anchor_loss": tot["ref_anchor_loss"],
+            "vmpo/reward_ema_baseline": state["ema"] if state["ema"] is not None else all_r.mean().item(),
+            "vmpo/near_zero_kl_streak": state["streak"],
+            "vmpo/loss": tot["policy_loss"] + tot["kl_loss"] + tot["ref_anchor_loss"],
+            "vmpo/old_policy_syncs": state["syncs"],
+            "kl_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
+            "completions/mean_length": tot["len"] / num_global, "completions/terminated": tot["term"] / num_global,
+            "entropy": tot["neg_logp"] / max(tot["len"], 1), "learning_rate": scheduler.get_last_lr()[0],
+        }
+        if tot["is_sum"]:
+            metrics.update({"sampling/sampling_logp_difference/mean": tot["sampler_diff"] / tot["len"],
+                            "sampling/sampling_logp_difference/max": st["sampler_diff_max"],
+                            "sampling/importance_sampling_ratio/min": st["is_min"],
+                            "sampling/importance_sampling_ratio/mean": tot["is_sum"] / tot["len"],
+                            "sampling/importance_sampling_ratio/max": st["is_max"]})
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0.0) + v
+        n_logged += 1
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            out = {key: v / n_logged for key, v in sums.items()}
+            for key in ("vmpo/near_zero_kl_streak", "vmpo/old_policy_syncs", "vmpo/eta", "vmpo/alpha"):
+                out[key] = metrics[key]  # counters and duals: the current value
+            sums, n_logged = {}, 0
+            if done == args.max_steps or (args.eval_steps and done % args.eval_steps == 0):
+                out.update(evaluate())
+            tracker.log(out, done, args.max_steps)
+        if args.log_completions_steps and done % args.log_completions_steps == 0:
+            tracker.log_samples(done, sample_rows)
+        if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
+            save(accelerator, args, done, model, tokenizer, tracker, state, duals, dual_opt, old_model)
+
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    if args.save_steps:
+        save(accelerator, args, args.max_steps, model, tokenizer, tracker, state, duals, dual_opt, old_model)
+    tracker.close()
+    accelerator.print(f"saved the final model to {args.output_dir}")
+    accelerator.end_training()
+
+
+def save(accelerator, args, step, model, tokenizer, tracker, state, duals, dual_opt, old_model):
+    """A checkpoint with everything `--resume_from` needs: duals and their optimizer, EMA, counters, old policy."""
+    extra = {"elapsed": tracker.elapsed(), "vmpo_state": dict(state), "duals": duals.state_dict(),
+             "dual_opt": dual_opt.state_dict(), "old_policy": old_model.state_dict() if old_model is not None else None}
+    checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args, extra, args.save_total_limit)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
