@@ -1,0 +1,152 @@
+"""online_dpo.py: loss math, pair ranking, EOS penalty, schedules, judges; short runs through the real entry point."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_script
+from online_dpo import (apply_missing_eos_penalty, dpo_loss, epoch_at, first_is_chosen, scheduled)
+
+REQUIRED = ["loss/dpo", "objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
+            "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+            "val/contain_eos_token", "val/model_contain_eos_token", "beta"]
+SCORED = ["objective/scores", "objective/model_scores", "objective/scores_margin", "objective/rlhf_reward"]
+
+
+# ----------------------------------------------------------------------------- math
+def test_dpo_loss_at_reference_is_log2():
+    lp = torch.tensor([-3.0, -7.5, -1.2])
+    lr = torch.tensor([-4.0, -2.0, -9.0])
+    losses, h = dpo_loss(lp, lr, lp.clone(), lr.clone(), beta=0.1)
+    assert torch.allclose(h, torch.zeros(3))
+    assert torch.allclose(losses, torch.full((3,), math.log(2)))
+    ipo, _ = dpo_loss(lp, lr, lp.clone(), lr.clone(), beta=0.1, loss_type="ipo")
+    assert torch.allclose(ipo, torch.full((3,), (1 / (2 * 0.1)) ** 2))
+
+
+def test_dpo_loss_hand_values_and_gradient():
+    pc, pr = torch.tensor([-2.0], requires_grad=True), torch.tensor([-5.0])
+    rc, rr = torch.tensor([-3.0]), torch.tensor([-4.0])
+    beta = 0.5
+    losses, h = dpo_loss(pc, pr, rc, rr, beta)
+    # h = (-2 + 3) - (-5 + 4) = 2 ; loss = -log σ(1) = log(1 + e^-1)
+    assert h.item() == pytest.approx(2.0)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-1.0)), rel=1e-6)
+    losses.sum().backward()
+    # ∂L/∂h = -β σ(-βh) and ∂h/∂policy_chosen = 1
+    assert pc.grad.item() == pytest.approx(-beta / (1 + math.exp(beta * 2.0)), rel=1e-6)
+    ipo, _ = dpo_loss(pc.detach(), pr, rc, rr, beta, "ipo")
+    assert ipo.item() == pytest.approx((2.0 - 1.0) ** 2)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(pc.detach(), pr, rc, rr, beta, "hinge")
+
+
+def test_eos_penalty_and_chosen_assignment_hand_example():
+    scores = torch.tensor([1.0, 0.5, 0.2, 0.2, 0.0, 0.9])
+    terminated = torch.tensor([False, True, True, True, True, False])
+    pen = apply_missing_eos_penalty(scores, terminated, 1.0)
+    assert torch.allclose(pen, torch.tensor([0.0, 0.5, 0.2, 0.2, 0.0, -0.1]))
+    assert torch.equal(apply_missing_eos_penalty(scores, terminated, None), scores)
+    # pair 0: 0.0 vs 0.5 -> second; pair 1: tie -> first; pair 2: 0.0 vs -0.1 -> first
+    assert first_is_chosen(pen[0::2], pen[1::2]).tolist() == [False, True, True]
+    # without the penalty pair 0 and pair 2 flip
+    assert first_is_chosen(scores[0::2], scores[1::2]).tolist() == [True, True, False]
+
+
+def test_per_epoch_schedule():
+    assert scheduled([0.1], 0) == 0.1 and scheduled([0.1], 7) == 0.1
+    assert [scheduled([0.3, 0.2, 0.1], e) for e in range(5)] == [0.3, 0.2, 0.1, 0.1, 0.1]
+    # 100 prompts, 32 per step: steps 0-3 are epoch 0 (rows 0..127 -> 3.125 passes at step 3's end)
+    assert [epoch_at(s, 32, 100) for s in range(8)] == [0, 0, 0, 0, 1, 1, 1, 2]
+
+
+def test_reward_judge_ranks_and_probabilities():
+    from common.judges import RewardJudge, check_ranks, load_judge
+
+    def length_reward(prompts, completions, **kw):
+        return [float(len(c)) for c in completions]
+
+    j = RewardJudge(length_reward)
+    pairs = [("aaa", "a"), ("a", "aaa"), ("aa", "aa")]
+    assert j.judge(["p"] * 3, pairs) == [0, 1, 0]  # tie -> first
+    probs = j.judge(["p"] * 3, pairs, return_scores=True)
+    assert probs == pytest.approx([1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2)), 0.5])
+    assert check_ranks([0, 1, 0], 3).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="ranks"):
+        check_ranks([0, 2, 0], 3)
+    gold = load_judge("fn:add")
+    assert gold.judge(["2+3="], [("5", "6")]) == [0] and gold.judge(["2+3="], [("6", "5")]) == [1]
+    with pytest.raises(ValueError, match="judge"):
+        load_judge("nonsense")
+
+
+# ----------------------------------------------------------------------------- runs
+FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "3",
+        "--num_eval_prompts", "16", "--log_completions_steps", "2", "--learning_rate", "1e-3"]
+
+
+def _check_run(out, scored: bool = True):
+    recs = read_metrics(out)
+    assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
+    train = [r for r in recs if r["step"] > 0]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for name in REQUIRED + (SCORED if scored else []):
+        assert all(r.get(name) is not None and math.isfinite(r[name]) for r in train), name
+    assert "eval/gold_reward" in train[-1]
+    assert all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in train)
+    assert (out / "samples.jsonl").exists() and (out / "model.safetensors").exists()
+    return train
+
+
+def test_run_reward_model_moves_params(tmp_path, toy_policy, toy_rm):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm"
+    run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0", "--beta", "0.1", "0.05")
+    train = _check_run(out)
+    # the first step's policy equals the reference: zero KL on its samples, log 2 loss
+    assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert train[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)
+    before, after = load_file(toy_policy / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_run_reward_function_conversational(tmp_path, toy_policy):
+    out = tmp_path / "fn"
+    run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
+               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational", "--loss_type", "ipo")
+    train = _check_run(out)
+    assert all(0.0 <= r["objective/scores"] <= 1.0 for r in train)  # exact-match scores
+
+
+def test_run_judge(tmp_path, toy_policy, toy_rm):
+    out = tmp_path / "judge"
+    run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
+               "--judge", "rm:toy-rm")
+    _check_run(out, scored=False)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--reward_model_name_or_path", "None"], "exactly one preference source"),
+    (["--reward_funcs", "add"], "exactly one preference source"),
+    (["--loss_type", "hinge"], "loss_type"),
+    (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--missing_eos_penalty", "1"], "missing_eos_penalty"),
+])
+def test_bad_config_fails_at_startup(tmp_path, extra, match):
+    proc = run_script("online_dpo.py", "--output_dir", str(tmp_path / "bad"), *extra, check=False, timeout=120)
+    assert proc.returncode != 0 and match in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
+    out = tmp_path / "learn"
+    run_script("online_dpo.py", "--output_dir", str(out), "--reward_model_name_or_path", "None", "--reward_funcs",
+               "add", "--max_steps", "60", "--eval_steps", "60", timeout=1800)
+    recs = read_metrics(out)
+    train = [r for r in recs if r["step"] > 0 and "train/gold_reward" in r]
+    first, last = train[0]["train/gold_reward"], sum(r["train/gold_reward"] for r in train[-3:]) / 3
+    assert last > first + 0.05, (first, last)
