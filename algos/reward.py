@@ -51,9 +51,9 @@ class Args:
     """wandb project"""
     wandb_entity: str | None = None
     """wandb entity (team)"""
-    model_name_or_path: str = "toy-sft"
-    """'toy-sft' (the toy SFT policy, as InstructGPT initialises its reward model from the SFT model), 'toy' (fresh
-    toy Llama), a local folder or a hub name; a causal-LM checkpoint gets a new score head"""
+    model_name_or_path: str = "toy-sft-full"
+    """'toy-sft-full' (a fully trained toy SFT model: the reward model starts from an SFT model, as in InstructGPT),
+    'toy' (fresh toy Llama), a local folder or a hub name; a causal-LM checkpoint gets a new score head"""
     dataset_name: str = "toy:add"
     """'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or a hub name"""
     dataset_split: str = "train"
@@ -71,13 +71,13 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 3e-4
+    learning_rate: float = 2e-4
     """AdamW learning rate (TRL's default is 1e-4)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 20
     """linear warm-up steps, then linear decay to 0"""
-    max_steps: int = 800
+    max_steps: int = 1000
     """optimizer steps"""
     per_device_train_batch_size: int = 64
     """preference pairs per micro-batch per process"""
@@ -168,7 +168,7 @@ def main(args: Args):
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_utils.resolve(args.model_name_or_path),
+        model = AutoModelForSequenceClassification.from_pretrained(model_utils.resolve(args.model_name_or_path, args.dataset_name),
                                                                    num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     score_head = model.score

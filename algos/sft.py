@@ -77,8 +77,10 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 20
-    """linear warm-up steps, then linear decay to 0"""
-    max_steps: int = 700
+    """linear warm-up steps"""
+    lr_scheduler: str = "constant"
+    """after warm-up: 'constant' (a run's first N steps do not depend on --max_steps) or 'linear' decay to 0"""
+    max_steps: int = 500
     """optimizer steps"""
     per_device_train_batch_size: int = 64
     """sequences per micro-batch per process"""
@@ -171,6 +173,8 @@ def evaluate(model, tokenizer, args, accelerator) -> dict:
 def main(args: Args):
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    if args.lr_scheduler not in ("constant", "linear"):
+        raise ValueError(f"--lr_scheduler {args.lr_scheduler!r}: choose 'constant' or 'linear'")
     accelerator = distributed.make_accelerator(args)
     if args.max_steps <= 0 or args.per_device_train_batch_size <= 0:
         raise ValueError("--max_steps and --per_device_train_batch_size must be positive")
@@ -184,9 +188,11 @@ def main(args: Args):
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
-    def lr_lambda(step):  # linear warm-up, then linear decay to 0
+    def lr_lambda(step):  # linear warm-up, then constant or linear decay to 0
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
+        if args.lr_scheduler == "constant":
+            return 1.0
         return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

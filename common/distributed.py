@@ -2,6 +2,9 @@
 accumulation runs see exactly the global batch a single process would.
 
 Launch with `accelerate launch [--num_processes N] [--config_file configs/accelerate/<ddp|zero2|zero3|fsdp>.yaml]`.
+On a machine without a GPU, several processes need `--multi_gpu` (accelerate then starts them with torchrun; without
+it, accelerate starts a single process on CPU): `accelerate launch --multi_gpu --num_processes 2 algos/sft.py`.
+They communicate over gloo.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ def make_accelerator(args) -> Accelerator:
     kwargs = {}
     if getattr(args, "mixed_precision", None):
         kwargs["mixed_precision"] = args.mixed_precision
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, **kwargs)
+    # cpu=True on a machine without CUDA makes a torchrun-started group use gloo (MULTI_CPU) instead of staying
+    # a set of unconnected single processes
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available(), **kwargs)
     # identical init on every rank (the model is seeded separately), distinct sampling streams per rank
     set_seed(args.seed + accelerator.process_index)
     return accelerator

@@ -3,6 +3,7 @@
 Model names understood everywhere:
   toy       a freshly initialised toy Llama (common/toy.py), seeded
   toy-sft   the default RL starting policy: the toy model after algos/sft.py on the dataset's toy task (cached)
+  toy-sft-full  the toy model after a longer SFT run (near-perfect): the toy reward model's backbone (cached)
   toy-rm    the default toy reward model: algos/reward.py on the dataset's toy task (cached)
   anything else: a hub name or a local folder, through `from_pretrained`.
 """
@@ -23,6 +24,8 @@ def resolve(name: str, dataset_name: str = "toy:add") -> str:
     task = toy_task(dataset_name) or "add"
     if name == "toy-sft":
         return str(toy.toy_policy_path(task))
+    if name == "toy-sft-full":
+        return str(toy.toy_sft_full_path(task))
     if name == "toy-rm":
         return str(toy.toy_reward_model_path(task))
     return name

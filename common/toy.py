@@ -224,6 +224,10 @@ def make_dataset(task: str = "add", kind: str = "prompt", split: str = "train", 
 
 
 # ----------------------------------------------------------------------------- cached default models
+# Bump when the recipe of a cached default model changes, so stale caches are never reused.
+CACHE_VERSION = "v2"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("CLEANALIGN_CACHE", REPO_ROOT / ".cache"))
 
@@ -232,6 +236,7 @@ def _build_once(name: str, cmd: list[str], what: str) -> Path:
     """Run a script once to build a default model into the cache, guarded by a file lock across processes."""
     import fcntl
 
+    name = f"{name}-{CACHE_VERSION}"
     out = cache_dir() / name
     done = out / ".built"  # written only after the build finished, so a crash never leaves a "complete" cache
     if done.exists():
@@ -253,6 +258,12 @@ def _build_once(name: str, cmd: list[str], what: str) -> Path:
 def toy_policy_path(task: str = "add") -> Path:
     """The default starting policy of the RL scripts: the toy model after algos/sft.py's default run on `task`."""
     return _build_once(f"toy-sft-{task}", ["algos/sft.py", "--dataset_name", f"toy:{task}"], f"toy SFT policy ({task})")
+
+
+def toy_sft_full_path(task: str = "add") -> Path:
+    """A fully trained toy SFT model (near-perfect on the task): the backbone the toy reward model starts from."""
+    return _build_once(f"toy-sft-full-{task}", ["algos/sft.py", "--dataset_name", f"toy:{task}", "--max_steps", "1000"],
+                       f"fully trained toy SFT model ({task})")
 
 
 def toy_reward_model_path(task: str = "add") -> Path:

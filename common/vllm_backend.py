@@ -26,10 +26,12 @@ temperature, and renormalised over the top-k / top-p / min-p set when those are 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -160,6 +162,7 @@ def model_folder(args, tokenizer, model) -> str:
         if model is None:
             raise ValueError("--use_vllm with --model_name_or_path toy needs the model to write it to disk")
         folder = tempfile.mkdtemp(prefix="cleanalign-vllm-toy-")
+        atexit.register(shutil.rmtree, folder, True)
         getattr(model, "module", model).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return folder
@@ -192,6 +195,9 @@ class VLLMGenerator:
             self.llm = None
         else:
             self.llm = self._start_engine(args, tokenizer, model)
+        if model is not None:
+            # the engine (or a server left running by an earlier run) may hold other weights than the live policy
+            self.sync_weights(model)
 
     # -- colocate engine
     def _start_engine(self, args, tokenizer, model):

@@ -30,9 +30,20 @@ def run_script(script: str, *args: str, launcher: list[str] | None = None, timeo
     return proc
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launcher(num_processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--cpu",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    """`accelerate launch --multi_gpu --num_processes N` (on a CPU-only machine accelerate needs --multi_gpu to
+    start several processes; they join a gloo group) on a free loopback port, so parallel runs do not collide."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
 
 
 def read_metrics(output_dir) -> list[dict]:
