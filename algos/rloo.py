@@ -1,0 +1,496 @@
+"""RLOO: REINFORCE Leave-One-Out.
+
+Paper: "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs" (Ahmadian
+et al., arXiv 2402.14740), Sec. 3.2 (REINFORCE on the whole completion as one action) and Eq. 6 (the leave-one-out
+baseline, from Kool et al., "Buy 4 REINFORCE samples, get a baseline for free!", 2019).
+
+For each prompt k completions are sampled from π_old. Each completion's reward is shaped by the KL to the reference
+policy, a *reward penalty* (sequence sum of k1, paper Sec. 2.2 / InstructGPT):
+    R_i = r_i - β Σ_t m_t (log π_old(y_t|.) - log π_ref(y_t|.))
+and its baseline is the mean of the other k-1 rewards of the same prompt:
+    A_i = R_i - (1/(k-1)) Σ_{j≠i} R_j  =  k/(k-1) (R_i - mean_j R_j)
+The paper's loss is REINFORCE on the sequence log-prob S_θ(y) = Σ_t m_t log π_θ(y_t|.):  L = -mean_i A_i S_θ(y_i).
+DEVIATION(paper Eq. 6): with --num_iterations > 1 (reusing a batch, not in the paper) the loss is PPO's clipped
+surrogate on the sequence ratio ρ_i = exp(S_θ(y_i) - S_old(y_i)) (Schulman et al., arXiv 1707.06347, Eq. 7; TRL's
+RLOOTrainer does the same):  L = mean_i -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i).
+With one iteration ρ ≡ 1 (π_old = sg(π_θ)) and its gradient is exactly the paper's. --normalize_advantages
+z-scores the advantages over the whole batch (off by default, as in TRL). A sample no reward function scores gets
+A = 0 and is left out of its group's baseline. Losses are means over sequences per micro-batch (every micro-batch
+holds the same number of completions, so accumulation and DDP averaging give the batch mean).
+
+Batch arithmetic as in grpo.py: each process samples per_device_train_batch_size * gradient_accumulation_steps /
+num_generations prompts, k completions each, and takes num_iterations optimizer steps over them in
+gradient_accumulation_steps micro-batches; groups stay on one process, so baselines are computed locally.
+
+Defaults differ from TRL's (k = 2, lr 1e-6) to suit the toy task: k = 8 completions per prompt (as GRPO/GMPO here,
+for a like-for-like benchmark), β = 0.05 (TRL's).
+
+Run:
+    python algos/rloo.py                                  # toy SFT policy on toy:add, a few minutes on 2 CPU cores
+    python algos/rloo.py --num_generations 2 --beta 0.0   # two samples, no KL: A_1 = r_1 - r_2 = -A_2
+    accelerate launch --num_processes 2 algos/rloo.py --per_device_train_batch_size 32
+    bash benchmarks/pg.sh                                 # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import tyro
+
+from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
+from common.generation import build_generator
+
+
+@dataclass
+class Args:
+    # --- common block (identical names in every script)
+    exp_name: str = "rloo"
+    """name of this experiment (used in the default run name)"""
+    seed: int = 1
+    """random seed (data order, sampling)"""
+    run_name: str | None = None
+    """run name; default '{exp_name}__{dataset}__{seed}__{unix time}'"""
+    output_dir: str | None = None
+    """where metrics, checkpoints and the final model go; default runs/{run_name}"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "cleanalign"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    model_name_or_path: str = "toy-sft"
+    """'toy-sft' (the toy SFT policy), a local folder or a hub name"""
+    dataset_name: str = "toy:add"
+    """prompt-only data: 'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk
+    folder or a hub name (extra columns are passed to the reward functions)"""
+    dataset_split: str = "train"
+    """split to train on"""
+    logging_steps: int = 5
+    """log metrics every this many optimizer steps (averaged over the steps since the last log)"""
+    save_steps: int = 0
+    """checkpoint every this many optimizer steps (0: only the final model); rounded to generation boundaries"""
+    save_total_limit: int | None = 2
+    """keep at most this many checkpoints"""
+    resume_from: str | None = None
+    """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    mixed_precision: str | None = None
+    """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
+    # --- optimisation
+    learning_rate: float = 2e-4
+    """AdamW learning rate (the toy policy is tiny; use ~1e-6 for a pretrained LM, as in the paper)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear warm-up steps, then constant"""
+    max_steps: int = 100
+    """optimizer steps (each generation batch gives num_iterations of them)"""
+    per_device_train_batch_size: int = 64
+    """completions per micro-batch per process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 to disable)"""
+    # --- sampling (common/generation.py)
+    num_generations: int = 8
+    """k, completions per prompt (a group; TRL's default is 2)"""
+    temperature: float = 1.0
+    """sampling temperature; the trained log-probs use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    top_k: int = 0
+    """top-k sampling (0: off)"""
+    min_p: float | None = None
+    """min-p sampling"""
+    max_new_tokens: int = 8
+    """longest completion"""
+    max_prompt_length: int | None = 256
+    """prompts longer than this keep their last tokens"""
+    use_vllm: bool = False
+    """sample with vLLM (common/vllm_backend.py) instead of HF generate"""
+    vllm_mode: str = "colocate"
+    """'colocate' (in-process) or 'server'"""
+    vllm_server_host: str = "127.0.0.1"
+    """vLLM server host (server mode)"""
+    vllm_server_port: int = 8000
+    """vLLM server port (server mode)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """fraction of GPU memory vLLM may take (colocate)"""
+    vllm_kv_cache_gb: float = 1.0
+    """CPU KV-cache space for vLLM on CPU"""
+    # --- rewards
+    reward_funcs: list[str] | None = None
+    """reward functions: 'add'/'reverse' (toy gold rewards), 'path/file.py:fn', 'module:fn', 'model:<name or dir>';
+    default: the toy task's gold reward"""
+    reward_model_name_or_path: str | None = None
+    """a reward model added to reward_funcs (e.g. 'toy-rm'); same as 'model:<name>' there"""
+    reward_weights: list[float] | None = None
+    """one weight per reward source (reward_funcs, then the reward model); default all 1"""
+    # --- RLOO
+    beta: float = 0.05
+    """KL penalty folded into the reward: R = r - beta * Σ_t (log π_old - log π_ref); the reference (the initial
+    policy) is loaded only if beta > 0"""
+    normalize_advantages: bool = False
+    """z-score the advantages over the whole generation batch (all processes)"""
+    epsilon: float = 0.2
+    """lower clip of the sequence ratio (used only when num_iterations > 1): ρ >= 1 - epsilon"""
+    epsilon_high: float | None = None
+    """upper clip: ρ <= 1 + epsilon_high; default: epsilon"""
+    num_iterations: int = 1
+    """optimizer steps per generation batch (off-policy reuse with the PPO clip)"""
+    mask_truncated_completions: bool = False
+    """leave completions that did not end with EOS out of the loss"""
+    # --- evaluation and logging
+    eval_steps: int = 25
+    """held-out gold reward every this many steps (and at step 0 and at the end); 0: never"""
+    num_eval_prompts: int = 256
+    """held-out prompts of the toy task (greedy decoding)"""
+    log_completions_steps: int = 25
+    """write sample completions with their rewards every this many steps (0: never)"""
+    num_completions_to_log: int = 8
+    """sample completions per log"""
+
+
+# ----------------------------------------------------------------------------- the math
+# Shapes: N completions in a generation batch (N = prompts * G), G completions per prompt, B completions per
+# micro-batch, T completion tokens. Masks are 0/1 floats over completion tokens (EOS included).
+def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, F) rewards with NaN where a function returned None, (F,) weights -> (N,) weighted sum over the functions
+    that scored the sample; NaN when none did."""
+    assert rewards_per_func.dim() == 2 and weights.shape == (rewards_per_func.shape[1],)
+    scored = ~torch.isnan(rewards_per_func)
+    total = torch.where(scored, rewards_per_func * weights, torch.zeros_like(rewards_per_func)).sum(1)
+    return torch.where(scored.any(1), total, torch.full_like(total, float("nan")))
+
+
+def kl_shaped_rewards(rewards: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
+                      mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """R = r - β Σ_t m (ℓ_old - ℓ_ref) (a k1 sequence sum). rewards (N,); logps, mask (N, T). Returns (R, kl (N,))."""
+    if beta == 0:
+        return rewards, torch.zeros_like(rewards)
+    assert old_logps.shape == ref_logps.shape == mask.shape and rewards.shape == (mask.shape[0],)
+    kl = ((old_logps - ref_logps) * mask).sum(1)
+    return rewards - beta * kl, kl
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = False) -> torch.Tensor:
+    """(N,) rewards, rows g*k..(g+1)*k-1 one group -> A_i = R_i - mean of the other scored rewards of its group.
+    Unscored (NaN) samples get A = 0 and are left out of the baselines; a group with < 2 scored samples gets 0.
+    normalize: z-score the advantages over the batch."""
+    assert rewards.dim() == 1 and rewards.numel() % group_size == 0 and group_size >= 2
+    r = rewards.view(-1, group_size)  # (N/k, k)
+    valid = ~torch.isnan(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    count = valid.sum(1, keepdim=True)
+    baseline = (r0.sum(1, keepdim=True) - r0) / (count - 1).clamp(min=1)
+    adv = torch.where(valid & (count >= 2), r0 - baseline, torch.zeros_like(r)).reshape(-1)
+    if normalize and adv.numel() > 1:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-4)
+    return adv
+
+
+def sequence_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ρ_i = exp(S_θ - S_old) = exp(Σ_t m (ℓ - ℓ_old)), a sum of token log-ratios (not GSPO's mean). (B,)."""
+    assert logps.shape == old_logps.shape == mask.shape
+    return torch.exp(((logps - old_logps) * mask).sum(1))
+
+
+def rloo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              epsilon: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean_i -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i); on-policy (ρ ≡ 1) its gradient is -mean_i A_i ∇S_θ(y_i).
+    logps, old_logps, mask: (B, T); advantages: (B,). Returns (loss, ρ (B,))."""
+    assert advantages.shape == (logps.shape[0],)
+    ratio = sequence_ratio(logps, old_logps, mask)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon_high) * advantages)
+    return -surrogate.mean(), ratio
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+def check_args(args: Args) -> int:
+    """Reject bad flag combinations before anything is loaded; returns the prompts per process and generation."""
+    if args.beta < 0:
+        raise ValueError("--beta must be >= 0")
+    if args.num_generations < 2:
+        raise ValueError("--num_generations must be >= 2 (the leave-one-out baseline needs another sample)")
+    if args.num_iterations < 1 or args.max_steps <= 0:
+        raise ValueError("--num_iterations and --max_steps must be positive")
+    gen_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if gen_batch % args.num_generations:
+        good = args.num_generations * max(1, round(gen_batch / args.num_generations))
+        raise ValueError(
+            f"the per-process batch per_device_train_batch_size * gradient_accumulation_steps = "
+            f"{args.per_device_train_batch_size} * {args.gradient_accumulation_steps} = {gen_batch} completions is not "
+            f"divisible by --num_generations {args.num_generations} (groups are kept whole on one process); e.g. set "
+            f"--per_device_train_batch_size {good // args.gradient_accumulation_steps if good % args.gradient_accumulation_steps == 0 else good} "
+            f"{'' if good % args.gradient_accumulation_steps == 0 else '--gradient_accumulation_steps 1 '}"
+            f"or change --num_generations")
+    n_sources = len(reward_specs(args))
+    if args.reward_weights is not None and len(args.reward_weights) != n_sources:
+        raise ValueError(f"--reward_weights has {len(args.reward_weights)} values but there are {n_sources} reward "
+                         f"sources ({reward_specs(args)}); give one weight per source")
+    return gen_batch // args.num_generations
+
+
+def reward_specs(args: Args) -> list[str]:
+    specs = list(args.reward_funcs) if args.reward_funcs else []
+    if not specs and args.reward_model_name_or_path is None:
+        task = data.toy_task(args.dataset_name)
+        if task is None:
+            raise ValueError("--reward_funcs is required for non-toy datasets (e.g. 'my_rewards.py:accuracy' or "
+                             "--reward_model_name_or_path DIR)")
+        specs = [task]
+    if args.reward_model_name_or_path is not None:
+        specs.append(f"model:{args.reward_model_name_or_path}")
+    return specs
+
+
+def load_prompts(args: Args, tokenizer):
+    """Prompt-only rows (other columns kept for the reward functions) and their tokenised rendered prompts."""
+    ds = data.convert(data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt"), "prompt",
+                      script="rloo.py")
+    ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
+    if args.max_prompt_length:
+        ids = [s[-args.max_prompt_length:] for s in ids]
+    return ds, ids
+
+
+def sequence_logps(model, batch: dict, rows: slice, temperature: float, return_entropy: bool = False):
+    """Per-token log-probs (B, T) of the completions in `rows`, trimmed to the micro-batch's own padding."""
+    cmask = batch["completion_mask"][rows]
+    T = max(int(cmask.sum(1).max()), 1)
+    amask = batch["attention_mask"][rows]
+    P = batch["prompt_len"]
+    keep = P - int(amask[:, :P].sum(1).max())  # leading columns that are padding in every row
+    ids = batch["input_ids"][rows, keep:P + T]
+    am = amask[:, keep:P + T]
+    out = model_utils.completion_logps(model, ids, am, T, temperature, return_entropy)
+    return out, T
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    prompts_per_process = check_args(args)
+    eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
+    G, A_steps, mu = args.num_generations, args.gradient_accumulation_steps, args.num_iterations
+    accelerator = distributed.make_accelerator(args)
+    W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+
+    # data and reward functions first: bad input fails before any model is loaded
+    tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
+    ds, prompt_ids = load_prompts(args, tokenizer)
+    all_prompts = ds["prompt"]
+    extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
+    conversational = data.is_conversational(ds[0])
+    specs = reward_specs(args)
+    reward_funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
+    reward_names = [reward_utils.reward_name(f) for f in reward_funcs]
+    weights = torch.tensor(args.reward_weights if args.reward_weights is not None else [1.0] * len(specs))
+
+    model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    ref_model = None
+    if args.beta > 0:  # frozen reference = the initial policy, outside accelerator.prepare
+        ref_model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name).to(device).eval()
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
+    generator = build_generator(args, tokenizer, accelerator, model)
+
+    start_step, elapsed, num_tokens = 0, 0.0, 0.0
+    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        start_step, elapsed, num_tokens = state["step"], state["elapsed"], state["num_tokens"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+        generator.sync_weights(model)
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+                               show=("reward", "loss", "eval/gold_reward"))
+    accelerator.print(f"rloo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completions per "
+                      f"generation, {mu} optimizer step(s) each, {args.max_steps} steps -> {args.output_dir}")
+
+    def evaluate() -> dict:
+        return evaluation.heldout_gold_reward(accelerator.unwrap_model(model), tokenizer, args.dataset_name,
+                                              args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
+
+    if start_step == 0 and args.eval_steps:
+        tracker.log(evaluate(), 0, args.max_steps)
+
+    pad_id = tokenizer.pad_token_id
+    window = defaultdict(list)  # per-step metrics since the last log
+    batch = None
+    model.train()
+    for step in range(start_step, args.max_steps):
+        # ---------------------------------------------------------------- generate and score (every μ steps)
+        if batch is None or step % mu == 0:
+            t0 = time.time()
+            n_prompts = prompts_per_process * W
+            gen_round = step // mu
+            indices = data.batch_indices(len(ds), n_prompts, gen_round, args.seed)
+            local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
+            p_ids = [prompt_ids[i] for i in local]
+            out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
+            gen_time = time.time() - t0
+            cmask = out.completion_mask.float()
+            prompts = [all_prompts[i] for i in local for _ in range(G)]
+            completions = ([[{"role": "assistant", "content": t}] for t in out.texts] if conversational
+                           else list(out.texts))
+            columns = {c: [vals[i] for i in local for _ in range(G)] for c, vals in extra_columns.items()}
+            comp_id_lists = [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
+            rpf = reward_utils.score(reward_funcs, prompts, completions, comp_id_lists, columns)  # (N, F)
+            loss_mask = cmask * out.terminated[:, None].float() if args.mask_truncated_completions else cmask
+            pp_ids, pp_mask = data.pad(p_ids, pad_id, "left")
+            P = pp_ids.shape[1]
+            batch = {
+                "input_ids": torch.cat([pp_ids.repeat_interleave(G, 0), out.completion_ids.cpu()], 1).to(device),
+                "attention_mask": torch.cat([pp_mask.repeat_interleave(G, 0), out.completion_mask.cpu()], 1).to(device),
+                "completion_mask": out.completion_mask.to(device), "loss_mask": loss_mask.to(device), "prompt_len": P,
+            }
+            # old (π_old) and reference log-probs: once per generation batch, no grad
+            old_logps, ref_logps = [None] * A_steps, [None] * A_steps
+            B = args.per_device_train_batch_size
+            need_old = mu > 1 or out.sampler_logps is not None or ref_model is not None
+            if need_old or ref_model is not None:
+                with torch.no_grad():
+                    for m in range(A_steps):
+                        rows = slice(m * B, (m + 1) * B)
+                        if need_old:
+                            old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
+                        if ref_model is not None:
+                            ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
+            # KL-shaped rewards and leave-one-out advantages: groups are local, the metrics use every process's
+            r = combine_rewards(rpf, weights).to(device)  # (N,)
+            N = r.shape[0]
+            shaped, kl_seq = r.clone(), torch.zeros(N, device=device)
+            if ref_model is not None:  # micro-batch by micro-batch (each has its own padded length)
+                for m in range(A_steps):
+                    rows = slice(m * B, (m + 1) * B)
+                    T_m = old_logps[m].shape[1]
+                    shaped[rows], kl_seq[rows] = kl_shaped_rewards(r[rows], old_logps[m], ref_logps[m],
+                                                                   batch["loss_mask"][rows, :T_m], args.beta)
+            rpf_all = distributed.gather_cat(accelerator, rpf)
+            r_all = combine_rewards(rpf_all, weights)
+            shaped_all = distributed.gather_cat(accelerator, shaped.cpu())
+            adv_all = leave_one_out_advantages(shaped_all, G, args.normalize_advantages)
+            advantages = adv_all[rank * N:(rank + 1) * N].to(device)
+            if ref_model is not None:
+                kl_tokens = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())
+                window["kl"].append(distributed.gather_sum(accelerator, kl_seq.sum().item()) / max(kl_tokens, 1))
+                window["reward_with_kl"].append(torch.nanmean(shaped_all).item())
+            if out.sampler_logps is not None:  # sampler vs trainer mismatch (vLLM): logged, not corrected
+                diffs, ratios = [], []
+                for m in range(A_steps):
+                    rows = slice(m * B, (m + 1) * B)
+                    T_m = old_logps[m].shape[1]
+                    mm = batch["completion_mask"][rows, :T_m].bool()
+                    d = old_logps[m] - out.sampler_logps[rows, :T_m].to(device)
+                    diffs.append(d[mm].abs())
+                    ratios.append(torch.exp(d)[mm])
+                diffs, ratios = torch.cat(diffs), torch.cat(ratios)
+                window["sampling/sampling_logp_difference/mean"].append(diffs.mean().item())
+                window["sampling/sampling_logp_difference/max"].append(diffs.max().item())
+                window["sampling/importance_sampling_ratio/min"].append(ratios.min().item())
+                window["sampling/importance_sampling_ratio/mean"].append(ratios.mean().item())
+                window["sampling/importance_sampling_ratio/max"].append(ratios.max().item())
+
+            # generation and reward metrics over every process's samples
+            lengths = distributed.gather_cat(accelerator, cmask.sum(1).cpu())
+            term = distributed.gather_cat(accelerator, out.terminated.float().cpu())
+            grouped = r_all.view(-1, G)
+            for f, name in enumerate(reward_names):
+                window[f"rewards/{name}/mean"].append(torch.nanmean(rpf_all[:, f]).item())
+                col = rpf_all[:, f][~torch.isnan(rpf_all[:, f])]
+                window[f"rewards/{name}/std"].append(col.std().item() if col.numel() > 1 else 0.0)
+            window["reward"].append(torch.nanmean(r_all).item())
+            window["reward_std"].append(r_all[~torch.isnan(r_all)].std().item() if (~torch.isnan(r_all)).sum() > 1 else 0.0)
+            window["frac_reward_zero_std"].append((torch.nan_to_num(grouped, 0.0).std(1) == 0).float().mean().item())
+            window["completions/mean_length"].append(lengths.mean().item())
+            window["completions/min_length"].append(lengths.min().item())
+            window["completions/max_length"].append(lengths.max().item())
+            window["completions/clipped_ratio"].append(1.0 - term.mean().item())
+            window["completions/mean_terminated_length"].append(
+                lengths[term.bool()].mean().item() if term.any() else 0.0)
+            gen_tokens = lengths.sum().item()
+            window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9) * W)
+            num_tokens += gen_tokens + distributed.gather_sum(accelerator, pp_mask.sum().item() * G)
+            if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
+                k = min(args.num_completions_to_log, N)
+                tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
+                                            **{n: rpf[i, f].item() for f, n in enumerate(reward_names)},
+                                            "advantage": advantages[i].item()} for i in range(k)])
+
+        # ---------------------------------------------------------------- one optimizer step over the batch
+        t0 = time.time()
+        B = args.per_device_train_batch_size
+        sums = defaultdict(float)
+        for m in range(A_steps):
+            rows = slice(m * B, (m + 1) * B)
+            with accelerator.accumulate(model):
+                (logps, entropy), T = sequence_logps(model, batch, rows, args.temperature, return_entropy=True)
+                mask = batch["loss_mask"][rows, :T]
+                old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one iteration: ρ exactly 1
+                adv = advantages[rows]
+                # a sequence mean per micro-batch: accelerate's 1/accumulation and DDP's mean give the batch mean
+                loss, ratio = rloo_loss(logps, old, adv, mask, eps_low, eps_high)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if args.max_grad_norm > 0:
+                        sums["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+            with torch.no_grad():
+                low = (ratio < 1 - eps_low) & (adv < 0)  # the clip takes effect (sequence level)
+                high = (ratio > 1 + eps_high) & (adv > 0)
+                sums["loss"] += loss.item()
+                sums["tokens"] += mask.sum().item()
+                sums["entropy"] += (entropy * mask).sum().item()
+                sums["seqs"] += float(ratio.numel())
+                sums["clip_low"] += low.sum().item()
+                sums["clip_high"] += high.sum().item()
+                sums["clip_region"] += (low | high).sum().item()
+        generator.sync_weights(model)
+        train_time = time.time() - t0
+        tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
+        ntok = max(tot["tokens"], 1)
+        window["loss"].append(tot["loss"] / (A_steps * W))
+        window["entropy"].append(tot["entropy"] / ntok)
+        for k_ in ("low", "high", "region"):  # fractions of sequences
+            window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / max(tot["seqs"], 1))
+        if "grad_norm" in sums:
+            window["grad_norm"].append(sums["grad_norm"])
+        window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
+
+        done = step + 1
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
+            metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0]})
+            window = defaultdict(list)
+            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                metrics.update(evaluate())
+            tracker.log(metrics, done, args.max_steps)
+        if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
+            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
+                                       {"elapsed": tracker.elapsed(), "num_tokens": num_tokens}, args.save_total_limit)
+
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    if args.save_steps:
+        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed(), "num_tokens": num_tokens}, args.save_total_limit)
+    tracker.close()
+    accelerator.print(f"saved the final model to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
