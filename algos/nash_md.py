@@ -1,0 +1,539 @@
+"""Nash-MD: Nash learning from human feedback by mirror descent against a geometric-mixture opponent.
+
+Paper: "Nash Learning from Human Feedback" (Munos et al., arXiv 2312.00886), Nash-MD (Section 6) and its
+policy-gradient form Nash-MD-PG (Section 7). Each step, for every prompt x: sample y ~ π_θ(·|x) and an opponent
+y' ~ π^mix(·|x), where π^mix is the geometric mixture of the policy and the reference with coefficient c:
+    log π^mix(y_t | x, y_<t) = log softmax( c · z^ref_t + (1 - c) · z^θ_t )        (z = next-token logits)
+The preference P = P(y ≻ y' | x) comes from the preference source, and the loss is
+    L = mean_prompts[ β · Σ_t m_t sg(ℓ^θ_t - ℓ^ref_t) ℓ^θ_t  -  (P - ½) · S^θ(y|x) ]
+with ℓ_t the per-token log-probs of the policy sample y, S^θ = Σ_t m_t ℓ^θ_t and sg = stop-gradient. Both terms
+are REINFORCE (score-function) estimators on the policy's own sample: the first is the gradient of β·KL(π_θ‖π_ref),
+the second of the preference against the opponent, with ½ a control variate (a fair coin beats nobody).
+Gradients flow through the policy sample's log-probs only; the opponent is a fixed sample.
+
+Per-token vs per-sequence mixture. The paper's Nash-MD regularised policy is a geometric mixture of SEQUENCE
+distributions, π^mix(y|x) ∝ π_θ(y|x)^(1-c) π_ref(y|x)^c, normalised over all completions; that normaliser is a sum
+over every sequence and the per-token conditionals of such a mixture do not factor into per-token mixtures, so it
+cannot be sampled token by token. We mix PER TOKEN: each next-token distribution is the normalised geometric mixture
+of the two models' next-token distributions given the same prefix. This is the tractable approximation the paper's
+own language-model experiments use (Section 7) and the one of the reference implementation; it is exact for a
+single token. # DEVIATION(paper Eq. in Sec. 6, sequence-level mixture): per-token mixture, as above.
+The opponent is sampled by a small batched loop in this file (`sample_mixture`) that runs both models with their
+own KV caches (past_key_values) and applies --temperature/--top_k/--top_p/--min_p to the mixture logits.
+
+Preferences come from exactly one source:
+  --reward_model_name_or_path NAME   a one-output sequence classifier (default: toy-rm, the toy reward model)
+  --reward_funcs SPEC                one reward function: add | reverse | path/file.py:fn | module:fn
+  --judge SPEC                       a pairwise judge: rm:<model> | fn:<reward spec> | file.py:Name | module:Name
+With a score r (reward model or function), P = σ(r(y) - r(y')) (Bradley-Terry); `--missing_eos_penalty p`
+subtracts p from the score of every completion without EOS first. A judge gives P directly (return_scores=True,
+probability that its first completion, the policy sample, is preferred); it cannot be combined with the penalty.
+To use a reward function or judge, turn the default reward model off: `--reward_model_name_or_path None`.
+
+Schedules: `--beta` and `--mixture_coef` take one value or a list, one value per epoch, the last one holding
+afterwards. An epoch is one pass over the prompt dataset: at optimizer step s (0-based) the epoch is
+floor(s * B_global / N_prompts), with B_global the prompts per optimizer step.
+
+Log-probs in the loss use temperature 1. With --use_vllm only the policy sample uses vLLM (the mixture needs both
+models' logits at every token).
+
+Data: prompt-only (`prompt`), standard or conversational; other dataset types are reduced to their prompts.
+
+Run:
+    python algos/nash_md.py                                         # toy SFT policy + toy reward model, toy:add
+    python algos/nash_md.py --reward_model_name_or_path None --reward_funcs add        # gold reward function
+    python algos/nash_md.py --reward_model_name_or_path None --judge rm:toy-rm         # pairwise judge
+    python algos/nash_md.py --dataset_name toy:add:conversational --mixture_coef 0.5 0.25
+    accelerate launch --num_processes 2 algos/nash_md.py
+    bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+from common import checkpoint, data, distributed, model as model_utils, tracking
+from common.evaluation import heldout_gold_reward
+from common.generation import build_generator, mask_after_eos, unwrapped_for_generation
+from common.judges import check_probabilities, load_judge
+from common.rewards import load_reward_sources, reward_name, score
+
+
+@dataclass
+class Args:
+    # --- common block (identical names in every script)
+    exp_name: str = "nash_md"
+    """name of this experiment (used in the default run name)"""
+    seed: int = 1
+    """random seed (data order, sampling)"""
+    run_name: str | None = None
+    """run name; default '{exp_name}__{dataset}__{seed}__{unix time}'"""
+    output_dir: str | None = None
+    """where metrics, checkpoints and the final model go; default runs/{run_name}"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "cleanalign"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    model_name_or_path: str = "toy-sft"
+    """starting policy: 'toy-sft' (the toy SFT policy of the dataset's task), a local folder or a hub name"""
+    ref_model_name_or_path: str | None = None
+    """frozen reference model (default: a copy of the starting policy)"""
+    dataset_name: str = "toy:add"
+    """'toy:<add|reverse>[:conversational]', a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or a hub name"""
+    dataset_split: str = "train"
+    """split to train on"""
+    eval_split: str | None = "test"
+    """held-out split for the gold-reward evaluation on toy tasks (None to skip)"""
+    logging_steps: int = 5
+    """log metrics every this many optimizer steps"""
+    log_completions_steps: int = 25
+    """log a few sample completions with their scores every this many steps (0 to disable)"""
+    save_steps: int = 0
+    """checkpoint every this many optimizer steps (0: only the final model)"""
+    save_total_limit: int | None = 2
+    """keep at most this many checkpoints"""
+    resume_from: str | None = None
+    """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    mixed_precision: str | None = None
+    """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
+    # --- optimisation
+    learning_rate: float = 2e-5
+    """AdamW learning rate (TRL's default for real models is 5e-7)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear warm-up steps, then constant"""
+    max_steps: int = 150
+    """optimizer steps"""
+    per_device_train_batch_size: int = 32
+    """prompts per micro-batch per process (each gives a policy and a mixture completion)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 to disable)"""
+    # --- sampling
+    temperature: float = 1.0
+    """sampling temperature"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    top_k: int = 0
+    """top-k sampling (0: off)"""
+    min_p: float | None = None
+    """min-p sampling"""
+    max_new_tokens: int = 8
+    """completion length cap"""
+    max_prompt_length: int = 256
+    """prompts longer than this keep their last tokens"""
+    use_vllm: bool = False
+    """sample the policy with vLLM (common/vllm_backend.py) instead of HF generate"""
+    vllm_mode: str = "colocate"
+    """'colocate' (engine in this process) or 'server' (a running `trl vllm-serve`-style server)"""
+    vllm_server_host: str = "127.0.0.1"
+    """vLLM server host (server mode)"""
+    vllm_server_port: int = 8000
+    """vLLM server port (server mode)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """fraction of GPU memory for the colocated engine"""
+    vllm_kv_cache_gb: float = 1.0
+    """KV-cache space (GiB) of a CPU vLLM engine"""
+    # --- preference source (exactly one)
+    reward_model_name_or_path: str | None = "toy-rm"
+    """reward model ranking the pair ('toy-rm', a folder or hub name); None to use --reward_funcs or --judge"""
+    reward_funcs: list[str] = field(default_factory=list)
+    """one reward function instead of a reward model: add | reverse | path/file.py:fn | module:fn"""
+    judge: str | None = None
+    """a pairwise judge instead of a reward: rm:<model> | fn:<reward spec> | file.py:Name | module:Name"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of completions without EOS (reward model or function only)"""
+    # --- online DPO
+    beta: list[float] = field(default_factory=lambda: [0.1])
+    """β, the weight of the KL(π_θ‖π_ref) term; one value, or one per epoch (the last holds after)"""
+    mixture_coef: list[float] = field(default_factory=lambda: [0.5])
+    """c, the weight of the reference in the opponent's geometric mixture (0: the policy itself, 1: the reference);
+    one value, or one per epoch (the last holds after)"""
+    eval_steps: int = 25
+    """held-out greedy gold-reward evaluation every this many steps (toy tasks), plus at step 0 and at the end"""
+    num_eval_prompts: int = 256
+    """held-out prompts for that evaluation"""
+
+
+# ----------------------------------------------------------------------------- math
+# Shapes: B prompts, T completion tokens, V vocabulary; sequence log-probs are sums over completion tokens.
+def scheduled(values: list[float], epoch: int) -> float:
+    """The value for `epoch` of a per-epoch schedule; the last value holds for all later epochs."""
+    assert len(values) > 0 and epoch >= 0
+    return float(values[min(epoch, len(values) - 1)])
+
+
+def epoch_at(step: int, prompts_per_step: int, num_prompts: int) -> int:
+    """The epoch (pass over the prompt dataset) that optimizer step `step` (0-based) belongs to."""
+    return step * prompts_per_step // num_prompts
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, terminated: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """scores (N,) minus `penalty` where terminated (N,) is False."""
+    assert scores.shape == terminated.shape
+    if not penalty:
+        return scores
+    return scores - penalty * (~terminated.bool()).float()
+
+
+def preference_probability(policy_scores: torch.Tensor, opponent_scores: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry P(y ≻ y') = σ(r(y) - r(y')), each (B,); ties give exactly ½."""
+    assert policy_scores.shape == opponent_scores.shape
+    return torch.sigmoid(policy_scores - opponent_scores)
+
+
+def mixture_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mixture_coef: float) -> torch.Tensor:
+    """Per-token geometric mixture: log π^mix = log softmax(c · z_ref + (1 - c) · z_θ), i.e. π^mix ∝ π_ref^c π_θ^(1-c)
+    (the softmax normalisers of z_ref and z_θ are constants per position, so raw logits and log-probs mix alike).
+    policy_logits, ref_logits (..., V) -> normalised log-probs (..., V) in float32."""
+    assert policy_logits.shape == ref_logits.shape and 0.0 <= mixture_coef <= 1.0
+    return torch.log_softmax(mixture_coef * ref_logits.float() + (1.0 - mixture_coef) * policy_logits.float(), -1)
+
+
+def filter_logits(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None) -> torch.Tensor:
+    """Top-k, nucleus (top-p) and min-p filtering of (B, V) log-probs: removed entries become -inf."""
+    out = logprobs.clone()
+    if top_k and top_k < out.shape[-1]:
+        kth = out.topk(top_k, -1).values[:, -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if min_p is not None and min_p > 0:
+        out = out.masked_fill(out < out.max(-1, keepdim=True).values + torch.log(torch.tensor(min_p)), float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = out.sort(-1, descending=True)
+        probs = sorted_lp.softmax(-1)
+        remove = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        out = out.scatter(-1, order, sorted_lp.masked_fill(remove, float("-inf")))
+    return out
+
+
+@torch.no_grad()
+def sample_mixture(policy, ref, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, mixture_coef: float,
+                   max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, min_p: float | None = None, greedy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one completion per row from the per-token geometric mixture of two causal LMs.
+
+    prompt_ids, prompt_mask (B, P) are LEFT-padded. Both models run batched, each with its own KV cache; positions
+    ignore the left padding (as in training). Rows that produced EOS emit padding afterwards; the loop stops when
+    every row is done. Returns (completion_ids (B, T) right-padded, completion_mask (B, T) 0/1 with the EOS kept,
+    terminated (B,) bool)."""
+    assert prompt_ids.shape == prompt_mask.shape
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attn = prompt_mask.long()
+    pos = model_utils.position_ids_from_mask(attn)
+    out_p = policy(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out_r = ref(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache_p, cache_r = out_p.past_key_values, out_r.past_key_values
+    z_p, z_r = out_p.logits[:, -1], out_r.logits[:, -1]  # (B, V)
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        lp = mixture_logits(z_p, z_r, mixture_coef)  # (B, V)
+        if greedy or temperature <= 0:
+            tok = lp.argmax(-1)
+        else:
+            lp = filter_logits(torch.log_softmax(lp / temperature, -1), top_k, top_p, min_p)
+            tok = torch.multinomial(lp.softmax(-1), 1)[:, 0]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done = done | (tok == eos_id)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
+        out_p = policy(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache_p,
+                       use_cache=True)
+        out_r = ref(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache_r,
+                    use_cache=True)
+        cache_p, cache_r = out_p.past_key_values, out_r.past_key_values
+        z_p, z_r = out_p.logits[:, -1], out_r.logits[:, -1]
+        next_pos = next_pos + 1
+    ids = torch.stack(tokens, 1)  # (B, T)
+    mask, terminated = mask_after_eos(ids, eos_id)
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
+    return ids, mask, terminated
+
+
+def nash_md_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, probability: torch.Tensor,
+                 beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-prompt Nash-MD-PG loss (B,) on the policy sample, and its parts (kl term, score term), each (B,).
+    policy_logps (with grad), ref_logps, mask: (B, T); probability P(y ≻ y') (B,), no gradient.
+        kl    = Σ_t m_t sg(ℓ^θ_t - ℓ^ref_t) ℓ^θ_t        (REINFORCE form of KL(π_θ‖π_ref); value at θ: the k1 KL
+                                                         weighted by ℓ^θ, its gradient is what matters)
+        score = (P - ½) Σ_t m_t ℓ^θ_t
+        loss  = β · kl - score"""
+    assert policy_logps.shape == ref_logps.shape == mask.shape and probability.shape == policy_logps.shape[:1]
+    log_ratio = (policy_logps - ref_logps).detach()
+    kl = (log_ratio * policy_logps * mask).sum(1)
+    score = (probability.detach() - 0.5) * (policy_logps * mask).sum(1)
+    return beta * kl - score, kl, score
+
+
+def pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Right-pad (N, T) to (N, width) with `value`."""
+    return F.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows a_0, b_0, a_1, b_1, ... from two (N, ...) tensors."""
+    return torch.stack([a, b], 1).flatten(0, 1)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def check_args(args: Args):
+    """Fail before any model is loaded."""
+    sources = [n for n, on in (("--reward_model_name_or_path", args.reward_model_name_or_path),
+                               ("--reward_funcs", args.reward_funcs), ("--judge", args.judge)) if on]
+    if len(sources) != 1:
+        raise ValueError(
+            f"give exactly one preference source; got {len(sources)} ({', '.join(sources) or 'none'}). The reward "
+            "model is on by default: to use a reward function or a judge pass --reward_model_name_or_path None, e.g. "
+            "--reward_model_name_or_path None --reward_funcs add")
+    if len(args.reward_funcs) > 1:
+        raise ValueError(f"--reward_funcs takes one reward function here; got {args.reward_funcs}")
+    if args.judge and args.missing_eos_penalty:
+        raise ValueError("--missing_eos_penalty changes scores, and a judge returns ranks: drop the penalty, or rank "
+                         "with a reward model or function instead")
+    if not args.beta or any(b <= 0 for b in args.beta):
+        raise ValueError(f"--beta must be one or more positive values; got {args.beta}")
+    if not args.mixture_coef or any(not 0.0 <= c <= 1.0 for c in args.mixture_coef):
+        raise ValueError(f"--mixture_coef must be one or more values in [0, 1]; got {args.mixture_coef}")
+    if args.max_steps <= 0 or args.per_device_train_batch_size <= 0 or args.max_new_tokens <= 0:
+        raise ValueError("--max_steps, --per_device_train_batch_size and --max_new_tokens must be positive")
+
+
+def load_prompts(args: Args):
+    ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt")
+    return data.convert(ds, "prompt", "nash_md.py")
+
+
+def as_completions(prompts: list, texts: list[str]) -> list:
+    """Completions in the prompts' format: strings, or one assistant message for conversational prompts."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+
+
+def prompt_completion_batch(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                            repeat: int, pad_id: int, device) -> dict:
+    """[left-padded prompt | right-padded completion] for `repeat` completions per prompt (rows i*repeat + j)."""
+    p_ids, p_mask = data.pad(prompt_ids, pad_id, "left")
+    p_ids, p_mask = p_ids.repeat_interleave(repeat, 0), p_mask.repeat_interleave(repeat, 0)
+    return {"input_ids": torch.cat([p_ids, completion_ids.cpu()], 1).to(device),
+            "attention_mask": torch.cat([p_mask, completion_mask.cpu()], 1).to(device),
+            "completion_mask": completion_mask.to(device).float()}
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    check_args(args)
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    accelerator = distributed.make_accelerator(args)
+    device = accelerator.device
+
+    tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
+    train = load_prompts(args)
+    columns = [c for c in train.column_names if c != "prompt"]
+    prompt_ids_all = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in train["prompt"]])
+    prompt_ids_all = [p[-args.max_prompt_length:] for p in prompt_ids_all]
+    global_bs = distributed.global_batch_size(args, accelerator)
+    if global_bs > len(train):
+        raise ValueError(f"the dataset has {len(train)} prompts, fewer than one global batch of {global_bs}")
+
+    reward_fn = judge = None
+    if args.judge:
+        judge = load_judge(args.judge, args.dataset_name, device)
+    else:
+        spec = f"model:{args.reward_model_name_or_path}" if args.reward_model_name_or_path else args.reward_funcs[0]
+        reward_fn = load_reward_sources([spec], args.dataset_name, device)[0]
+    gold = None
+    if data.toy_task(args.dataset_name):
+        from common import toy
+        gold = toy.gold_reward(data.toy_task(args.dataset_name))
+
+    model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    ref_model = model_utils.load_causal_lm(args.ref_model_name_or_path or args.model_name_or_path, tokenizer,
+                                           args.dataset_name, seed=args.seed)
+    ref_model.to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    generator = build_generator(args, tokenizer, accelerator, model)
+
+    start_step, elapsed = 0, 0.0
+    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        start_step, elapsed = state["step"], state["elapsed"]
+        generator.sync_weights(model)
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+                               show=("loss/score", "rewards/probabilities", "train/gold_reward", "eval/gold_reward"))
+    source = args.judge or reward_name(reward_fn)
+    accelerator.print(f"nash_md: {len(train)} prompts, {global_bs} pairs per step, {args.max_steps} steps, "
+                      f"preferences from {source} -> {args.output_dir}")
+
+    def evaluate() -> dict:
+        if not args.eval_split:
+            return {}
+        return heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
+                                   accelerator=accelerator, split=args.eval_split)
+
+    if start_step == 0:
+        tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "mixture_coef": scheduled(args.mixture_coef, 0)}, 0, args.max_steps)
+
+    pad_id = tokenizer.pad_token_id
+    stats: dict[str, float] = {}
+
+    def add(name: str, value: torch.Tensor | float):
+        stats[name] = stats.get(name, 0.0) + float(value.sum() if torch.is_tensor(value) else value)
+
+    model.train()
+    for step in range(start_step, args.max_steps):
+        epoch = epoch_at(step, global_bs, len(train))
+        beta, coef = scheduled(args.beta, epoch), scheduled(args.mixture_coef, epoch)
+        indices = data.batch_indices(len(train), global_bs, step, args.seed)
+        sample_rows = None
+        for mb in distributed.micro_batches(indices, args, accelerator):
+            prompts = [train[i]["prompt"] for i in mb]
+            B = len(mb)
+            # 1. a policy sample and a mixture (opponent) sample per prompt; pair b = rows 2b (policy), 2b+1 (mixture)
+            mb_prompt_ids = [prompt_ids_all[i] for i in mb]
+            gen = generator.generate(model, mb_prompt_ids, n=1)
+            p_ids, p_mask = data.pad(mb_prompt_ids, pad_id, "left")
+            with unwrapped_for_generation(accelerator, model) as policy:
+                policy.eval()
+                mix_ids, mix_mask, mix_terminated = sample_mixture(
+                    policy, ref_model, p_ids.to(device), p_mask.to(device), coef, args.max_new_tokens,
+                    tokenizer.eos_token_id, pad_id, args.temperature, args.top_k, args.top_p, args.min_p)
+                policy.train()
+            mix_texts = tokenizer.batch_decode([c[m.bool()] for c, m in zip(mix_ids.cpu(), mix_mask.cpu())],
+                                               skip_special_tokens=True)
+            T = max(gen.completion_ids.shape[1], mix_ids.shape[1])
+            completion_ids = interleave(pad_columns(gen.completion_ids.cpu(), T, pad_id),
+                                        pad_columns(mix_ids.cpu(), T, pad_id))  # (2B, T)
+            completion_mask = interleave(pad_columns(gen.completion_mask.cpu(), T, 0),
+                                         pad_columns(mix_mask.cpu(), T, 0))  # (2B, T)
+            terminated = interleave(gen.terminated.cpu(), mix_terminated.cpu())  # (2B,)
+            texts = [t for pair in zip(gen.texts, mix_texts) for t in pair]
+            prompts2 = [p for p in prompts for _ in range(2)]
+            completions = as_completions(prompts2, texts)
+            # 2. P(policy sample ≻ mixture sample)
+            scores = None
+            if judge is not None:
+                probs = judge.judge(prompts, [(completions[2 * b], completions[2 * b + 1]) for b in range(B)],
+                                    return_scores=True)
+                probability = check_probabilities(probs, B, source)
+            else:
+                cols = {c: [train[i][c] for i in mb for _ in range(2)] for c in columns}
+                ids_list = [c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)]
+                raw = score([reward_fn], prompts2, completions, ids_list, cols)[:, 0]
+                if torch.isnan(raw).any():
+                    raise ValueError(f"{source} returned None for some completions; Nash-MD needs a score for each")
+                scores = apply_missing_eos_penalty(raw, terminated, args.missing_eos_penalty)  # (2B,)
+                probability = preference_probability(scores[0::2], scores[1::2])  # (B,)
+            probability = probability.to(device)
+            # 3. log-probs: policy (with grad) and reference on both samples; the loss uses the policy sample's rows,
+            #    the mixture sample's rows feed the implicit-reward statistics only
+            batch = prompt_completion_batch(mb_prompt_ids, completion_ids, completion_mask, 2, pad_id, device)
+            mask = batch["completion_mask"]
+            with torch.no_grad():
+                ref_lp = model_utils.completion_logps(ref_model, batch["input_ids"], batch["attention_mask"], T)
+            with accelerator.accumulate(model):
+                logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T)
+                losses, kl_part, score_part = nash_md_loss(logps[0::2], ref_lp[0::2], mask[0::2], probability, beta)
+                # mean over the global batch's prompts: undo accelerate's 1/accumulation and DDP's 1/processes
+                loss = losses.sum() / global_bs
+                accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            # 4. statistics, summed over the step and reduced once
+            with torch.no_grad():
+                seq = (logps.detach() * mask).sum(1)  # (2B,)
+                ref_seq = (ref_lp * mask).sum(1)
+                delta = seq - ref_seq  # implicit reward / β of each sample
+                policy_wins = probability >= 0.5  # (B,) the winner for the chosen/rejected statistics (ties: policy)
+                chosen_idx = 2 * torch.arange(B, device=device) + (~policy_wins).long()
+                rejected_idx = 2 * torch.arange(B, device=device) + policy_wins.long()
+                add("pairs", B)
+                add("loss/kl", kl_part.detach())
+                add("loss/score", score_part.detach())
+                add("objective/kl", delta[0::2])
+                add("objective/entropy", -seq[0::2])
+                add("rewards/probabilities", probability)
+                add("rewards/chosen", beta * delta[chosen_idx])
+                add("rewards/rejected", beta * delta[rejected_idx])
+                add("rewards/margins", beta * (delta[chosen_idx] - delta[rejected_idx]))
+                add("rewards/accuracies", (delta[chosen_idx] > delta[rejected_idx]).float())
+                add("logps/chosen", seq[chosen_idx])
+                add("logps/rejected", seq[rejected_idx])
+                add("val/model_contain_eos_token", gen.terminated.float())
+                add("val/ref_contain_eos_token", mix_terminated.float())
+                add("completions/mean_length", mask[0::2].sum(1))
+                if scores is not None:
+                    add("objective/model_scores", scores[0::2])
+                    add("objective/ref_scores", scores[1::2])
+                    add("objective/scores_margin", scores[0::2] - scores[1::2])
+                if gold is not None:
+                    g = torch.tensor([float("nan") if v is None else v for v in gold(prompts2, completions)])
+                    g = torch.nan_to_num(g, 0.0)
+                    add("train/gold_reward", g[0::2])
+                    add("train/mixture_gold_reward", g[1::2])
+            if sample_rows is None:
+                sample_rows = [{"prompt": str(prompts[b]), "policy": gen.texts[b], "mixture": mix_texts[b],
+                                "probability": float(probability[b]),
+                                **({"score_policy": float(scores[2 * b]), "score_mixture": float(scores[2 * b + 1])}
+                                   if scores is not None else {})}
+                               for b in range(min(4, B))]
+        generator.sync_weights(model)
+
+        done = step + 1
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            tot = {k: distributed.gather_sum(accelerator, v) for k, v in sorted(stats.items())}
+            stats = {}
+            n = tot.pop("pairs")
+            metrics = {k: v / n for k, v in tot.items()}
+            # objective/kl: mean Σ_t (ℓ^θ - ℓ^ref) over the policy samples (k1); objective/scores_margin: policy - mixture
+            metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
+            if "objective/model_scores" in metrics:
+                metrics["objective/rlhf_reward"] = (metrics["objective/model_scores"]
+                                                    + metrics["objective/non_score_reward"])
+            metrics.update({"beta": beta, "mixture_coef": coef, "learning_rate": scheduler.get_last_lr()[0]})
+            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                metrics.update(evaluate())
+            tracker.log(metrics, done, args.max_steps)
+        if args.log_completions_steps and (done % args.log_completions_steps == 0 or done == args.max_steps):
+            tracker.log_samples(done, sample_rows or [])
+        if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
+            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
+                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    if args.save_steps:
+        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+    tracker.close()
+    accelerator.print(f"saved the final model to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))

@@ -1,0 +1,197 @@
+"""nash_md.py: the per-token geometric mixture against a hand computation, the batched KV-cached mixture sampler
+against HF generate (c = 0 and c = 1) and against its own distribution (c = ½), the loss and its gradient, preference
+probabilities with the EOS penalty; short runs with a reward model, a reward function and a judge; bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_script
+from nash_md import (apply_missing_eos_penalty, filter_logits, mixture_logits, nash_md_loss, preference_probability,
+                     sample_mixture)
+
+REQUIRED = ["loss/kl", "loss/score", "objective/kl", "objective/entropy", "objective/non_score_reward",
+            "rewards/probabilities", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "val/model_contain_eos_token", "val/ref_contain_eos_token", "beta",
+            "mixture_coef"]
+SCORED = ["objective/model_scores", "objective/ref_scores", "objective/scores_margin", "objective/rlhf_reward"]
+
+
+# ----------------------------------------------------------------------------- math
+def test_mixture_logits_hand_computation():
+    z_p, z_r = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 1.0, 0.0]])
+    c = 0.25
+    p, r = z_p.softmax(-1)[0].tolist(), z_r.softmax(-1)[0].tolist()
+    unnorm = [pi ** (1 - c) * ri ** c for pi, ri in zip(p, r)]  # π^mix ∝ π_θ^(1-c) π_ref^c
+    expected = torch.tensor([[math.log(u / sum(unnorm)) for u in unnorm]])
+    assert torch.allclose(mixture_logits(z_p, z_r, c), expected, atol=1e-6)
+    # by hand for the first entry: logits 0.25*3 + 0.75*1 = 1.5, 0.25*1 + 0.75*2 = 1.75, 0 + 0.75*3 = 2.25
+    lse = math.log(math.exp(1.5) + math.exp(1.75) + math.exp(2.25))
+    assert mixture_logits(z_p, z_r, c)[0, 0].item() == pytest.approx(1.5 - lse, abs=1e-6)
+    assert torch.allclose(mixture_logits(z_p, z_r, 0.0), z_p.log_softmax(-1))
+    assert torch.allclose(mixture_logits(z_p, z_r, 1.0), z_r.log_softmax(-1))
+
+
+def test_filter_logits():
+    lp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isinf(filter_logits(lp, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(lp, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(lp, top_p=0.85)).tolist() == [[False, False, False, True]]  # 0.8 < 0.85
+    assert torch.isinf(filter_logits(lp, top_p=0.97)).tolist() == [[False, False, False, False]]
+    assert torch.isinf(filter_logits(lp, min_p=0.4)).tolist() == [[False, False, True, True]]
+    assert torch.equal(filter_logits(lp), lp)
+
+
+def _two_toy_models():
+    from transformers import AutoModelForCausalLM
+
+    from common import toy
+
+    tok = toy.make_tokenizer()
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(toy.make_config(tok, hidden_size=32, num_layers=2, num_heads=2))
+        with torch.no_grad():  # large random weights: peaked, prefix-dependent next-token distributions
+            for p in model.parameters():
+                p.normal_(0.0, 0.3)
+        models.append(model.eval())
+    return tok, models
+
+
+def test_sampler_matches_hf_generate_at_the_ends():
+    """Greedy decoding from the mixture with c = 0 is the policy's greedy output and with c = 1 the reference's,
+    token for token, with left-padded prompts of different lengths (checks the KV caches and positions)."""
+    from common.data import pad, tokenize
+    from common.generation import HFGenerator, SamplingConfig
+
+    tok, (policy, ref) = _two_toy_models()
+    prompts = ["<bos>1+2=", "<bos>37+58=", "<bos>reverse:abc="]
+    prompt_ids = tokenize(tok, prompts)
+    ids, mask = pad(prompt_ids, tok.pad_token_id, "left")
+    gen = HFGenerator(tok, SamplingConfig(max_new_tokens=6))
+    for c, model in ((0.0, policy), (1.0, ref)):
+        hf = gen.generate(model, prompt_ids, greedy=True)
+        out, out_mask, term = sample_mixture(policy, ref, ids, mask, c, 6, tok.eos_token_id, tok.pad_token_id,
+                                             greedy=True)
+        T = hf.completion_ids.shape[1]
+        assert out.shape[1] == T
+        assert torch.equal(out, hf.completion_ids) and torch.equal(out_mask, hf.completion_mask)
+        assert torch.equal(term, hf.terminated)
+    a, _, _ = sample_mixture(policy, ref, ids, mask, 0.0, 6, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    b, _, _ = sample_mixture(policy, ref, ids, mask, 1.0, 6, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    assert not torch.equal(a, b)  # the two models differ, so the check above is not vacuous
+
+
+def test_sampler_follows_the_mixture_distribution():
+    """One-token samples at c = ½ (temperature 1) have the frequencies of exp(mixture_logits) on a 2-token prefix."""
+    from common.data import tokenize
+
+    tok, (policy, ref) = _two_toy_models()
+    prompt = tokenize(tok, ["<bos>9"])[0]
+    N = 20000
+    ids = torch.tensor([prompt] * N)
+    torch.manual_seed(0)
+    out, _, _ = sample_mixture(policy, ref, ids, torch.ones_like(ids), 0.5, 1, tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        expected = mixture_logits(policy(ids[:1]).logits[0, -1], ref(ids[:1]).logits[0, -1], 0.5).exp()
+    freq = torch.bincount(out[:, 0], minlength=expected.shape[0]).float() / N
+    assert 0.5 * (freq - expected).abs().sum().item() < 0.03  # total variation
+    assert expected.max().item() < 0.5  # a spread-out distribution, so the check has power
+
+
+def test_nash_md_loss_hand_values_and_gradient():
+    lp = torch.tensor([[-1.0, -2.0, -7.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    P, beta = torch.tensor([0.8]), 0.1
+    loss, kl, score = nash_md_loss(lp, ref, mask, P, beta)
+    # kl = 0.5*(-1) + (-1)*(-2) = 1.5 ; score = 0.3 * (-3) = -0.9 ; loss = 0.15 + 0.9
+    assert kl.item() == pytest.approx(1.5) and score.item() == pytest.approx(-0.9)
+    assert loss.item() == pytest.approx(1.05)
+    loss.sum().backward()
+    # ∂loss/∂ℓ_t = m_t (β sg(ℓ_t - ℓ^ref_t) - (P - ½))
+    assert torch.allclose(lp.grad, torch.tensor([[0.1 * 0.5 - 0.3, 0.1 * -1.0 - 0.3, 0.0]]))
+
+
+def test_nash_md_gradient_zero_at_reference_with_indifferent_preference():
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], requires_grad=True)
+    loss, _, _ = nash_md_loss(lp, lp.detach().clone(), torch.ones(2, 2), torch.tensor([0.5, 0.5]), 0.1)
+    loss.sum().backward()
+    assert torch.equal(lp.grad, torch.zeros_like(lp))
+
+
+def test_preference_probability_with_eos_penalty_hand_example():
+    scores = torch.tensor([1.0, 1.0, 0.7, 0.2])  # rows 2b: policy, 2b+1: mixture
+    terminated = torch.tensor([False, True, True, True])
+    pen = apply_missing_eos_penalty(scores, terminated, 0.5)
+    P = preference_probability(pen[0::2], pen[1::2])
+    assert P.tolist() == pytest.approx([1 / (1 + math.exp(0.5)), 1 / (1 + math.exp(-0.5))])
+    assert preference_probability(scores[0::2], scores[1::2])[0].item() == 0.5  # a tie is a coin flip
+
+
+# ----------------------------------------------------------------------------- runs
+FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "3",
+        "--num_eval_prompts", "16", "--log_completions_steps", "2", "--learning_rate", "1e-3"]
+
+
+def _check_run(out, scored: bool = True):
+    recs = read_metrics(out)
+    assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
+    train = [r for r in recs if r["step"] > 0]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for name in REQUIRED + (SCORED if scored else []):
+        assert all(r.get(name) is not None and math.isfinite(r[name]) for r in train), name
+    assert all(0.0 <= r["rewards/probabilities"] <= 1.0 for r in train)
+    assert (out / "samples.jsonl").exists() and (out / "model.safetensors").exists()
+    return train
+
+
+def test_run_reward_model(tmp_path, toy_policy, toy_rm):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm"
+    run_script("nash_md.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0",
+               "--mixture_coef", "0.3", "0.6")
+    train = _check_run(out)
+    assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # first step: policy = reference
+    assert all(r["mixture_coef"] == 0.3 for r in train)
+    before, after = load_file(toy_policy / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_run_reward_function_conversational(tmp_path, toy_policy):
+    out = tmp_path / "fn"
+    run_script("nash_md.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
+               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational", "--top_k", "20")
+    train = _check_run(out)
+    assert all(0.0 <= r["objective/model_scores"] <= 1.0 for r in train)
+
+
+def test_run_judge(tmp_path, toy_policy):
+    out = tmp_path / "judge"
+    run_script("nash_md.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
+               "--judge", "fn:add")
+    _check_run(out, scored=False)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--reward_model_name_or_path", "None"], "exactly one preference source"),
+    (["--mixture_coef", "1.5"], "--mixture_coef"),
+])
+def test_bad_config_fails_at_startup(tmp_path, extra, match):
+    proc = run_script("nash_md.py", "--output_dir", str(tmp_path / "bad"), *extra, check=False, timeout=120)
+    assert proc.returncode != 0 and match in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
+    out = tmp_path / "learn"
+    run_script("nash_md.py", "--output_dir", str(out), "--max_steps", "100", "--eval_steps", "100", timeout=1800)
+    train = [r for r in read_metrics(out) if r["step"] > 0]
+    first, last = train[0]["train/gold_reward"], sum(r["train/gold_reward"] for r in train[-3:]) / 3
+    assert last > first + 0.05, (first, last)
