@@ -167,3 +167,16 @@ def test_unsupported_file_type_names_the_file(tmp_path):
     p.write_text("x")
     with pytest.raises(data.DatasetFormatError, match=r"d\.txt.*\.jsonl"):
         data.load_data(str(p))
+
+
+def test_accelerate_config_files_load():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    kinds = {}
+    for f in sorted(folder.glob("*.yaml")):
+        cfg = load_config_from_file(str(f))
+        kinds[f.stem] = getattr(cfg.distributed_type, "value", cfg.distributed_type)
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
