@@ -26,7 +26,7 @@ max branch (as TRL does). It does not change the loss: the term is multiplied by
 Run:
     python algos/gmpo.py                                  # toy SFT policy on toy:add, a few minutes on 2 CPU cores
     python algos/gmpo.py --num_iterations 2 --beta 0.04   # off-policy reuse and a KL to the initial policy
-    accelerate launch --num_processes 2 algos/gmpo.py --per_device_train_batch_size 32
+    accelerate launch --multi_gpu --num_processes 2 algos/gmpo.py --per_device_train_batch_size 32   # same update as 1 process x 64
     bash benchmarks/pg.sh                                 # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
 """
 
@@ -83,13 +83,13 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-5
     """AdamW learning rate (the toy policy is tiny; use ~1e-6 for a pretrained LM, as in the paper)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 0
     """linear warm-up steps, then constant"""
-    max_steps: int = 100
+    max_steps: int = 150
     """optimizer steps (each generation batch gives num_iterations of them)"""
     per_device_train_batch_size: int = 64
     """completions per micro-batch per process"""

@@ -37,7 +37,7 @@ Run:
     python algos/grpo.py --importance_sampling_level sequence --loss_type grpo --num_iterations 4 \
         --epsilon 3e-4 --epsilon_high 4e-4                         # GSPO recipe
     python algos/grpo.py --reward_funcs my_rewards.py:fn add --reward_weights 0.5 1.0
-    accelerate launch --num_processes 2 algos/grpo.py --per_device_train_batch_size 32
+    accelerate launch --multi_gpu --num_processes 2 algos/grpo.py --per_device_train_batch_size 32   # same update as 1 process x 64
     bash benchmarks/pg.sh                                          # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
 """
 
@@ -94,13 +94,13 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-5
     """AdamW learning rate (the toy policy is tiny; use ~1e-6 for a pretrained LM, as in the paper)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 0
     """linear warm-up steps, then constant"""
-    max_steps: int = 100
+    max_steps: int = 150
     """optimizer steps (each generation batch gives num_iterations of them)"""
     per_device_train_batch_size: int = 64
     """completions per micro-batch per process"""

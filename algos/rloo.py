@@ -28,7 +28,7 @@ for a like-for-like benchmark), β = 0.05 (TRL's).
 Run:
     python algos/rloo.py                                  # toy SFT policy on toy:add, a few minutes on 2 CPU cores
     python algos/rloo.py --num_generations 2 --beta 0.0   # two samples, no KL: A_1 = r_1 - r_2 = -A_2
-    accelerate launch --num_processes 2 algos/rloo.py --per_device_train_batch_size 32
+    accelerate launch --multi_gpu --num_processes 2 algos/rloo.py --per_device_train_batch_size 32   # same update as 1 process x 64
     bash benchmarks/pg.sh                                 # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
 """
 
@@ -85,13 +85,13 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-5
     """AdamW learning rate (the toy policy is tiny; use ~1e-6 for a pretrained LM, as in the paper)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 0
     """linear warm-up steps, then constant"""
-    max_steps: int = 100
+    max_steps: int = 150
     """optimizer steps (each generation batch gives num_iterations of them)"""
     per_device_train_batch_size: int = 64
     """completions per micro-batch per process"""

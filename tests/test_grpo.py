@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, accelerate_launcher, read_metrics, run_script
 
 import grpo
 
@@ -255,20 +255,12 @@ runpy.run_path(script, run_name="__main__")
 '''
 
 
-def cpu_launcher(num_processes: int) -> tuple[list[str], dict]:
-    """`accelerate launch` that really starts `num_processes` CPU processes (gloo). With `--cpu` accelerate 1.15 uses
-    its single-process launcher; `--multi_gpu` with ACCELERATE_USE_CPU starts torchrun workers on the CPU."""
-    return ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
-            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
-
-
 def run_with_fake_sampler(tmp_path, script, args, num_processes):
     wrapper = tmp_path / "fake_sampler.py"
     wrapper.write_text(FAKE_SAMPLER.format(root=str(ROOT), script=str(ROOT / "algos" / script)))
-    launcher, env = cpu_launcher(num_processes) if num_processes > 1 else ([sys.executable], {})
+    launcher = accelerate_launcher(num_processes) if num_processes > 1 else [sys.executable]
     proc = subprocess.run(launcher + [str(wrapper), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert f"{num_processes} process(es)" in proc.stdout, proc.stdout[-2000:]  # the layout really ran
 
