@@ -513,6 +513,7 @@ def main(args: Args):
             metrics = {k: v / n for k, v in tot.items()}
             # objective/kl: mean Σ_t (ℓ^θ - ℓ^ref) over the policy samples (k1); objective/scores_margin: policy - mixture
             metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
+            metrics["objective/model_kl"] = metrics["objective/kl"]  # same name as in online_dpo.py / xpo.py
             if "objective/model_scores" in metrics:
                 metrics["objective/rlhf_reward"] = (metrics["objective/model_scores"]
                                                     + metrics["objective/non_score_reward"])

@@ -400,6 +400,7 @@ def main(args: Args):
                           "objective/scores", "train/gold_reward"}
             metrics = {k: v / (n_samples if k in per_sample else n_pairs) for k, v in tot.items()}
             metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
+            metrics["objective/model_kl"] = metrics["objective/kl"]  # same name as in xpo.py / nash_md.py
             if "objective/scores" in metrics:
                 metrics["objective/model_scores"] = metrics["objective/scores"]
                 metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]

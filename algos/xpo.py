@@ -408,6 +408,7 @@ def main(args: Args):
                 add("loss/dpo", dpo_part.detach())
                 add("loss/xpo", xpo_part.detach())
                 add("objective/kl", kl)
+                add("objective/model_kl", kl[0::2])  # the policy samples only (comparable across scripts)
                 add("objective/entropy", -seq)
                 add("rewards/chosen", beta * (seq[chosen_idx] - ref_seq[chosen_idx]))
                 add("rewards/rejected", beta * (seq[rejected_idx] - ref_seq[rejected_idx]))

@@ -150,3 +150,19 @@ def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
     train = [r for r in recs if r["step"] > 0 and "train/gold_reward" in r]
     first, last = train[0]["train/gold_reward"], sum(r["train/gold_reward"] for r in train[-3:]) / 3
     assert last > first + 0.05, (first, last)
+
+
+def test_resume_continues_exactly(tmp_path, toy_policy):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "4",
+              "--num_eval_prompts", "16", "--log_completions_steps", "0", "--learning_rate", "1e-3",
+              "--reward_model_name_or_path", "None", "--reward_funcs", "add", "--save_steps", "2"]
+    run_script("online_dpo.py", *common, "--output_dir", str(a))
+    assert (a / "checkpoint-2" / "trainer_state.pt").exists()
+    run_script("online_dpo.py", *common, "--output_dir", str(b), "--resume_from", str(a / "checkpoint-2"))
+    ra = {r["step"]: r for r in read_metrics(a)}
+    rb = {r["step"]: r for r in read_metrics(b)}
+    assert sorted(rb) == [3, 4]
+    for step in (3, 4):
+        for k in ("loss/dpo", "objective/kl", "logps/chosen", "train/gold_reward"):
+            assert rb[step][k] == pytest.approx(ra[step][k], rel=1e-5, abs=1e-6), (step, k)
