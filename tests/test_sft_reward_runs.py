@@ -148,4 +148,17 @@ def test_sft_default_run_learns_the_toy_task(tmp_path):
     out = tmp_path / "sft"
     run_script("sft.py", "--output_dir", str(out), "--save_steps", "0", "--eval_steps", "100", timeout=1800)
     acc = [m["eval/accuracy"] for m in read_metrics(out) if "eval/accuracy" in m]
-    assert acc[0] < 0.1 and acc[-1] >= 0.2
+    assert acc[0] < 0.1 and acc[-1] >= 0.6
+
+
+def test_the_rl_start_policy_leaves_room_for_rl(toy_policy):
+    """The cached start policy stopped at the first evaluation with held-out exact match >= 0.4 (and well below 1)."""
+    acc = [m["eval/accuracy"] for m in read_metrics(toy_policy) if "eval/accuracy" in m]
+    assert all(a < 0.4 for a in acc[:-1]) and 0.4 <= acc[-1] <= 0.8
+    args = json.loads((toy_policy / "args.json").read_text())
+    assert args["stop_at_accuracy"] == 0.4 and read_metrics(toy_policy)[-1]["step"] < args["max_steps"]
+
+
+def test_the_toy_reward_model_ranks_held_out_pairs(toy_rm):
+    """reward.py's default run reaches >= 0.9 pairwise accuracy on held-out preference pairs."""
+    assert read_metrics(toy_rm)[-1]["eval/accuracy"] >= 0.9
