@@ -1,6 +1,6 @@
 """vLLM sampling backend (optional extra): the same interface as `common.generation.HFGenerator`.
 
-    generator = VLLMGenerator(args, tokenizer, cfg, accelerator, model)
+    generator = VLLMGenerator(args, tokenizer, cfg, accelerator, model)  # starts/joins the engine, pushes `model`
     gen = generator.generate(model, prompt_ids, n)   # Generation with sampler_logps (N, T) filled
     ... optimizer step ...
     generator.sync_weights(model)                     # before the next generate
