@@ -21,7 +21,7 @@ Implementation notes:
  3. The exponent is clamped at log(w_clip) before exp, so a large advantage never overflows.
  4. The completion mask comes from generation or from token counts, never from pad_token_id (EOS kept when pad == eos).
 
-Toy defaults (the benchmark's): toy-sft policy on toy:add, 32 prompts x K = 2 per step, lr 3e-5, 150 steps,
+Toy defaults (the benchmark's): toy-sft policy on toy:add, 32 prompts x K = 2 per step, lr 1e-4, 150 steps,
 α = β = 0.1, w_clip = 50.
 
 Data (`--data_mode`): prompt-only -> online; preference -> offline pairs with rewards [1, 0]; prompt-completion-reward
@@ -88,7 +88,7 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 3e-5
+    learning_rate: float = 1e-4
     """AdamW learning rate of the policy (use ~5e-7 for a pretrained LM)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""

@@ -45,7 +45,16 @@ Implementation choices (numbered so the tests and the README can point at them):
     pad_token_id, so the EOS token is trained on even when pad == eos.
 
 Toy defaults (the benchmark's): toy-sft policy on toy:add, 32 prompts x K=2 per step, lr 3e-5 (Adam), 150 steps,
-ε_η = 0.1, ε_α = 0.05, old-policy sync every 16 steps; about two minutes on 2 CPU cores.
+ε_η = 1.0, ε_α = 0.05, old-policy sync every 16 steps, batch-mean baseline and batch-std scale; about two minutes on
+2 CPU cores. Why these: the toy reward is a sparse exact match (the SFT policy samples a right answer a few percent of
+the time). A per-prompt baseline with K = 2 gives the same advantage 0 to a prompt with two right answers and to one
+with two wrong ones, so the top half is filled with wrong answers chosen at random; the batch baseline ranks every
+right answer above every wrong one. With few right answers among n selected, ε_η = 0.1 (the reference
+implementation's value) keeps ψ so close to uniform that the M-step mostly clones wrong answers; ε_η = 1.0 puts most of
+the weight on the right ones. At lr 1e-4 the KL to the old policy overshoots ε_α and learning is slower; 3e-4 and
+above make the toy policy worse within 20 steps. With a binary reward and many right answers, every selected sample
+can share one advantage value: the weights are then uniform whatever η is, KL(ψ‖U) cannot reach ε_η and η drifts
+down (logged as vmpo/eta and vmpo/weights_kl_uniform); the update is then filtered behaviour cloning of right answers.
 
 Data (`--data_mode`): prompt-only -> online sampling and rewards from `--reward_funcs` / a reward model; preference
 -> offline pairs with rewards [1, 0]; prompt-completion-reward (`completions[K]`, `rewards[K]`, optional
@@ -173,7 +182,7 @@ class Args:
     # --- V-MPO
     topk_fraction: float = 0.5
     """ρ: share of the step's samples (highest advantage first) kept in the E-step"""
-    eps_eta: float = 0.1
+    eps_eta: float = 1.0
     """ε_η: target KL of the E-step weights from uniform over the selected samples (< log n)"""
     eps_alpha: float = 0.05
     """ε_α: KL trust-region target, in nats per sequence"""
@@ -199,7 +208,7 @@ class Args:
     """optimizer steps between hard copies of the policy into the old-policy snapshot"""
     ref_anchor_coef: float = 0.1
     """c_ref, the reference anchor's coefficient (old_policy_ref only; 0 disables it)"""
-    baseline: str = "per_prompt"
+    baseline: str = "batch"
     """advantage baseline: 'per_prompt' (mean of the prompt's K rewards), 'batch' (step mean) or 'ema'"""
     reward_ema_decay: float = 0.98
     """EMA decay of the 'ema' baseline (updated with the step's mean reward before use)"""

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import read_metrics, run_script
+from conftest import accelerate_launcher, read_metrics, run_script
 
 import vmpo
 from vmpo import (Args, Duals, alpha_dual_loss, check_args, check_degenerate, compute_advantages, dual_optimizer,
@@ -167,7 +166,10 @@ def test_micro_batch_losses_add_up_to_the_full_batch_loss():
 def test_degenerate_configurations_fail_with_the_reason():
     check_degenerate(Args(), k=2, num_global=64, has_behavior=False)
     with pytest.raises(ValueError, match="every advantage"):
-        check_degenerate(Args(k=1), k=1, num_global=32, has_behavior=False)
+        check_degenerate(Args(k=1, baseline="per_prompt", adv_norm="none"), k=1, num_global=32, has_behavior=False)
+    with pytest.raises(ValueError, match="every advantage"):
+        check_degenerate(Args(k=1, adv_norm="per_prompt", baseline="per_prompt"), k=1, num_global=32,
+                         has_behavior=False)
     check_degenerate(Args(k=1, baseline="batch", adv_norm="batch"), k=1, num_global=32, has_behavior=False)
     with pytest.raises(ValueError, match="log\\(n selected\\)"):
         check_degenerate(Args(eps_eta=math.log(2)), k=2, num_global=4, has_behavior=False)
@@ -254,6 +256,24 @@ def test_old_policy_sync_at_the_configured_step(tmp_path):
     assert all(abs(kl[i]) > 1e-4 for i in (1, 3)), kl
 
 
+def test_resume_continues_exactly(tmp_path):
+    """Duals, their optimizer, the EMA baseline, counters and the old-policy weights are in the checkpoint."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = [*FAST, "--max_steps", "4", "--save_steps", "2", "--baseline", "ema", "--old_policy_sync_steps", "3",
+            "--learning_rate", "1e-3"]
+    run_script("vmpo.py", *args, "--output_dir", str(full))
+    import shutil
+
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    run_script("vmpo.py", *args, "--output_dir", str(resumed), "--resume_from", "auto")
+    a = {r["step"]: r for r in read_metrics(full)}
+    b = {r["step"]: r for r in read_metrics(resumed)}
+    for step in (3, 4):
+        for m in ("vmpo/eta", "vmpo/alpha", "vmpo/kl_mean", "vmpo/reward_ema_baseline", "vmpo/loss",
+                  "vmpo/old_policy_syncs"):
+            assert b[step][m] == pytest.approx(a[step][m], rel=1e-5, abs=1e-6), (step, m)
+
+
 def test_preference_offline_run(tmp_path, toy_policy):
     out = tmp_path / "run"
     run_script("vmpo.py", *FAST, "--data_mode", "preference", "--output_dir", str(out))
@@ -282,21 +302,20 @@ def test_reward_offline_run_with_behavior_logps(tmp_path, toy_policy):
 
 
 def test_degenerate_config_fails_at_startup(tmp_path):
-    proc = run_script("vmpo.py", "--k", "1", "--output_dir", str(tmp_path / "run"), check=False)
+    proc = run_script("vmpo.py", "--k", "1", "--baseline", "per_prompt", "--output_dir", str(tmp_path / "run"),
+                      check=False)
     assert proc.returncode != 0 and "every advantage 0" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-# `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; the torchrun launcher
-# with ACCELERATE_USE_CPU gives two real CPU processes (gloo)
-TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# two real CPU processes: accelerate's torchrun launcher (--multi_gpu) joins a gloo group only with ACCELERATE_USE_CPU
+# set; without it each process runs alone (world size 1), which the sample count below would catch
 
 
 def test_two_processes_cpu(tmp_path):
     out = tmp_path / "run"
     proc = run_script("vmpo.py", "--k", "2", *FAST, "--per_device_train_batch_size", "4", "--output_dir", str(out),
-                      launcher=TWO_CPU_PROCESSES, env={"ACCELERATE_USE_CPU": "true"})
+                      launcher=accelerate_launcher(2), env={"ACCELERATE_USE_CPU": "true"})
     train = _check_metrics(out)
     assert json.loads((out / "args.json").read_text())["k"] == 2
     # the E-step ran over the global batch: 2 processes x 4 prompts x K=2 = 16 samples, 8 selected
