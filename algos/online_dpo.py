@@ -15,9 +15,10 @@ Preferences come from exactly one source:
   --reward_funcs SPEC                one reward function: add | reverse | path/file.py:fn | module:fn
   --judge SPEC                       a pairwise judge: rm:<model> | fn:<reward spec> | file.py:Name | module:Name
 With a score (reward model or function), y_1 is chosen iff r(y_1) >= r(y_2): ties go to the first sample (the two
-samples are exchangeable, so this adds no bias). `--missing_eos_penalty p` subtracts p from the score of every
-completion that did not end with EOS within max_new_tokens; a judge gives ranks, not scores, so it cannot be combined
-with the penalty. To use a reward function or judge, turn the default reward model off:
+samples are exchangeable, so this adds no bias in expectation, only variance: with a binary reward most pairs tie,
+and `--drop_ties` leaves them out of the loss). `--missing_eos_penalty p` subtracts p from the score of every
+completion that did not end with EOS within max_new_tokens; a judge gives ranks, not scores, so it cannot be
+combined with the penalty. To use a reward function or judge, turn the default reward model off:
 `--reward_model_name_or_path None`.
 
 Schedules: `--beta` takes one value or a list, one value per epoch, the last one holding afterwards. An epoch is one
@@ -145,6 +146,9 @@ class Args:
     """a pairwise judge instead of a reward: rm:<model> | fn:<reward spec> | file.py:Name | module:Name"""
     missing_eos_penalty: float | None = None
     """subtracted from the score of completions without EOS (reward model or function only)"""
+    drop_ties: bool = False
+    """leave pairs with equal scores out of the loss (they count as zero in the mean over pairs); by default a tie
+    keeps the first sample as chosen. Useful with binary rewards, where most pairs tie"""
     # --- online DPO
     beta: list[float] = field(default_factory=lambda: [0.1])
     """β, the strength of the implicit KL to the reference; one value, or one per epoch (the last holds after)"""
@@ -186,6 +190,14 @@ def first_is_chosen(scores_first: torch.Tensor, scores_second: torch.Tensor) -> 
     return scores_first >= scores_second
 
 
+def pair_weights(scores_first: torch.Tensor, scores_second: torch.Tensor, drop_ties: bool) -> torch.Tensor:
+    """(B,) float weight of each pair in the loss: 1, or 0 for a tie when drop_ties."""
+    assert scores_first.shape == scores_second.shape
+    if not drop_ties:
+        return torch.ones_like(scores_first, dtype=torch.float32)
+    return (scores_first != scores_second).float()
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair DPO loss (B,) and the log-ratio margin h (B,) from sequence log-prob sums, each (B,).
@@ -214,6 +226,9 @@ def check_args(args: Args):
             "--reward_model_name_or_path None --reward_funcs add")
     if len(args.reward_funcs) > 1:
         raise ValueError(f"--reward_funcs takes one reward function here; got {args.reward_funcs}")
+    if args.judge and args.drop_ties:
+        raise ValueError("--drop_ties needs scores to compare, and a judge returns ranks: drop the flag, or rank with a "
+                         "reward model or function instead")
     if args.judge and args.missing_eos_penalty:
         raise ValueError("--missing_eos_penalty changes scores, and a judge returns ranks: drop the penalty, or rank "
                          "with a reward model or function instead")
@@ -329,6 +344,7 @@ def main(args: Args):
             if judge is not None:
                 ranks = judge.judge(prompts, [(completions[2 * b], completions[2 * b + 1]) for b in range(B)])
                 first_wins = check_ranks(ranks, B, source)
+                weights = torch.ones(B)
             else:
                 cols = {c: [train[i][c] for i in mb for _ in range(2)] for c in columns}
                 ids_list = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
@@ -337,6 +353,7 @@ def main(args: Args):
                     raise ValueError(f"{source} returned None for some completions; online DPO needs a score for each")
                 scores = apply_missing_eos_penalty(raw, terminated, args.missing_eos_penalty)  # (2B,)
                 first_wins = first_is_chosen(scores[0::2], scores[1::2])  # (B,)
+                weights = pair_weights(scores[0::2], scores[1::2], args.drop_ties)  # (B,)
             # 3. log-probs of both samples under the policy (with grad) and the reference
             batch = prompt_completion_batch([prompt_ids_all[i] for i in mb], gen.completion_ids, gen.completion_mask,
                                             2, pad_id, device)
@@ -353,7 +370,7 @@ def main(args: Args):
                 losses, h = dpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx], ref_seq[rejected_idx],
                                      beta, args.loss_type)
                 # mean over the global batch's pairs: undo accelerate's 1/accumulation and DDP's 1/processes
-                loss = losses.sum() / global_bs
+                loss = (losses * weights.to(device)).sum() / global_bs
                 accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -365,6 +382,7 @@ def main(args: Args):
             with torch.no_grad():
                 seq, kl = seq.detach(), (seq.detach() - ref_seq)  # (2B,)
                 add("pairs", B)
+                add("objective/tie_rate", (scores[0::2] == scores[1::2]).float() if scores is not None else 0.0)
                 add("samples", 2 * B)
                 add("loss/dpo", losses.detach())
                 add("objective/kl", kl)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_script
-from online_dpo import (apply_missing_eos_penalty, dpo_loss, epoch_at, first_is_chosen, scheduled)
+from online_dpo import apply_missing_eos_penalty, dpo_loss, epoch_at, first_is_chosen, pair_weights, scheduled
 
 REQUIRED = ["loss/dpo", "objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
             "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -54,6 +54,9 @@ def test_eos_penalty_and_chosen_assignment_hand_example():
     assert first_is_chosen(pen[0::2], pen[1::2]).tolist() == [False, True, True]
     # without the penalty pair 0 and pair 2 flip
     assert first_is_chosen(scores[0::2], scores[1::2]).tolist() == [True, True, False]
+    # ties stay in the loss by default; --drop_ties gives them weight 0
+    assert pair_weights(pen[0::2], pen[1::2], False).tolist() == [1.0, 1.0, 1.0]
+    assert pair_weights(pen[0::2], pen[1::2], True).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_per_epoch_schedule():
@@ -117,8 +120,10 @@ def test_run_reward_model_moves_params(tmp_path, toy_policy, toy_rm):
 def test_run_reward_function_conversational(tmp_path, toy_policy):
     out = tmp_path / "fn"
     run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
-               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational", "--loss_type", "ipo")
+               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational", "--loss_type", "ipo",
+               "--drop_ties", "True")
     train = _check_run(out)
+    assert all(0.0 <= r["objective/tie_rate"] <= 1.0 for r in train)
     assert all(0.0 <= r["objective/scores"] <= 1.0 for r in train)  # exact-match scores
 
 
@@ -134,6 +139,7 @@ def test_run_judge(tmp_path, toy_policy, toy_rm):
     (["--reward_funcs", "add"], "exactly one preference source"),
     (["--loss_type", "hinge"], "loss_type"),
     (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--missing_eos_penalty", "1"], "missing_eos_penalty"),
+    (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--drop_ties", "True"], "--drop_ties"),
 ])
 def test_bad_config_fails_at_startup(tmp_path, extra, match):
     proc = run_script("online_dpo.py", "--output_dir", str(tmp_path / "bad"), *extra, check=False, timeout=120)
