@@ -328,12 +328,12 @@ def test_two_processes_cpu(tmp_path):
 @pytest.mark.slow
 def test_learns_on_the_toy_task(tmp_path):
     out = tmp_path / "run"
-    run_script("vmpo.py", "--output_dir", str(out), timeout=1200)
+    run_script("vmpo.py", "--output_dir", str(out), "--num_eval_prompts", "512", timeout=1800)
     recs = read_metrics(out)
     evals = [r["eval/gold_reward"] for r in recs if "eval/gold_reward" in r]
     train = [r for r in recs if r["step"] > 0]
-    assert evals[-1] >= evals[0] + 0.03, evals
-    assert sum(r["vmpo/rewards_mean"] for r in train[-3:]) / 3 > train[0]["vmpo/rewards_mean"] + 0.1
+    assert evals[-1] >= evals[0] + 0.05, evals  # held-out, greedy
+    assert sum(r["vmpo/rewards_mean"] for r in train[-3:]) / 3 > train[0]["vmpo/rewards_mean"] + 0.05  # sampled
     kl = [r["vmpo/kl_mean"] for r in train]
     eps = json.loads((out / "args.json").read_text())["eps_alpha"]
     assert max(kl) < 4 * eps and 0.2 * eps < sum(kl) / len(kl) < 2 * eps, kl
