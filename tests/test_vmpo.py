@@ -244,6 +244,16 @@ def test_online_run(tmp_path, toy_policy, estimator):
         assert train[0]["vmpo/kl_mean"] == pytest.approx(0.0, abs=1e-5)  # old policy = policy at step 1
 
 
+def test_online_run_with_a_reward_model(tmp_path, toy_rm):
+    out = tmp_path / "run"
+    run_script("vmpo.py", *FAST, "--max_steps", "2", "--reward_model_name_or_path", str(toy_rm), "--output_dir",
+               str(out))
+    train = _check_metrics(out, steps=2)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert any(s["reward"] not in (0.0, 1.0) for s in samples)  # continuous scores, not the gold exact match
+    assert train[0]["vmpo/rewards_std"] > 0
+
+
 def test_old_policy_sync_at_the_configured_step(tmp_path):
     out = tmp_path / "run"
     run_script("vmpo.py", *FAST, "--max_steps", "5", "--kl_estimator", "old_policy", "--old_policy_sync_steps", "2",
