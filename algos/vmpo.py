@@ -5,12 +5,12 @@ arXiv 1909.12238), adapted to sequences as a bandit (state = prompt, action = th
 over the N = B·K samples of the whole step (all processes, all accumulation micro-batches):
 
   advantages   A = (r - baseline) / scale           baseline: per-prompt mean, batch mean or EMA; scale: a std or 1
-  E-step       D = the n = ceil(ρ N) samples with the largest A                      (paper §4.1, "top half": ρ = 0.5)
-               ψ_i = exp(A_i/η) / Σ_{j∈D} exp(A_j/η) on D, 0 elsewhere, stop-gradient         (paper Eq. 4)
-  η dual       L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n]                              (paper Eq. 4)
+  E-step       D = the n = ceil(ρ N) samples with the largest A                      (the paper's "top half": ρ = 0.5)
+               ψ_i = exp(A_i/η) / Σ_{j∈D} exp(A_j/η) on D, 0 elsewhere, stop-gradient         (paper: ψ)
+  η dual       L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n]                              (paper: L_η)
                dL_η/dη = ε_η - KL(ψ ‖ uniform on D): at the optimum the weights sit ε_η away from uniform
   M-step       L_π = - Σ_i ψ_i S^θ_i                  S = sequence log-prob (sum over completion tokens, EOS kept)
-  trust region L_KL = α · KL,  KL = mean_i kl_i                                                  (paper Eq. 5)
+  trust region L_KL = α · KL,  KL = mean_i kl_i                                                  (paper: L_α)
                α dual  L_α = α (ε_α - sg[KL]): α grows while KL > ε_α and shrinks below it
   total        L = L_π + α·KL [+ c_ref · mean_i (S^θ_i - S^ref_i)]  (the last term only with old_policy_ref)
 
@@ -24,7 +24,7 @@ KL estimators (`--kl_estimator`; sequence sums, so ε_α is in nats per sequence
 Implementation choices (numbered so the tests and the README can point at them):
  1. Samples are drawn from π_old for the old_policy* estimators (then S^old - S^θ is an unbiased estimate of
     KL(π_old‖π_θ) and its gradient is exactly that KL's), from π_θ otherwise.
- 2. DEVIATION(paper Eq. 5 as used by the reference implementation): when a KL is to be estimated on samples of the
+ 2. DEVIATION(paper L_α's policy term, as the reference implementation applies it): when a KL is to be estimated on samples of the
     policy itself (`ref`, and the anchor of `old_policy_ref`, whose samples come from π_old ≈ π_θ), the loss uses the
     score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref). The plain k1 term S^θ - S^ref has an
     expected gradient of zero on the policy's own samples, so as a penalty it does nothing but add noise.
