@@ -34,7 +34,7 @@ python benchmarks/plot.py --runs "online_dpo=$RUNS/online_dpo__*" "xpo=$RUNS/xpo
   echo "# Online DPO, XPO, Nash-MD on toy:add (default runs)"
   echo
   echo "Command: \`bash benchmarks/online_pref.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
-  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
+  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
   echo "Start: the toy SFT policy (toy-sft); preferences from the toy reward model (toy-rm), never from the gold reward."
   echo "train/gold_reward: exact-match rate of the policy's sampled training completions (temperature 1);"
   echo "eval/gold_reward: greedy exact match on 256 held-out prompts; objective/model_kl: mean Σ_t (log π_θ - log π_ref)"

@@ -190,8 +190,10 @@ def test_bad_config_fails_at_startup(tmp_path, extra, match):
 
 @pytest.mark.slow
 def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
+    """The default run (toy reward model, 150 steps): the gold reward of the sampled completions rises above the
+    starting policy's (mean of the last 6 logged steps vs the first 3)."""
     out = tmp_path / "learn"
-    run_script("nash_md.py", "--output_dir", str(out), "--max_steps", "100", "--eval_steps", "100", timeout=1800)
-    train = [r for r in read_metrics(out) if r["step"] > 0]
-    first, last = train[0]["train/gold_reward"], sum(r["train/gold_reward"] for r in train[-3:]) / 3
-    assert last > first + 0.05, (first, last)
+    run_script("nash_md.py", "--output_dir", str(out), "--eval_steps", "150", timeout=1800)
+    gold = [r["train/gold_reward"] for r in read_metrics(out) if "train/gold_reward" in r]
+    first, last = sum(gold[:3]) / 3, sum(gold[-6:]) / 6
+    assert last > first + 0.02, (first, last)

@@ -149,13 +149,13 @@ def test_bad_config_fails_at_startup(tmp_path, extra, match):
 
 @pytest.mark.slow
 def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
+    """The default run (toy reward model, 150 steps): the gold reward of the sampled completions rises above the
+    starting policy's (mean of the last 6 logged steps vs the first 3)."""
     out = tmp_path / "learn"
-    run_script("online_dpo.py", "--output_dir", str(out), "--reward_model_name_or_path", "None", "--reward_funcs",
-               "add", "--max_steps", "60", "--eval_steps", "60", timeout=1800)
-    recs = read_metrics(out)
-    train = [r for r in recs if r["step"] > 0 and "train/gold_reward" in r]
-    first, last = train[0]["train/gold_reward"], sum(r["train/gold_reward"] for r in train[-3:]) / 3
-    assert last > first + 0.05, (first, last)
+    run_script("online_dpo.py", "--output_dir", str(out), "--eval_steps", "150", timeout=1800)
+    gold = [r["train/gold_reward"] for r in read_metrics(out) if "train/gold_reward" in r]
+    first, last = sum(gold[:3]) / 3, sum(gold[-6:]) / 6
+    assert last > first + 0.02, (first, last)
 
 
 def test_resume_continues_exactly(tmp_path, toy_policy):
