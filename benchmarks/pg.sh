@@ -32,11 +32,11 @@ python benchmarks/plot.py --runs "grpo=$RUNS/grpo__*" "gmpo=$RUNS/gmpo__*" "rloo
   echo "# GRPO, GMPO, RLOO on toy:add (default runs)"
   echo
   echo "Command: \`bash benchmarks/pg.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
-  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
-  echo "Start: the toy SFT policy (toy-sft). eval/gold_reward: greedy exact match on 256 held-out prompts;"
+  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
+  echo "Start: the toy SFT policy toy-sft ($(python -c "from common import toy; print(toy.toy_policy_path('add').name)")). eval/gold_reward: greedy exact match on 256 held-out prompts;"
   echo "reward: mean gold reward of the sampled training completions (temperature 1)."
   echo "tokens_per_second: completion tokens generated per second of sampling, and trained per second of update."
-  echo "Wall times include the evaluations and were measured with other jobs sharing the 2 cores."
+  echo "Wall times include the 7 held-out evaluations and were measured with other jobs sharing the cores."
   echo
   cat "$OUT/table.md"
   echo

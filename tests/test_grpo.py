@@ -226,6 +226,23 @@ def test_gradient_accumulation_2x4_equals_1x8_for_dapo(tmp_path, toy_policy):
         torch.testing.assert_close(pa[k], pb[k], atol=2e-6, rtol=0)
 
 
+def test_resume_continues_exactly(tmp_path, toy_policy):
+    """4 steps in one go == 2 steps, stop, resume from checkpoint-2 for 2 more (data order, sampling RNG, optimizer
+    state and the old-log-prob schedule of num_iterations all restored)."""
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "16", "--num_generations", "4", "--eval_steps", "0",
+              "--log_completions_steps", "0", "--logging_steps", "1", "--num_iterations", "2", "--save_steps", "2"]
+    run_script("grpo.py", *common, "--output_dir", str(tmp_path / "full"))
+    run_script("grpo.py", *common, "--output_dir", str(tmp_path / "cut"), "--max_steps", "2")
+    run_script("grpo.py", *common, "--output_dir", str(tmp_path / "cut"), "--resume_from",
+               str(tmp_path / "cut" / "checkpoint-2"))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert full[2]["reward"] == cut[2]["reward"] and full[3]["loss"] == pytest.approx(cut[3]["loss"], abs=1e-7)
+    pa, pb = _params(tmp_path / "full"), _params(tmp_path / "cut")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-7, rtol=0)
+
+
 FAKE_SAMPLER = '''
 import runpy, sys, zlib
 import torch
