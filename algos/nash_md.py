@@ -203,7 +203,8 @@ def mixture_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mixtur
     return torch.log_softmax(mixture_coef * ref_logits.float() + (1.0 - mixture_coef) * policy_logits.float(), -1)
 
 
-def filter_logits(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None) -> torch.Tensor:
+def filter_logits(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float | None = None) -> torch.Tensor:
     """Top-k, nucleus (top-p) and min-p filtering of (B, V) log-probs: removed entries become -inf."""
     out = logprobs.clone()
     if top_k and top_k < out.shape[-1]:
@@ -272,8 +273,8 @@ def nash_md_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torc
                  beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-prompt Nash-MD-PG loss (B,) on the policy sample, and its parts (kl term, score term), each (B,).
     policy_logps (with grad), ref_logps, mask: (B, T); probability P(y ≻ y') (B,), no gradient.
-        kl    = Σ_t m_t sg(ℓ^θ_t - ℓ^ref_t) ℓ^θ_t        (REINFORCE form of KL(π_θ‖π_ref); value at θ: the k1 KL
-                                                         weighted by ℓ^θ, its gradient is what matters)
+        kl    = Σ_t m_t sg(ℓ^θ_t - ℓ^ref_t) ℓ^θ_t        (a surrogate: its gradient is the score-function
+                                                         estimate of ∇ KL(π_θ‖π_ref); its value is not a KL)
         score = (P - ½) Σ_t m_t ℓ^θ_t
         loss  = β · kl - score"""
     assert policy_logps.shape == ref_logps.shape == mask.shape and probability.shape == policy_logps.shape[:1]
@@ -394,7 +395,8 @@ def main(args: Args):
                                    accelerator=accelerator, split=args.eval_split)
 
     if start_step == 0:
-        tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "mixture_coef": scheduled(args.mixture_coef, 0)}, 0, args.max_steps)
+        tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "mixture_coef": scheduled(args.mixture_coef, 0)},
+                    0, args.max_steps)
 
     pad_id = tokenizer.pad_token_id
     stats: dict[str, float] = {}
@@ -511,7 +513,8 @@ def main(args: Args):
             stats = {}
             n = tot.pop("pairs")
             metrics = {k: v / n for k, v in tot.items()}
-            # objective/kl: mean Σ_t (ℓ^θ - ℓ^ref) over the policy samples (k1); objective/scores_margin: policy - mixture
+            # objective/kl: mean Σ_t (ℓ^θ - ℓ^ref) over the policy samples (k1);
+            # objective/scores_margin: policy score - mixture score
             metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
             metrics["objective/model_kl"] = metrics["objective/kl"]  # same name as in online_dpo.py / xpo.py
             if "objective/model_scores" in metrics:

@@ -405,7 +405,8 @@ def main(args: Args):
                 sample_rows = [{"prompt": str(prompts[b]), "chosen": gen.texts[int(chosen_idx[b])],
                                 "rejected": gen.texts[int(rejected_idx[b])],
                                 **({"score_chosen": float(scores[int(chosen_idx[b])]),
-                                    "score_rejected": float(scores[int(rejected_idx[b])])} if scores is not None else {})}
+                                    "score_rejected": float(scores[int(rejected_idx[b])])}
+                                   if scores is not None else {})}
                                for b in range(min(4, B))]
         generator.sync_weights(model)
 

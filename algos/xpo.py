@@ -349,7 +349,8 @@ def main(args: Args):
                                    accelerator=accelerator, split=args.eval_split)
 
     if start_step == 0:
-        tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "alpha": scheduled(args.alpha, 0)}, 0, args.max_steps)
+        tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "alpha": scheduled(args.alpha, 0)}, 0,
+                    args.max_steps)
 
     pad_id = tokenizer.pad_token_id
     stats: dict[str, float] = {}

@@ -108,7 +108,8 @@ def test_run_reward_model_moves_params(tmp_path, toy_policy, toy_rm):
     from safetensors.torch import load_file
 
     out = tmp_path / "rm"
-    run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0", "--beta", "0.1", "0.05")
+    run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0",
+               "--beta", "0.1", "0.05")
     train = _check_run(out)
     # the first step's policy equals the reference: zero KL on its samples, log 2 loss
     assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
