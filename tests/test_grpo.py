@@ -196,6 +196,16 @@ def test_user_reward_file_by_path_conversational_and_none(tmp_path, toy_policy):
     assert last["rewards/short/mean"] <= 0 and math.isfinite(last["reward"]) and math.isfinite(last["loss"])
 
 
+def test_reward_model_combined_with_a_function(tmp_path, toy_rm):
+    out = tmp_path / "run"
+    run_script("grpo.py", *FAST, "--max_steps", "1", "--reward_funcs", "add", "--reward_model_name_or_path", "toy-rm",
+               "--reward_weights", "1.0", "0.5", "--output_dir", str(out))
+    last = read_metrics(out)[-1]
+    assert math.isfinite(last["rewards/toy-rm/mean"]) and last["rewards/toy-rm/std"] > 0
+    expected = last["rewards/add_exact/mean"] + 0.5 * last["rewards/toy-rm/mean"]
+    assert last["reward"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--dataset_name", "{bad}", "--reward_funcs", "add"], "columns"),
     (["--reward_funcs", "add", "add", "--reward_weights", "1.0"], "reward_weights"),
