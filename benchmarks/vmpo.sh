@@ -40,8 +40,8 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   wait
 fi
 
-groups=("vmpo k=2 old_policy_ref=$RUNS/vmpo_k2_oldref__*" "vmpo k=4 old_policy_ref=$RUNS/vmpo_k4_oldref__*"
-        "vmpo k=2 ref=$RUNS/vmpo_k2_ref__*" "vmpo k=4 ref=$RUNS/vmpo_k4_ref__*" "dar k=2=$RUNS/dar_k2__*")
+groups=("vmpo K2 old_policy_ref=$RUNS/vmpo_k2_oldref__*" "vmpo K4 old_policy_ref=$RUNS/vmpo_k4_oldref__*"
+        "vmpo K2 ref=$RUNS/vmpo_k2_ref__*" "vmpo K4 ref=$RUNS/vmpo_k4_ref__*" "dar K2=$RUNS/dar_k2__*")
 if ls -d $RUNS/grpo__* >/dev/null 2>&1; then groups+=("grpo=$RUNS/grpo__*"); fi
 python benchmarks/plot.py --runs "${groups[@]}" \
   --metrics eval/gold_reward vmpo/rewards_mean dar/rewards_mean reward vmpo/eta vmpo/alpha vmpo/kl_mean \
