@@ -20,7 +20,7 @@ python benchmarks/plot.py --runs "reward (default)=$OUT/reward__*" --metrics eva
 {
   echo "# Foundation benchmark"
   echo
-  echo "Command: \`bash benchmarks/foundation.sh\`. Date: $(date -u +%Y-%m-%d). Hardware: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
+  echo "Command: \`bash benchmarks/foundation.sh\`. Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
   echo
   echo "## sft.py default run (the RL starting policy): held-out greedy exact match on toy:add"
   echo
