@@ -271,7 +271,7 @@ def combine_rewards(per_func: torch.Tensor, weights: list[float] | None) -> torc
 def main(args: Args):
     import copy
 
-    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     check_args(args)
     accelerator = distributed.make_accelerator(args)

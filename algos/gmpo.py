@@ -312,7 +312,7 @@ def sequence_logps(model, batch: dict, rows: slice, temperature: float, return_e
 
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
-    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     prompts_per_process = check_args(args)
     eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high

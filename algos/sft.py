@@ -175,7 +175,7 @@ def evaluate(model, tokenizer, args, accelerator) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
-    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     if args.stop_at_accuracy is not None and not (args.eval_steps and data.toy_task(args.dataset_name)):
         raise ValueError("--stop_at_accuracy needs --eval_steps > 0 and a toy dataset (toy:<task>), whose held-out "

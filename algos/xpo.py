@@ -291,7 +291,7 @@ def prompt_completion_batch(prompt_ids: list[list[int]], completion_ids: torch.T
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
     check_args(args)
-    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_')}__{args.seed}__{int(time.time())}"
+    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     accelerator = distributed.make_accelerator(args)
     device = accelerator.device
