@@ -78,7 +78,7 @@ class HFGenerator:
             gen_cfg = GenerationConfig(
                 do_sample=not greedy and cfg.temperature > 0,
                 temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
-                top_p=cfg.top_p, top_k=cfg.top_k or 0, min_p=cfg.min_p,
+                top_p=cfg.top_p, top_k=cfg.top_k or None, min_p=cfg.min_p,  # top_k 0 = off
                 max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
             )
