@@ -44,7 +44,7 @@ Run:
     python algos/nash_md.py --reward_model_name_or_path None --reward_funcs add        # gold reward function
     python algos/nash_md.py --reward_model_name_or_path None --judge rm:toy-rm         # pairwise judge
     python algos/nash_md.py --dataset_name toy:add:conversational --mixture_coef 0.5 0.25
-    accelerate launch --num_processes 2 algos/nash_md.py
+    accelerate launch --multi_gpu --num_processes 2 algos/nash_md.py
     bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
 """
 

@@ -34,7 +34,7 @@ Run:
     python algos/online_dpo.py --reward_model_name_or_path None --reward_funcs add     # gold reward function
     python algos/online_dpo.py --reward_model_name_or_path None --judge rm:toy-rm      # pairwise judge
     python algos/online_dpo.py --dataset_name toy:add:conversational --beta 0.1 0.05   # chat prompts, per-epoch β
-    accelerate launch --num_processes 2 algos/online_dpo.py
+    accelerate launch --multi_gpu --num_processes 2 algos/online_dpo.py
     bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
 """
 

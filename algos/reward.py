@@ -13,7 +13,7 @@ Default: the toy addition task's pairs (chosen correct, rejected a plausible wro
 
 Run:
     python algos/reward.py                                  # toy reward model, well under a minute on 2 CPU cores
-    accelerate launch --num_processes 2 algos/reward.py
+    accelerate launch --multi_gpu --num_processes 2 algos/reward.py
     python algos/reward.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
         --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --max_length 1024
 """

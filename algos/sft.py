@@ -15,7 +15,7 @@ Run:
     python algos/sft.py                                   # toy model on toy:add, about two minutes on 2 CPU cores
     python algos/sft.py --stop_at_accuracy 0.4 --eval_steps 25 --logging_steps 25   # the RL scripts' start policy
     python algos/sft.py --dataset_name toy:reverse:conversational
-    accelerate launch --num_processes 2 algos/sft.py      # same global batch, same result
+    accelerate launch --multi_gpu --num_processes 2 algos/sft.py   # same global batch, same result (--multi_gpu: also on CPU)
     python algos/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \
         --learning_rate 2e-5 --max_length 1024 --per_device_train_batch_size 4 --gradient_accumulation_steps 8
 """

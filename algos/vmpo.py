@@ -63,7 +63,7 @@ Data (`--data_mode`): prompt-only -> online sampling and rewards from `--reward_
 Run:
     python algos/vmpo.py                                     # online on toy:add, gold reward
     accelerate launch algos/vmpo.py --k 2
-    accelerate launch --num_processes 2 algos/vmpo.py --k 4 --kl_estimator ref
+    accelerate launch --multi_gpu --num_processes 2 algos/vmpo.py --k 4 --kl_estimator ref
     python algos/vmpo.py --data_mode preference              # offline, toy preference pairs
     python algos/vmpo.py --data_mode prompt_completion_reward --kl_estimator old_policy
     python algos/vmpo.py --reward_model_name_or_path toy-rm  # learned reward model instead of the gold reward

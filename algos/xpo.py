@@ -37,7 +37,7 @@ Run:
     python algos/xpo.py --reward_model_name_or_path None --reward_funcs add            # gold reward function
     python algos/xpo.py --reward_model_name_or_path None --judge rm:toy-rm             # pairwise judge
     python algos/xpo.py --dataset_name toy:add:conversational --alpha 1e-4 1e-5        # per-epoch α
-    accelerate launch --num_processes 2 algos/xpo.py
+    accelerate launch --multi_gpu --num_processes 2 algos/xpo.py
     bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
 """
 
