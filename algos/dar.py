@@ -332,7 +332,7 @@ def main(args: Args):
         micro = distributed.micro_batches(indices, args, accelerator)
 
         # 1. completions (from the current policy), rewards, reference log-probs
-        mbs, sample_rows = [], []
+        mbs, sample_rows, gaps = [], [], []
         for mb in micro:
             prompt_ids = [rows[i]["prompt_ids"] for i in mb]
             if online:
@@ -357,7 +357,15 @@ def main(args: Args):
             batch = {key: v.to(device) for key, v in make_batch(prompt_ids, c_ids, c_mask, k, pad_id).items()}
             with torch.no_grad():
                 s_ref = sequence_logps(ref_model, batch, args.temperature)
-                s_beh = beh if beh is not None else sequence_logps(model, batch, args.temperature)
+                if beh is not None:
+                    s_beh = beh
+                else:  # the sampling policy's log-probs, recomputed by the trainer
+                    T = batch["completion_mask"].shape[1]
+                    tok_beh = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T,
+                                                           args.temperature)
+                    s_beh = (tok_beh * batch["completion_mask"]).sum(1)
+                    if online and gen.sampler_logps is not None:  # sampler (vLLM) vs trainer gap: logged
+                        gaps.append((tok_beh - gen.sampler_logps.to(device)[:, :T])[batch["completion_mask"].bool()])
             mbs.append({"batch": batch, "rewards": r, "s_ref": s_ref, "s_beh": s_beh})
             if len(sample_rows) < 4:
                 sample_rows += [{"prompt": str(rows[i]["prompt"]), "completion": texts[j * k + kk],
@@ -417,6 +425,13 @@ def main(args: Args):
             "dar/logps_ref": tot["s_ref"] / num_global, "dar/logps_behavior": tot["s_beh"] / num_global,
             "dar/loss": tot["loss"], "learning_rate": scheduler.get_last_lr()[0],
         }
+        if gaps:  # per-token trainer - sampler log-prob differences of this process (vLLM only)
+            d = torch.cat(gaps).float()
+            metrics.update({"sampling/sampling_logp_difference/mean": d.abs().mean().item(),
+                            "sampling/sampling_logp_difference/max": d.abs().max().item(),
+                            "sampling/importance_sampling_ratio/min": d.exp().min().item(),
+                            "sampling/importance_sampling_ratio/mean": d.exp().mean().item(),
+                            "sampling/importance_sampling_ratio/max": d.exp().max().item()})
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0.0) + v
         n_logged += 1
