@@ -48,7 +48,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
-from common.generation import build_generator
+from common.generation import build_generator, sampler_gap, sampler_gap_metrics
 
 ADV_NORMS = ("per_prompt", "batch", "none")
 DATA_MODES = ("auto", "online", "preference", "prompt_completion_reward")
@@ -365,7 +365,7 @@ def main(args: Args):
                                                            args.temperature)
                     s_beh = (tok_beh * batch["completion_mask"]).sum(1)
                     if online and gen.sampler_logps is not None:  # sampler (vLLM) vs trainer gap: logged
-                        gaps.append((tok_beh - gen.sampler_logps.to(device)[:, :T])[batch["completion_mask"].bool()])
+                        gaps.append(sampler_gap(tok_beh, gen.sampler_logps, batch["completion_mask"]))
             mbs.append({"batch": batch, "rewards": r, "s_ref": s_ref, "s_beh": s_beh})
             if len(sample_rows) < 4:
                 sample_rows += [{"prompt": str(rows[i]["prompt"]), "completion": texts[j * k + kk],
@@ -425,13 +425,7 @@ def main(args: Args):
             "dar/logps_ref": tot["s_ref"] / num_global, "dar/logps_behavior": tot["s_beh"] / num_global,
             "dar/loss": tot["loss"], "learning_rate": scheduler.get_last_lr()[0],
         }
-        if gaps:  # per-token trainer - sampler log-prob differences of this process (vLLM only)
-            d = torch.cat(gaps).float()
-            metrics.update({"sampling/sampling_logp_difference/mean": d.abs().mean().item(),
-                            "sampling/sampling_logp_difference/max": d.abs().max().item(),
-                            "sampling/importance_sampling_ratio/min": d.exp().min().item(),
-                            "sampling/importance_sampling_ratio/mean": d.exp().mean().item(),
-                            "sampling/importance_sampling_ratio/max": d.exp().max().item()})
+        metrics.update(sampler_gap_metrics(gaps))  # this step's sampler vs trainer gap (vLLM only)
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0.0) + v
         n_logged += 1

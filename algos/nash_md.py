@@ -63,7 +63,8 @@ import tyro
 
 from common import checkpoint, data, distributed, model as model_utils, tracking
 from common.evaluation import heldout_gold_reward
-from common.generation import build_generator, mask_after_eos, unwrapped_for_generation
+from common.generation import (build_generator, mask_after_eos, sampler_gap, sampler_gap_metrics,
+                               unwrapped_for_generation)
 from common.judges import check_probabilities, load_judge
 from common.rewards import load_reward_sources, reward_name, score
 
@@ -400,6 +401,7 @@ def main(args: Args):
 
     pad_id = tokenizer.pad_token_id
     stats: dict[str, float] = {}
+    gaps: list[torch.Tensor] = []  # sampler vs trainer per-token log-prob differences since the last log (vLLM)
 
     def add(name: str, value: torch.Tensor | float):
         stats[name] = stats.get(name, 0.0) + float(value.sum() if torch.is_tensor(value) else value)
@@ -457,6 +459,8 @@ def main(args: Args):
                 ref_lp = model_utils.completion_logps(ref_model, batch["input_ids"], batch["attention_mask"], T)
             with accelerator.accumulate(model):
                 logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T)
+                if gen.sampler_logps is not None:  # policy samples (even rows): sampler (vLLM) vs trainer gap
+                    gaps.append(sampler_gap(logps[0::2], gen.sampler_logps, mask[0::2]))
                 losses, kl_part, score_part = nash_md_loss(logps[0::2], ref_lp[0::2], mask[0::2], probability, beta)
                 # mean over the global batch's prompts: undo accelerate's 1/accumulation and DDP's 1/processes
                 loss = losses.sum() / global_bs
@@ -520,7 +524,9 @@ def main(args: Args):
             if "objective/model_scores" in metrics:
                 metrics["objective/rlhf_reward"] = (metrics["objective/model_scores"]
                                                     + metrics["objective/non_score_reward"])
-            metrics.update({"beta": beta, "mixture_coef": coef, "learning_rate": scheduler.get_last_lr()[0]})
+            metrics.update({"beta": beta, "mixture_coef": coef, "learning_rate": scheduler.get_last_lr()[0],
+                            **sampler_gap_metrics(gaps)})
+            gaps = []
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)

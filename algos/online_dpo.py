@@ -53,7 +53,7 @@ import tyro
 
 from common import checkpoint, data, distributed, model as model_utils, tracking
 from common.evaluation import heldout_gold_reward
-from common.generation import build_generator
+from common.generation import build_generator, sampler_gap, sampler_gap_metrics
 from common.judges import check_ranks, load_judge
 from common.rewards import load_reward_sources, reward_name, score
 
@@ -322,6 +322,7 @@ def main(args: Args):
 
     pad_id = tokenizer.pad_token_id
     stats: dict[str, float] = {}
+    gaps: list[torch.Tensor] = []  # sampler vs trainer per-token log-prob differences since the last log (vLLM)
 
     def add(name: str, value: torch.Tensor | float):
         stats[name] = stats.get(name, 0.0) + float(value.sum() if torch.is_tensor(value) else value)
@@ -367,6 +368,8 @@ def main(args: Args):
             with accelerator.accumulate(model):
                 logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T)
                 seq = (logps * mask).sum(1)  # (2B,)
+                if gen.sampler_logps is not None:  # sampler (vLLM) vs trainer gap, logged
+                    gaps.append(sampler_gap(logps, gen.sampler_logps, mask))
                 losses, h = dpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx], ref_seq[rejected_idx],
                                      beta, args.loss_type)
                 # mean over the global batch's pairs: undo accelerate's 1/accumulation and DDP's 1/processes
@@ -424,7 +427,8 @@ def main(args: Args):
                 metrics["objective/model_scores"] = metrics["objective/scores"]
                 metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
             metrics["val/model_contain_eos_token"] = metrics["val/contain_eos_token"]
-            metrics.update({"beta": beta, "learning_rate": scheduler.get_last_lr()[0]})
+            metrics.update({"beta": beta, "learning_rate": scheduler.get_last_lr()[0], **sampler_gap_metrics(gaps)})
+            gaps = []
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)

@@ -56,7 +56,7 @@ import tyro
 
 from common import checkpoint, data, distributed, model as model_utils, tracking
 from common.evaluation import heldout_gold_reward
-from common.generation import HFGenerator, SamplingConfig, build_generator
+from common.generation import HFGenerator, SamplingConfig, build_generator, sampler_gap, sampler_gap_metrics
 from common.judges import check_ranks, load_judge
 from common.rewards import load_reward_sources, reward_name, score
 
@@ -354,6 +354,7 @@ def main(args: Args):
 
     pad_id = tokenizer.pad_token_id
     stats: dict[str, float] = {}
+    gaps: list[torch.Tensor] = []  # sampler vs trainer per-token log-prob differences since the last log (vLLM)
 
     def add(name: str, value: torch.Tensor | float):
         stats[name] = stats.get(name, 0.0) + float(value.sum() if torch.is_tensor(value) else value)
@@ -407,6 +408,8 @@ def main(args: Args):
             with accelerator.accumulate(model):
                 logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T)
                 seq = (logps * mask).sum(1)  # (2B,)
+                if gen.sampler_logps is not None:  # policy samples (even rows): sampler (vLLM) vs trainer gap
+                    gaps.append(sampler_gap(logps[0::2], gen.sampler_logps, mask[0::2]))
                 losses, dpo_part, xpo_part, h = xpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx],
                                                          ref_seq[rejected_idx], seq[ref_sample_idx], beta, alpha,
                                                          args.loss_type)
@@ -469,7 +472,9 @@ def main(args: Args):
             if "objective/model_scores" in metrics:
                 metrics["objective/rlhf_reward"] = (metrics["objective/model_scores"]
                                                     + metrics["objective/non_score_reward"])
-            metrics.update({"beta": beta, "alpha": alpha, "learning_rate": scheduler.get_last_lr()[0]})
+            metrics.update({"beta": beta, "alpha": alpha, "learning_rate": scheduler.get_last_lr()[0],
+                            **sampler_gap_metrics(gaps)})
+            gaps = []
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)

@@ -105,3 +105,23 @@ def build_generator(args, tokenizer, accelerator=None, model=None):
 
 def pad_completions(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pad(seqs, pad_id, "right")
+
+
+def sampler_gap(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token trainer-minus-sampler log-prob differences over completion tokens. trainer_logps, mask: (N, T);
+    sampler_logps: (N, T') with T' <= T (the sampler's own completion width)."""
+    T = sampler_logps.shape[1]
+    d = trainer_logps[:, :T].detach().float() - sampler_logps.to(trainer_logps.device).float()
+    return d[mask[:, :T].bool()]
+
+
+def sampler_gap_metrics(diffs: list[torch.Tensor]) -> dict:
+    """The sampler-trainer gap as TRL logs it (this process's tokens): |d| mean and max, and exp(d) min/mean/max."""
+    if not diffs:
+        return {}
+    d = torch.cat(diffs)
+    return {"sampling/sampling_logp_difference/mean": d.abs().mean().item(),
+            "sampling/sampling_logp_difference/max": d.abs().max().item(),
+            "sampling/importance_sampling_ratio/min": d.exp().min().item(),
+            "sampling/importance_sampling_ratio/mean": d.exp().mean().item(),
+            "sampling/importance_sampling_ratio/max": d.exp().max().item()}

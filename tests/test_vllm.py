@@ -286,3 +286,14 @@ def test_grpo_colocate_two_processes(tmp_path):
     run_script("grpo.py", "--use_vllm", "True", "--vllm_mode", "colocate", "--output_dir", str(tmp_path), *E2E,
                launcher=accelerate_launcher(2), timeout=900)
     check_run(tmp_path)
+
+
+@needs_vllm
+@pytest.mark.parametrize("script", ["gmpo.py", "rloo.py", "vmpo.py", "dar.py", "online_dpo.py", "xpo.py", "nash_md.py"])
+def test_every_online_script_samples_with_colocated_vllm(tmp_path, script):
+    """Each online script runs with --use_vllm (colocate) and logs the sampler-trainer log-prob gap, which stays
+    small: the engine samples from the policy being trained (the sync itself is checked by the tests above)."""
+    run_script(script, "--use_vllm", "True", "--vllm_mode", "colocate", "--output_dir", str(tmp_path),
+               "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0",
+               "--vllm_kv_cache_gb", "0.0625", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    check_run(tmp_path)
