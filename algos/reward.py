@@ -193,7 +193,7 @@ def main(args: Args):
                                show=("loss", "accuracy", "eval/accuracy"))
     accelerator.print(f"reward: {len(train)} pairs, global batch {global_bs}, {args.max_steps} steps -> {args.output_dir}")
 
-    pad_id, A, W = tokenizer.pad_token_id, args.gradient_accumulation_steps, accelerator.num_processes
+    pad_id = tokenizer.pad_token_id
     stats = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0, "pairs": 0.0, "tokens": 0.0}
     rmin, rmax = float("inf"), float("-inf")
     model.train()

@@ -34,7 +34,6 @@ Run:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time

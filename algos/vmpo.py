@@ -493,7 +493,7 @@ def main(args: Args):
     check_degenerate(args, k, num_global, has_behavior=not online and "behavior_logps" in rows[0])
     if not online and args.k != k:
         accelerator.print(f"offline data has K = {k} completions per prompt (--k {args.k} is ignored)")
-    funcs, names = [], []
+    funcs = []
     if online:
         specs = list(args.reward_funcs) if args.reward_funcs is not None else (
             [] if args.reward_model_name_or_path else [data.toy_task(args.dataset_name) or "add"])
@@ -505,7 +505,6 @@ def main(args: Args):
             raise ValueError(f"--reward_weights has {len(args.reward_weights)} values for {len(specs)} reward sources "
                              f"{specs}")
         funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
-        names = [reward_utils.reward_name(f) for f in funcs]
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)

@@ -15,10 +15,7 @@ A judge built on scores prefers the first completion on ties and gives P(first) 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
@@ -50,17 +47,10 @@ class RewardJudge:
 
 
 def _load_object(spec: str):
+    from common.rewards import load_object
+
     target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise FileNotFoundError(f"--judge {spec}: file {path} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"user_judge_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    obj = getattr(module, name, None)
+    obj = load_object(spec, "judge")
     if obj is None:
         raise ValueError(f"--judge {spec}: {target} has no attribute '{name}'")
     return obj() if isinstance(obj, type) else obj

@@ -11,7 +11,6 @@ Model names understood everywhere:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

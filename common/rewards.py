@@ -30,20 +30,25 @@ def load_function(spec: str):
     if ":" not in spec:
         raise ValueError(f"reward '{spec}': use a built-in name (add, reverse), 'path/to/file.py:fn', 'module:fn' "
                          "or 'model:<name or dir>'")
-    target, fn_name = spec.rsplit(":", 1)
+    fn = load_object(spec, "reward")
+    if not callable(fn):
+        raise ValueError(f"reward '{spec}': {spec.rsplit(':', 1)[0]} has no function '{spec.rsplit(':', 1)[1]}'")
+    return fn
+
+
+def load_object(spec: str, what: str = "reward"):
+    """The attribute named by 'path/to/file.py:name' or 'package.module:name' (None if the module lacks it)."""
+    target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise FileNotFoundError(f"reward '{spec}': file {path} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"user_reward_{path.stem}", path)
+            raise FileNotFoundError(f"{what} '{spec}': file {path} not found")
+        mod_spec = importlib.util.spec_from_file_location(f"user_{what}_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(target)
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"reward '{spec}': {target} has no function '{fn_name}'")
-    return fn
+    return getattr(module, name, None)
 
 
 class RewardModel:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_script
 
-from dar import Args, check_degenerate, dar_advantages, dar_loss, dar_weights
+from dar import check_degenerate, dar_advantages, dar_loss, dar_weights
 
 DAR_METRICS = ["dar/rewards_mean", "dar/rewards_std", "dar/rewards_p25", "dar/rewards_median", "dar/rewards_p75",
                "dar/advantages_mean", "dar/advantages_std", "dar/weights_mean", "dar/weights_max",
