@@ -33,7 +33,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, model as model_utils, tracking
-from common.generation import HFGenerator, SamplingConfig
+from common.evaluation import heldout_gold_reward
 
 
 @dataclass
@@ -154,22 +154,12 @@ def load_sft_data(name: str, split: str):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, args, accelerator) -> dict:
-    """Held-out metrics: mean NLL of the eval split's targets; on toy tasks, greedy exact-match accuracy."""
-    from common import toy
-
-    metrics = {}
-    task = data.toy_task(args.dataset_name)
+    """Held-out greedy exact match on toy tasks (nothing for other datasets, which have no known answers)."""
     if not args.eval_split:
-        return metrics
-    if task is not None:
-        ds = data.load_data(args.dataset_name, args.eval_split, toy_kind="prompt", n=args.num_eval_prompts)
-        gen = HFGenerator(tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=16), accelerator)
-        prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
-        out = gen.generate(model, prompt_ids, n=1, greedy=True)
-        rewards = toy.gold_reward(task)(ds["prompt"], out.texts)
-        metrics["eval/accuracy"] = sum(rewards) / len(rewards)
-        metrics["eval/terminated"] = out.terminated.float().mean().item()
-    return metrics
+        return {}
+    out = heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, max_new_tokens=16,
+                              accelerator=accelerator, split=args.eval_split)
+    return {"eval/accuracy": out["eval/gold_reward"], "eval/terminated": out["eval/terminated"]} if out else {}
 
 
 # ----------------------------------------------------------------------------- main

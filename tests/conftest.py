@@ -65,3 +65,20 @@ def toy_rm() -> Path:
     from common import toy
 
     return toy.toy_reward_model_path("add")
+
+
+def assert_fails_at_startup(script: str, tmp_path, extra: list[str], match: str):
+    """A bad configuration exits non-zero with `match` in its error, before any metrics are written."""
+    proc = run_script(script, "--output_dir", str(tmp_path / "bad"), *extra, check=False, timeout=120)
+    assert proc.returncode != 0 and match in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def assert_default_run_raises_sampled_gold_reward(script: str, tmp_path, margin: float = 0.02):
+    """The default run: the gold reward of the sampled completions (train/gold_reward) rises above the starting
+    policy's (mean of the last 6 logged steps vs the first 3)."""
+    out = tmp_path / "learn"
+    run_script(script, "--output_dir", str(out), "--eval_steps", "150", timeout=1800)
+    gold = [r["train/gold_reward"] for r in read_metrics(out) if "train/gold_reward" in r]
+    first, last = sum(gold[:3]) / 3, sum(gold[-6:]) / 6
+    assert last > first + margin, (first, last)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from conftest import read_metrics, run_script
+from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, read_metrics,
+                      run_script)
 from nash_md import (apply_missing_eos_penalty, filter_logits, mixture_logits, nash_md_loss, preference_probability,
                      sample_mixture)
 
@@ -183,17 +184,10 @@ def test_run_judge(tmp_path, toy_policy):
     (["--mixture_coef", "1.5"], "--mixture_coef"),
 ])
 def test_bad_config_fails_at_startup(tmp_path, extra, match):
-    proc = run_script("nash_md.py", "--output_dir", str(tmp_path / "bad"), *extra, check=False, timeout=120)
-    assert proc.returncode != 0 and match in proc.stderr
-    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    assert_fails_at_startup("nash_md.py", tmp_path, extra, match)
 
 
 @pytest.mark.slow
 def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
-    """The default run (toy reward model, 150 steps): the gold reward of the sampled completions rises above the
-    starting policy's (mean of the last 6 logged steps vs the first 3)."""
-    out = tmp_path / "learn"
-    run_script("nash_md.py", "--output_dir", str(out), "--eval_steps", "150", timeout=1800)
-    gold = [r["train/gold_reward"] for r in read_metrics(out) if "train/gold_reward" in r]
-    first, last = sum(gold[:3]) / 3, sum(gold[-6:]) / 6
-    assert last > first + 0.02, (first, last)
+    """The default run (toy reward model, 150 steps) raises the gold reward of its samples."""
+    assert_default_run_raises_sampled_gold_reward("nash_md.py", tmp_path)
