@@ -210,9 +210,11 @@ def main(args: Args):
               f"{args.max_steps} steps -> {args.output_dir}", flush=True)
 
     pad_id = tokenizer.pad_token_id
-    stats = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "entropy": 0.0}
+    stats = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "entropy": 0.0, "entropy_tokens": 0.0}
     model.train()
     for step in range(start_step, args.max_steps):
+        # the exact entropy needs a full-vocabulary float32 softmax: only on the steps that get logged
+        log_step = (step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps
         indices = data.batch_indices(len(train), global_bs, step, args.seed)
         micro = distributed.micro_batches(indices, args, accelerator)
         local_tokens = sum(len(train[i][1]) for mb in micro for i in mb)
@@ -243,14 +245,16 @@ def main(args: Args):
                 stats["loss"] += -(logps * mask).sum().item()
                 stats["correct"] += ((logits.argmax(-1) == targets) * mask).sum().item()
                 stats["tokens"] += mask.sum().item()
-                lp = torch.log_softmax(logits.float(), -1)
-                stats["entropy"] += (-(lp.exp() * lp).sum(-1) * mask).sum().item()
+                if log_step:
+                    lp = torch.log_softmax(logits.float(), -1)
+                    stats["entropy"] += (-(lp.exp() * lp).sum(-1) * mask).sum().item()
+                    stats["entropy_tokens"] += mask.sum().item()
 
         done = step + 1
-        if done % args.logging_steps == 0 or done == args.max_steps:
+        if log_step:
             tot = {k: distributed.gather_sum(accelerator, v) for k, v in stats.items()}
             metrics = {"loss": tot["loss"] / tot["tokens"], "mean_token_accuracy": tot["correct"] / tot["tokens"],
-                       "entropy": tot["entropy"] / tot["tokens"], "num_tokens": tot["tokens"],
+                       "entropy": tot["entropy"] / tot["entropy_tokens"], "num_tokens": tot["tokens"],
                        "learning_rate": scheduler.get_last_lr()[0]}
             stats = dict.fromkeys(stats, 0.0)
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
