@@ -13,7 +13,7 @@ conversational. Default: the built-in toy addition task and a freshly initialise
 
 Run:
     python algos/sft.py                                   # toy model on toy:add, about two minutes on 2 CPU cores
-    python algos/sft.py --stop_at_accuracy 0.4 --eval_steps 25 --logging_steps 25   # the RL scripts' start policy
+    python algos/sft.py --max_steps 475 --lr_decay_steps 1000   # the RL scripts' start policy (toy-sft)
     python algos/sft.py --dataset_name toy:reverse:conversational
     accelerate launch --multi_gpu --num_processes 2 algos/sft.py   # same global batch, same result (--multi_gpu: also on CPU)
     python algos/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \
@@ -80,6 +80,9 @@ class Args:
     """linear warm-up steps"""
     lr_scheduler: str = "linear"
     """after warm-up: 'linear' decay to 0 or 'constant'"""
+    lr_decay_steps: int | None = None
+    """step at which the linear decay reaches 0 (default --max_steps); larger than --max_steps, the run is the start
+    of that longer run (the RL scripts' start policy is the default run stopped at 475 of its 1000 steps)"""
     max_steps: int = 1000
     """optimizer steps"""
     per_device_train_batch_size: int = 64
@@ -97,9 +100,6 @@ class Args:
     """evaluate every this many steps (at logging steps: make it a multiple of --logging_steps)"""
     num_eval_prompts: int = 256
     """held-out prompts for the greedy exact-match evaluation on toy tasks"""
-    stop_at_accuracy: float | None = None
-    """stop (and save) at the first evaluation whose held-out exact match reaches this; the RL scripts' default
-    starting policy is this script with 0.4, so it leaves room for RL"""
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -166,9 +166,6 @@ def evaluate(model, tokenizer, args, accelerator) -> dict:
 def main(args: Args):
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
-    if args.stop_at_accuracy is not None and not (args.eval_steps and data.toy_task(args.dataset_name)):
-        raise ValueError("--stop_at_accuracy needs --eval_steps > 0 and a toy dataset (toy:<task>), whose held-out "
-                         "exact match it reads")
     if args.lr_scheduler not in ("constant", "linear"):
         raise ValueError(f"--lr_scheduler {args.lr_scheduler!r}: choose 'constant' or 'linear'")
     accelerator = distributed.make_accelerator(args)
@@ -189,7 +186,8 @@ def main(args: Args):
             return (step + 1) / args.warmup_steps
         if args.lr_scheduler == "constant":
             return 1.0
-        return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
+        decay_end = args.lr_decay_steps or args.max_steps
+        return max(0.0, (decay_end - step) / max(1, decay_end - args.warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -260,11 +258,6 @@ def main(args: Args):
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate(model, tokenizer, args, accelerator))
             tracker.log(metrics, done, args.max_steps)
-            if args.stop_at_accuracy is not None and metrics.get("eval/accuracy", -1.0) >= args.stop_at_accuracy:
-                accelerator.print(f"held-out accuracy {metrics['eval/accuracy']:.3f} >= {args.stop_at_accuracy}: "
-                                  f"stopping at step {done}")
-                args.max_steps = done
-                break
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
                                        {"elapsed": tracker.elapsed()}, args.save_total_limit)

@@ -174,7 +174,8 @@ def unpair_preference(ds):
 # ----------------------------------------------------------------------------- chat templates -> text
 def prompt_text(prompt, tokenizer) -> str:
     """Render a prompt for generation. Conversational: the chat template with a generation prompt (or continuing a
-    final assistant turn). Standard: BOS (when the tokenizer has one) + the text."""
+    final assistant turn). Standard: the text, after BOS when `tokenizer(text)` itself starts with BOS (Llama-style
+    tokenizers, the toy one), so the ids here (tokenised without special tokens) equal `tokenizer(text)`'s."""
     if isinstance(prompt, list):
         if tokenizer.chat_template is None:
             raise DatasetFormatError("conversational prompts need a tokenizer with a chat template; "
@@ -182,7 +183,7 @@ def prompt_text(prompt, tokenizer) -> str:
         last = prompt[-1]["role"] if prompt else "user"
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last != "assistant",
                                              continue_final_message=last == "assistant")
-    bos = tokenizer.bos_token or ""
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
     return prompt if (not bos or prompt.startswith(bos)) else bos + prompt
 
 
@@ -204,8 +205,23 @@ def completion_text(prompt, completion, tokenizer) -> str:
 def lm_text(example, tokenizer) -> str:
     if "messages" in example:
         return tokenizer.apply_chat_template(example["messages"], tokenize=False)
-    bos = tokenizer.bos_token or ""
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
     return bos + example["text"] + tokenizer.eos_token
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether `tokenizer(text)` puts BOS first (Llama, the toy tokenizer) or not (GPT-2, Qwen). Standard texts get
+    the BOS string only in the first case, so training sees what the saved tokenizer gives a user. Cached on the
+    tokenizer."""
+    cached = getattr(tokenizer, "_cleanalign_adds_bos", None)
+    if cached is None:
+        ids = tokenizer("a")["input_ids"]
+        cached = tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+        try:
+            tokenizer._cleanalign_adds_bos = cached
+        except AttributeError:  # a tokenizer that refuses new attributes: detect again next time
+            pass
+    return cached
 
 
 # ----------------------------------------------------------------------------- tokenisation and padding

@@ -176,3 +176,53 @@ def test_sequence_classifier_score_ignores_padding_side(tok):
                          for s in seqs])
     torch.testing.assert_close(s_left, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s_right, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_toy_tokenizer_gives_the_ids_training_used(tmp_path, tok):
+    """`AutoTokenizer.from_pretrained(folder)(text)` (special tokens on, as a user calls it) == the ids training built
+    (BOS string + text, tokenised without special tokens): standard prompts, prompt+completion rows, lm rows."""
+    from datasets import Dataset
+
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.padding_side == "left"
+    for prompt in ("12+34=", "reverse:abc=", "a b\n"):
+        trained = data.tokenize(tok, [data.prompt_text(prompt, tok)])[0]
+        assert trained[0] == tok.bos_token_id and trained.count(tok.bos_token_id) == 1
+        assert again(prompt)["input_ids"] == trained
+    pc = Dataset.from_list([{"prompt": "12+34=", "completion": "46"}])
+    (prefix, target), = sft_script.tokenize_rows(pc, tok, completion_only=True, max_length=64)
+    assert prefix + target == again("12+34=46")["input_ids"] + [tok.eos_token_id]
+    lm = Dataset.from_list([{"text": "1+2=3"}])
+    (prefix, target), = sft_script.tokenize_rows(lm, tok, completion_only=True, max_length=64)
+    assert prefix + target == again("1+2=3")["input_ids"] + [tok.eos_token_id]
+
+
+def test_the_chat_template_path_has_one_bos(tmp_path, tok):
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    msgs = [{"role": "user", "content": "1+2="}]
+    ids = data.tokenize(tok, [data.prompt_text(msgs, tok)])[0]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert again.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == ids
+    full = data.tokenize(tok, [data.lm_text({"messages": msgs + [{"role": "assistant", "content": "3"}]}, tok)])[0]
+    assert full.count(tok.bos_token_id) == 1 and full[-1] == tok.eos_token_id
+
+
+def test_a_tokenizer_that_adds_no_bos_gets_none_from_the_text_helpers():
+    """GPT-2/Qwen-style tokenizers (a BOS token, but `tok(text)` does not add it): training ids == `tok(text)`."""
+    from tokenizers import processors
+
+    plain = toy.make_tokenizer()
+    plain._tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # a no-op post-processor, as GPT-2's
+    assert plain.bos_token == "<bos>" and plain("1+2=")["input_ids"][0] != plain.bos_token_id
+    assert not data.adds_bos(plain) and data.adds_bos(toy.make_tokenizer())
+    assert data.prompt_text("1+2=", plain) == "1+2="
+    assert data.lm_text({"text": "1+2=3"}, plain) == "1+2=3<eos>"
+    assert data.tokenize(plain, [data.prompt_text("1+2=", plain)])[0] == plain("1+2=")["input_ids"]
+
+
+def test_the_cached_start_policy_tokenizer_reproduces_training_ids(toy_policy, tok):
+    again = AutoTokenizer.from_pretrained(toy_policy)
+    for prompt in ("37+58=", "0+0="):
+        assert again(prompt)["input_ids"] == data.tokenize(tok, [data.prompt_text(prompt, tok)])[0]
