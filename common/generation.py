@@ -107,21 +107,13 @@ def pad_completions(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     return pad(seqs, pad_id, "right")
 
 
-def sampler_gap(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token trainer-minus-sampler log-prob differences over completion tokens. trainer_logps, mask: (N, T);
-    sampler_logps: (N, T') with T' <= T (the sampler's own completion width)."""
-    T = sampler_logps.shape[1]
-    d = trainer_logps[:, :T].detach().float() - sampler_logps.to(trainer_logps.device).float()
-    return d[mask[:, :T].bool()]
+# the sampler-trainer gap helpers live in common/rollout.py; the one-process form stays importable from here
+from common.rollout import sampler_gap  # noqa: E402,F401
 
 
 def sampler_gap_metrics(diffs: list[torch.Tensor]) -> dict:
-    """The sampler-trainer gap as TRL logs it (this process's tokens): |d| mean and max, and exp(d) min/mean/max."""
-    if not diffs:
-        return {}
-    d = torch.cat(diffs)
-    return {"sampling/sampling_logp_difference/mean": d.abs().mean().item(),
-            "sampling/sampling_logp_difference/max": d.abs().max().item(),
-            "sampling/importance_sampling_ratio/min": d.exp().min().item(),
-            "sampling/importance_sampling_ratio/mean": d.exp().mean().item(),
-            "sampling/importance_sampling_ratio/max": d.exp().max().item()}
+    """This process's sampler-trainer gap from `sampler_gap` outputs; use common.rollout.sampler_gap_metrics (or
+    sampler_gap_metrics_from_diffs) for the gap over every process."""
+    from common.rollout import sampler_gap_metrics_from_diffs
+
+    return sampler_gap_metrics_from_diffs(None, diffs)

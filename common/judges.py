@@ -11,6 +11,8 @@ Spec strings (`--judge`):
   path/to/file.py:Name       an object (or a class, instantiated without arguments) defined in a Python file
   package.module:Name        the same from an importable module
 A judge built on scores prefers the first completion on ties and gives P(first) = sigmoid(s_0 - s_1) (Bradley-Terry).
+Its scores are checked like every reward (common/rewards.py): a NaN, inf or non-number stops the run, naming the
+source and a sample; `check_ranks` / `check_probabilities` do the same for any judge's output.
 """
 
 from __future__ import annotations
@@ -76,12 +78,16 @@ def load_judge(spec: str, dataset_name: str = "toy:add", device="cpu"):
 def check_ranks(ranks: list, n: int, name: str = "judge") -> torch.Tensor:
     """Validate a judge's output: n entries, each 0 or 1. Returns a (n,) bool tensor 'first completion preferred'."""
     if len(ranks) != n or any(r not in (0, 1) for r in ranks):
-        raise ValueError(f"{name} must return {n} ranks, each 0 or 1; got {ranks[:8]}...")
+        raise ValueError(f"{name} must return {n} ranks, each 0 or 1; got {len(ranks)} values: {list(ranks)[:8]}...")
     return torch.tensor([r == 0 for r in ranks])
 
 
 def check_probabilities(probs: list, n: int, name: str = "judge") -> torch.Tensor:
     """Validate a judge's probabilities P(first preferred): n finite numbers in [0, 1]. Returns (n,) float."""
     if len(probs) != n or any(not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1) for p in probs):
-        raise ValueError(f"{name} must return {n} probabilities in [0, 1]; got {list(probs)[:8]}...")
+        bad = next((p for p in probs if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1)),
+                   None) if len(probs) == n else None
+        raise ValueError(f"{name} must return {n} finite probabilities in [0, 1]; got {len(probs)} values"
+                         + (f", among them {bad!r} ({type(bad).__name__})" if bad is not None else "")
+                         + f": {list(probs)[:8]}...")
     return torch.tensor([float(p) for p in probs])
