@@ -2,7 +2,9 @@
 `--track` (WANDB_MODE=offline works without a network), sample completions at an interval, a progress line.
 
 Files in `output_dir`: args.json, metrics.jsonl (one {"step", "time", ...metrics} per line), samples.jsonl.
-`benchmarks/plot.py` reads metrics.jsonl.
+`benchmarks/plot.py` reads metrics.jsonl. The folder holds one run (checkpoint.prepare_output_dir sees to it at
+start-up): a new run never deletes another run's metrics, it refuses to start; a resumed run drops the records past
+its resume step, which it writes again.
 """
 
 from __future__ import annotations
@@ -35,17 +37,23 @@ class Tracker:
         self.dir = Path(args.output_dir)
         self.t0 = time.time() - elapsed  # a resumed run continues the wall clock where it stopped
         self.wandb = None
+        if not resume_step and (self.dir / "metrics.jsonl").exists():  # every rank raises
+            from common.checkpoint import RunFolderError
+
+            raise RunFolderError(f"--output_dir {self.dir} already holds another run's metrics.jsonl; a new run would "
+                                 f"mix with it: pass --resume_from auto, --overwrite_output_dir True, or another "
+                                 f"--output_dir")
         if not is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         config = _jsonable(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else vars(args))
         (self.dir / "args.json").write_text(json.dumps(config, indent=2) + "\n")
-        metrics = self.dir / "metrics.jsonl"
-        if resume_step and metrics.exists():  # drop records past the resume point, they will be written again
-            keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            metrics.write_text("".join(line + "\n" for line in keep))
-        elif metrics.exists():
-            metrics.unlink()
+        for name in ("metrics.jsonl", "samples.jsonl"):  # drop records past the resume point: written again
+            path = self.dir / name
+            if resume_step and path.exists():
+                lines = path.read_text().splitlines()
+                keep = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
+                path.write_text("".join(line + "\n" for line in keep))
         if getattr(args, "track", False):
             import wandb
 
