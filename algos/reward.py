@@ -68,6 +68,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -161,6 +163,7 @@ def main(args: Args):
     eval_rows = (tokenize_pairs(load_preference(args.dataset_name, args.eval_split, args.num_eval_pairs), tokenizer,
                                 args.max_length) if args.eval_split else [])
     global_bs = distributed.global_batch_size(args, accelerator)
+    resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     if args.model_name_or_path == "toy":
         torch.manual_seed(args.seed)
@@ -183,11 +186,10 @@ def main(args: Args):
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
 
-    start_step, elapsed = 0, 0.0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    start_step, elapsed, skipped_steps = 0, 0.0, 0
     if resume is not None:
         state = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed = state["step"], state["elapsed"]
+        start_step, elapsed, skipped_steps = state["step"], state["elapsed"], state.get("skipped_steps", 0)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
                                show=("loss", "accuracy", "eval/accuracy"))
@@ -208,12 +210,10 @@ def main(args: Args):
                 # each micro-batch holds the same number of pairs, so the mean of micro-batch means is the batch mean
                 loss = bradley_terry_loss(rc, rr, margin, args.center_rewards_coefficient)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                if accelerator.sync_gradients:  # a non-finite gradient norm skips the step (counted)
+                    _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                            args.max_grad_norm)
+                    skipped_steps += not stepped
             with torch.no_grad():
                 stats["loss"] += loss.item() * len(rows)
                 stats["correct"] += (rc > rr).float().sum().item()
@@ -231,7 +231,8 @@ def main(args: Args):
             metrics = {"loss": tot["loss"] / n, "accuracy": tot["correct"] / n, "margin": tot["margin"] / n,
                        "mean_reward": (tot["chosen"] + tot["rejected"]) / (2 * n), "chosen_reward": tot["chosen"] / n,
                        "rejected_reward": tot["rejected"] / n, "min_reward": rmin, "max_reward": rmax,
-                       "num_tokens": tot["tokens"], "learning_rate": scheduler.get_last_lr()[0]}
+                       "num_tokens": tot["tokens"], "learning_rate": scheduler.get_last_lr()[0],
+                       "train/skipped_steps": skipped_steps}
             stats, rmin, rmax = dict.fromkeys(stats, 0.0), float("inf"), float("-inf")
             if eval_rows and args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 model.eval()
@@ -240,12 +241,14 @@ def main(args: Args):
             tracker.log(metrics, done, args.max_steps)
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                       {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                       args.save_total_limit)
 
-    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir, args.max_steps)
     if args.save_steps:
         checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                   {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                   args.save_total_limit)
     tracker.close()
     accelerator.print(f"saved the final reward model to {args.output_dir}")
     accelerator.end_training()

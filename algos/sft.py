@@ -69,6 +69,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -177,6 +179,7 @@ def main(args: Args):
     train = tokenize_rows(load_sft_data(args.dataset_name, args.dataset_split), tokenizer, args.completion_only_loss,
                           args.max_length)
     global_bs = distributed.global_batch_size(args, accelerator)
+    resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -194,11 +197,10 @@ def main(args: Args):
     # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
     accelerator.register_for_checkpointing(scheduler)
 
-    start_step, elapsed = 0, 0.0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    start_step, elapsed, skipped_steps = 0, 0.0, 0
     if resume is not None:
         state = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed = state["step"], state["elapsed"]
+        start_step, elapsed, skipped_steps = state["step"], state["elapsed"], state.get("skipped_steps", 0)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
                                show=("loss", "mean_token_accuracy", "eval/accuracy"))
@@ -233,12 +235,10 @@ def main(args: Args):
                 # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
                 # gradient is exactly that of the global token mean
                 accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                if accelerator.sync_gradients:  # a non-finite gradient norm skips the step (counted)
+                    _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                            args.max_grad_norm)
+                    skipped_steps += not stepped
             with torch.no_grad():
                 stats["loss"] += -(logps * mask).sum().item()
                 stats["correct"] += ((logits.argmax(-1) == targets) * mask).sum().item()
@@ -253,19 +253,21 @@ def main(args: Args):
             tot = {k: distributed.gather_sum(accelerator, v) for k, v in stats.items()}
             metrics = {"loss": tot["loss"] / tot["tokens"], "mean_token_accuracy": tot["correct"] / tot["tokens"],
                        "entropy": tot["entropy"] / tot["entropy_tokens"], "num_tokens": tot["tokens"],
-                       "learning_rate": scheduler.get_last_lr()[0]}
+                       "learning_rate": scheduler.get_last_lr()[0], "train/skipped_steps": skipped_steps}
             stats = dict.fromkeys(stats, 0.0)
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate(model, tokenizer, args, accelerator))
             tracker.log(metrics, done, args.max_steps)
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                       {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                       args.save_total_limit)
 
-    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir, args.max_steps)
     if args.save_steps:
         checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                   {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                   args.save_total_limit)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()

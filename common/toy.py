@@ -256,7 +256,8 @@ def _build_once(name: str, cmd: list[str], what: str) -> Path:
                                                                               "WORLD_SIZE", "MASTER_"))}
             env["OMP_NUM_THREADS"] = "1"  # the same floating-point path on every machine: the same model
             subprocess.run([sys.executable, *cmd, "--output_dir", str(out), "--save_steps", "0",
-                            "--run_name", name], check=True, cwd=REPO_ROOT, env=env)
+                            "--run_name", name, "--overwrite_output_dir", "True"],  # replaces a crashed build's files
+                           check=True, cwd=REPO_ROOT, env=env)
             done.write_text("ok\n")
     return out
 

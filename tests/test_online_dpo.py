@@ -159,7 +159,7 @@ def test_resume_continues_exactly(tmp_path, toy_policy):
               "--num_eval_prompts", "16", "--log_completions_steps", "0", "--learning_rate", "1e-3",
               "--reward_model_name_or_path", "None", "--reward_funcs", "add", "--save_steps", "2"]
     run_script("online_dpo.py", *common, "--output_dir", str(a))
-    assert (a / "checkpoint-2" / "trainer_state.pt").exists()
+    assert (a / "checkpoint-2" / "trainer_state.json").exists()
     run_script("online_dpo.py", *common, "--output_dir", str(b), "--resume_from", str(a / "checkpoint-2"))
     ra = {r["step"]: r for r in read_metrics(a)}
     rb = {r["step"]: r for r in read_metrics(b)}

@@ -26,7 +26,7 @@ def test_sft_trains_saves_and_the_checkpoint_reloads_and_generates(tmp_path):
     assert 0.0 <= metrics[-1]["eval/accuracy"] <= 1.0 and "mean_token_accuracy" in metrics[-1]
     args = json.loads((out / "args.json").read_text())
     assert args["max_steps"] == 12
-    assert (out / "checkpoint-6" / "trainer_state.pt").exists() and (out / "checkpoint-12" / "state").is_dir()
+    assert (out / "checkpoint-6" / "trainer_state.json").exists() and (out / "checkpoint-12" / "state").is_dir()
     assert not list(out.glob(".tmp-*"))
     for folder in (out, out / "checkpoint-6"):
         model = AutoModelForCausalLM.from_pretrained(folder)
