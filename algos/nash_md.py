@@ -144,6 +144,8 @@ class Args:
     """vLLM server host (server mode)"""
     vllm_server_port: int = 8000
     """vLLM server port (server mode)"""
+    vllm_server_token_file: str | None = None
+    """the token file scripts/vllm_server.py wrote (server mode); default: <cache>/vllm-server-<port>.token"""
     vllm_gpu_memory_utilization: float = 0.3
     """fraction of GPU memory for the colocated engine"""
     vllm_kv_cache_gb: float = 1.0
