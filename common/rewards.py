@@ -201,6 +201,11 @@ class RewardSources:
     def __len__(self) -> int:
         return len(self.funcs)
 
+    @property
+    def checked(self) -> bool:
+        """True once check_varies has run."""
+        return self._checked
+
     def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
                  columns: dict | None = None) -> torch.Tensor:
         """(N, F) float32 rewards, NaN = not scored; RewardError for NaN/inf/non-numbers/wrong counts."""

@@ -86,6 +86,16 @@ def sampler_gap_metrics(accelerator, trainer_logps, sampler_logps, mask) -> dict
                                                         zip(trainer_logps, sampler_logps, mask)])
 
 
+def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
+    """TRL's frac_reward_zero_std, NaN-aware: the fraction of groups (rows g*G..(g+1)*G-1 of (N,) rewards) whose
+    scored rewards are all equal (fewer than two scored counts as equal): the groups that carry no signal."""
+    r = rewards.view(-1, group_size)
+    valid = ~torch.isnan(r)
+    hi = torch.where(valid, r, torch.full_like(r, -float("inf"))).amax(1)
+    lo = torch.where(valid, r, torch.full_like(r, float("inf"))).amin(1)
+    return ((valid.sum(1) < 2) | (hi == lo)).float().mean().item()
+
+
 def as_completions(prompts: list, texts: list[str]) -> list:
     """Completions in the prompts' format, as reward functions receive them: strings, or one assistant message for
     conversational prompts."""
