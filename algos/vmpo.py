@@ -21,40 +21,49 @@ KL estimators (`--kl_estimator`; sequence sums, so ε_α is in nats per sequence
   ref             kl_i = S^θ_i - S^ref_i on samples from π_θ: k1 estimate of KL(π_θ ‖ π_ref)
   behavior        kl_i = S^beh_i - S^θ_i with `behavior_logps` from an offline dataset: KL(π_beh ‖ π_θ)
 
-Implementation choices (numbered so the tests and the README can point at them):
+Implementation choices (numbered so the tests and the README can point at them; "the fork" is the TRL fork that first
+shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
  1. Samples are drawn from π_old for the old_policy* estimators (then S^old - S^θ is an unbiased estimate of
-    KL(π_old‖π_θ) and its gradient is exactly that KL's), from π_θ otherwise.
- 2. DEVIATION(paper L_α's policy term, as the reference implementation applies it): when a KL is to be estimated on samples of the
-    policy itself (`ref`, and the anchor of `old_policy_ref`, whose samples come from π_old ≈ π_θ), the loss uses the
-    score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref). The plain k1 term S^θ - S^ref has an
-    expected gradient of zero on the policy's own samples, so as a penalty it does nothing but add noise.
+    KL(π_old‖π_θ) and its gradient is exactly that KL's), from π_θ otherwise (as the fork).
+ 2. DEVIATION(paper L_α's policy term; the fork adds α·mean(S^θ - S^ref) as it is): when a KL is to be estimated on
+    samples of the policy itself (`ref`, and the anchor of `old_policy_ref`, whose samples come from π_old ≈ π_θ), the
+    loss uses the score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref). The plain k1 term
+    S^θ - S^ref has an expected gradient of zero on the policy's own samples, so as a penalty it only adds noise.
  3. Duals are log-parameterised, η = exp(u_η), α = exp(u_α), trained by their own Adam (no weight decay, outside the
     model optimizer) and clamped to [min, max] in log space. Why log: positivity without a projection that sticks at
     the bound, and (with Adam) a step is a relative change, so the same step size works whatever the scale of A or of
-    the KL. One dual step per optimizer step, from the gathered global batch, so every process holds the same duals.
-    The weights ψ and the α in the loss use the values from before this step's dual update (as the paper does).
+    the KL. One dual step per optimizer step, from the gathered global batch, so every process holds the same duals
+    (the fork: plain projected SGD on η and α themselves, once per micro-batch, on each device's own batch). The
+    weights ψ and the α in the loss use the values from before this step's dual update (as the paper and the fork).
  4. The top-n selection runs over the whole optimizer-step batch gathered across processes (the paper's learner
-    batch), not per device, so `--num_processes 2` gives the same update as one process with the same global batch.
- 5. Advantage baseline and scale compose: the scale only divides (no re-centring), so an EMA or batch baseline is
-    never cancelled by the normalisation (the reference implementation re-centres per prompt after subtracting its
-    EMA, which removes it).
- 6. Configurations that make the method degenerate fail at start-up: K = 1 with a per-prompt baseline or scale (all
-    A = 0); ε_η ≥ log n (η is driven to its floor, ψ one-hot); `behavior` without behaviour log-probs (KL ≡ 0).
-    Old-policy sync every step (KL ≡ 0) warns, and so does a streak of near-zero KL values.
+    batch), not per device as in the fork, so `--num_processes 2` gives the same update as one process with the same
+    global batch.
+ 5. Advantage baseline and scale compose: the scale only divides (no re-centring), so an EMA baseline is never
+    cancelled by the normalisation (the fork re-centres after subtracting its EMA, which removes it). The `batch`
+    scale is the std of the advantages after the baseline, so with `--baseline per_prompt` it is the std of the
+    per-prompt-centred advantages, as the fork (and dar.py) divide by; `per_prompt` divides by each prompt's std.
+ 6. Configurations that make the method degenerate fail at start-up (the fork runs them): K = 1 with a per-prompt
+    baseline or scale (all A = 0); ε_η ≥ log n (η is driven to its floor, ψ one-hot); `behavior` without behaviour
+    log-probs. There the fork uses sg(S^θ) as the behaviour log-prob: the KL *value* is exactly 0 (α decays to its
+    floor), but its gradient is not, the loss still holds α·mean(sg(S^θ) - S^θ), an α-weighted likelihood term on
+    every sample. Old-policy sync every step (KL ≡ 0) warns, and so does a streak of near-zero KL values (as the fork).
  7. The completion mask comes from generation (cut after the first EOS, EOS kept) or from token counts, never from
-    pad_token_id, so the EOS token is trained on even when pad == eos.
+    pad_token_id, so the EOS token is trained on even when pad == eos (the fork masks `ids != pad`).
+ 8. A sample no reward source scores (every source returned None; offline: a null reward) is "not scored": its
+    reward is NaN, it is left out of every baseline and scale (NaN-aware means and stds), it cannot be selected (the
+    top n = ceil(ρ N_scored) come from the scored samples only, so `vmpo/selected_fraction` drops below ρ), it gets
+    ψ = 0 and is not in L_η. It still counts in the KL and the anchor, which need no reward. A step with no scored
+    sample takes no η step and has no policy-loss term.
+ 9. The EMA baseline starts at the first step's mean reward; the fork's starts at 0. Every advantage of a step is
+    shifted by the same constant, which changes neither the selection nor ψ nor the η gradient (no effect on training),
+    but the logged `vmpo/eta_loss` and `vmpo/reward_ema_baseline` differ from the fork's in the first steps.
+10. `--per_device_train_batch_size` counts completions (TRL's meaning, as in grpo.py), K = `--k` per prompt, so a
+    micro-batch holds per_device_train_batch_size / K prompts (it must divide); the fork's counts prompts. Offline,
+    K is the number of completions per row of the data.
 
-Toy defaults (the benchmark's): toy-sft policy on toy:add, 32 prompts x K=2 per step, lr 3e-5 (Adam), 150 steps,
-ε_η = 1.0, ε_α = 0.05, old-policy sync every 16 steps, batch-mean baseline and batch-std scale; about two minutes on
-2 CPU cores. Why these: the toy reward is a sparse exact match (the SFT policy samples a right answer a few percent of
-the time). A per-prompt baseline with K = 2 gives the same advantage 0 to a prompt with two right answers and to one
-with two wrong ones, so the top half is filled with wrong answers chosen at random; the batch baseline ranks every
-right answer above every wrong one. With few right answers among n selected, ε_η = 0.1 (the reference
-implementation's value) keeps ψ so close to uniform that the M-step mostly clones wrong answers; ε_η = 1.0 puts most of
-the weight on the right ones. At lr 1e-4 the KL to the old policy overshoots ε_α and learning is slower; 3e-4 and
-above make the toy policy worse within 20 steps. With a binary reward and many right answers, every selected sample
-can share one advantage value: the weights are then uniform whatever η is, KL(ψ‖U) cannot reach ε_η and η drifts
-down (logged as vmpo/eta and vmpo/weights_kl_uniform); the update is then filtered behaviour cloning of right answers.
+Defaults are the toy benchmark's (why these values: benchmarks/results/vmpo/README.md): toy-sft policy on toy:add,
+64 completions (32 prompts x K = 2) per step, lr 3e-5, ε_η = 1.0, ε_α = 0.05, batch baseline and scale. The fork's
+defaults are ε_η = ε_α = 0.1, an EMA baseline with per-prompt z-scoring, lr 5e-7 for a pretrained LM.
 
 Data (`--data_mode`): prompt-only -> online sampling and rewards from `--reward_funcs` / a reward model; preference
 -> offline pairs with rewards [1, 0]; prompt-completion-reward (`completions[K]`, `rewards[K]`, optional
@@ -77,6 +86,7 @@ import os
 import sys
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,7 +94,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
+from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout, tracking
 from common.generation import build_generator
 
 KL_ESTIMATORS = ("ref", "behavior", "old_policy", "old_policy_ref")
@@ -135,8 +145,8 @@ class Args:
     """linear warm-up steps, then a constant learning rate"""
     max_steps: int = 150
     """optimizer steps"""
-    per_device_train_batch_size: int = 32
-    """prompts per micro-batch per process (each brings K completions)"""
+    per_device_train_batch_size: int = 64
+    """completions per micro-batch per process (TRL's meaning): per_device_train_batch_size / K prompts (choice 10)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     max_grad_norm: float = 1.0
@@ -151,10 +161,12 @@ class Args:
     reward_model_name_or_path: str | None = None
     """a one-output sequence classifier used as a reward (e.g. 'toy-rm'); added to --reward_funcs"""
     reward_weights: list[float] | None = None
-    """one weight per reward source (default all 1); the reward is the weighted sum (NaN counts as 0)"""
+    """one weight per reward source (default all 1); the reward is the weighted sum over the sources that scored the
+    sample, 'not scored' (choice 8) when none did"""
     # --- sampling (same names in every online script)
     k: int = 2
-    """completions sampled per prompt (online); offline it is inferred from the data"""
+    """K, completions sampled per prompt (TRL's num_generations, the fork's vmpo_k); offline it is inferred from the
+    data"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed at the same temperature)"""
     top_p: float = 1.0
@@ -231,50 +243,76 @@ class Args:
 
 # ----------------------------------------------------------------------------- the math
 # Shapes: B prompts, K completions per prompt, N = B·K samples (row b*K + k), T completion tokens.
+def combine_rewards(per_source: torch.Tensor, weights: torch.Tensor | list[float]) -> torch.Tensor:
+    """(N, F) rewards with NaN where a source returned None, (F,) weights -> (N,) weighted sum over the sources that
+    scored the sample; NaN (not scored, choice 8) when none did."""
+    weights = torch.as_tensor(weights, dtype=per_source.dtype)
+    assert per_source.dim() == 2 and weights.shape == (per_source.shape[1],)
+    scored = ~torch.isnan(per_source)
+    total = torch.where(scored, per_source * weights, torch.zeros_like(per_source)).sum(1)
+    return torch.where(scored.any(1), total, torch.full_like(total, float("nan")))
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Biased std over the non-NaN entries (NaN where there are none)."""
+    mean = torch.nanmean(x, dim, keepdim=True) if dim is not None else torch.nanmean(x)
+    var = torch.nanmean((x - mean) ** 2, dim, keepdim=keepdim) if dim is not None else torch.nanmean((x - mean) ** 2)
+    return var.sqrt()
+
+
 def compute_advantages(rewards: torch.Tensor, baseline: str, norm: str, ema: float | None = None,
                        eps: float = 1e-6) -> torch.Tensor:
-    """A = (r - baseline) / scale, rewards (B, K) -> (B, K). The scale only divides (choice 5): per_prompt std,
-    batch std (biased, over the whole step) or 1. `ema` is the (already updated) EMA baseline value."""
+    """A = (r - baseline) / scale, rewards (B, K) -> (B, K), NaN = not scored, left out of every statistic and NaN in
+    the result (choice 8). The scale only divides (choice 5): the std of the baseline-subtracted advantages, per prompt
+    or over the whole step (biased), or 1. `ema` is the (already updated) EMA baseline value."""
     assert rewards.dim() == 2
     if baseline == "per_prompt":
-        adv = rewards - rewards.mean(1, keepdim=True)
+        adv = rewards - torch.nanmean(rewards, 1, keepdim=True)
     elif baseline == "batch":
-        adv = rewards - rewards.mean()
+        adv = rewards - torch.nanmean(rewards)
     elif baseline == "ema":
         assert ema is not None
         adv = rewards - ema
     else:
         raise ValueError(f"unknown baseline '{baseline}'")
     if norm == "per_prompt":
-        adv = adv / rewards.std(1, unbiased=False, keepdim=True).clamp(min=eps)
+        adv = adv / nanstd(adv, 1, keepdim=True).clamp(min=eps)
     elif norm == "batch":
-        adv = adv / rewards.std(unbiased=False).clamp(min=eps)
+        adv = adv / nanstd(adv).clamp(min=eps)
     elif norm != "none":
         raise ValueError(f"unknown adv_norm '{norm}'")
     return adv
 
 
 def update_ema(ema: float | None, batch_mean: float, decay: float) -> float:
-    """EMA of the step's mean reward; the first step initialises it to that mean (no bias towards 0)."""
+    """EMA of the step's mean reward; the first step initialises it to that mean (choice 9: the fork starts at 0). A
+    step with no scored sample (batch_mean NaN) leaves it unchanged."""
+    if math.isnan(batch_mean):
+        return ema
     return batch_mean if ema is None else decay * ema + (1 - decay) * batch_mean
 
 
 def num_selected(n: int, fraction: float) -> int:
-    return max(1, math.ceil(fraction * n))
+    """n = max(1, ceil(ρ N)) of N (scored) samples; 0 when there are none."""
+    return max(1, math.ceil(fraction * n)) if n > 0 else 0
 
 
 def select_top(adv: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean mask (N,) of the ceil(ρN) largest advantages (ties broken by torch.topk)."""
+    """Boolean mask (N,) of the ceil(ρ N_scored) largest advantages among the scored (non-NaN) ones (choice 8; ties
+    broken by torch.topk)."""
     assert adv.dim() == 1
-    idx = torch.topk(adv, num_selected(adv.numel(), fraction)).indices
+    scored = ~torch.isnan(adv)
+    idx = torch.topk(adv.masked_fill(~scored, float("-inf")), num_selected(int(scored.sum()), fraction)).indices
     mask = torch.zeros_like(adv, dtype=torch.bool)
     mask[idx] = True
     return mask
 
 
 def estep_weights(adv: torch.Tensor, selected: torch.Tensor, eta: float | torch.Tensor) -> torch.Tensor:
-    """ψ (N,): softmax(A/η) over the selected samples, 0 elsewhere, no gradient."""
+    """ψ (N,): softmax(A/η) over the selected samples, 0 elsewhere (all 0 when none is selected), no gradient."""
     assert adv.shape == selected.shape and adv.dim() == 1
+    if not selected.any():
+        return torch.zeros_like(adv)
     logits = (adv.detach() / eta).masked_fill(~selected, float("-inf"))
     return torch.softmax(logits, 0).detach()
 
@@ -293,6 +331,8 @@ def alpha_dual_loss(alpha: torch.Tensor, kl: torch.Tensor | float, eps_alpha: fl
 def weights_kl_from_uniform(weights: torch.Tensor, selected: torch.Tensor) -> float:
     """KL(ψ ‖ uniform on the selected set) = Σ ψ log(ψ n); the η dual drives it to ε_η."""
     w = weights[selected]
+    if w.numel() == 0:
+        return float("nan")
     return (w * torch.log(w.clamp(min=1e-30) * w.numel())).sum().item()
 
 
@@ -409,58 +449,54 @@ def check_degenerate(args: Args, k: int, num_global: int, has_behavior: bool):
                          "is off. Use old_policy, old_policy_ref or ref")
 
 
+def check_batch(args: Args, k: int, online: bool):
+    """per_device_train_batch_size counts completions: it must hold whole prompts of K completions (choice 10)."""
+    b = args.per_device_train_batch_size
+    if b % k:
+        what = f"--k {k} (completions per prompt)" if online else f"K = {k}, the completions per row of the data"
+        raise ValueError(f"--per_device_train_batch_size {b} counts completions and must be a multiple of {what}: "
+                         f"use e.g. --per_device_train_batch_size {k * max(1, round(b / k))}"
+                         + (" or change --k" if online else ""))
+
+
 def resolve_mode(args: Args, ds_type: str | None) -> str:
     if args.data_mode != "auto":
         return args.data_mode
-    if ds_type in ("preference", "prompt_completion_reward"):
-        return ds_type
-    return "online"
+    return ds_type if ds_type in ("preference", "prompt_completion_reward") else "online"
 
 
 def load_rows(args: Args, tokenizer):
     """Rows of the training data: (mode, K, rows). Online rows: {prompt, prompt_ids, columns}; offline rows also
-    carry completion token lists (ending with EOS), rewards and optional behaviour log-probs."""
+    carry completion token lists (ending with EOS), rewards (None -> NaN, not scored: choice 8) and optional
+    behaviour log-probs."""
     toy = data.toy_task(args.dataset_name) is not None
     mode = args.data_mode if args.data_mode != "auto" else "online"
     ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt" if mode == "online" else mode)
     mode = resolve_mode(args, None if toy else data.detect_type(ds.column_names))
-    if mode == "preference":
-        ds = data.convert(ds, "preference", script="vmpo.py --data_mode preference")
     ds = data.convert(ds, "prompt" if mode == "online" else "prompt_completion_reward", script="vmpo.py")
     prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
-    prompt_ids = [p[-args.max_prompt_length:] for p in prompt_ids]
-    skip = {"prompt", "completions", "rewards", "behavior_logps"}
-    extra = [c for c in ds.column_names if c not in skip]
-    rows = [{"prompt": p, "prompt_ids": ids, "columns": {c: ds[c][i] for c in extra}}
+    extra = [c for c in ds.column_names if c not in ("prompt", "completions", "rewards", "behavior_logps")]
+    rows = [{"prompt": p, "prompt_ids": ids[-args.max_prompt_length:], "columns": {c: ds[c][i] for c in extra}}
             for i, (p, ids) in enumerate(zip(ds["prompt"], prompt_ids))]
     if mode == "online":
         return mode, args.k, rows
     ks = {len(c) for c in ds["completions"]}
     if len(ks) != 1 or {len(r) for r in ds["rewards"]} != ks:
-        raise data.DatasetFormatError(f"every row needs the same number K of completions and rewards; found "
-                                      f"completion counts {sorted(ks)}")
+        raise data.DatasetFormatError(f"{args.dataset_name}: every row needs the same number K of completions and "
+                                      f"rewards; found completion counts {sorted(ks)}")
     k = ks.pop()
-    has_beh = "behavior_logps" in ds.column_names
     for i, row in enumerate(rows):
         comps = ds["completions"][i]
-        row["completion_ids"] = data.tokenize(tokenizer, [data.completion_text(row["prompt"], c, tokenizer)
-                                                          for c in comps])
-        row["completion_ids"] = [c[:args.max_new_tokens] for c in row["completion_ids"]]
+        texts = [data.completion_text(row["prompt"], c, tokenizer) for c in comps]
+        row["completion_ids"] = [c[:args.max_new_tokens] for c in data.tokenize(tokenizer, texts)]
         row["completion_texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in comps]
-        row["rewards"] = [float(r) for r in ds["rewards"][i]]
-        if has_beh:
+        row["rewards"] = [float("nan") if r is None else float(r) for r in ds["rewards"][i]]
+        if any(math.isinf(r) for r in row["rewards"]):
+            raise data.DatasetFormatError(f"{args.dataset_name}: column 'rewards' of row {i} holds a non-finite "
+                                          f"value {ds['rewards'][i]}; use finite numbers (null = not scored)")
+        if "behavior_logps" in ds.column_names:
             row["behavior_logps"] = [float(b) for b in ds["behavior_logps"][i]]
     return mode, k, rows
-
-
-def make_batch(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, k: int,
-               pad_id: int) -> dict:
-    """[left-padded prompt (repeated K times) | completion] -> input_ids, attention_mask (N, P+T), completion_mask
-    (N, T). The completion mask is passed in (choice 7)."""
-    p_ids, p_mask = data.pad(prompt_ids, pad_id, "left")
-    p_ids, p_mask = p_ids.repeat_interleave(k, 0), p_mask.repeat_interleave(k, 0)
-    return {"input_ids": torch.cat([p_ids, completion_ids], 1),
-            "attention_mask": torch.cat([p_mask, completion_mask], 1), "completion_mask": completion_mask}
 
 
 def sequence_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,43 +506,29 @@ def sequence_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor
     return (logps * batch["completion_mask"]).sum(1), logps
 
 
-def combine_rewards(per_func: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
-    """(N, F) -> (N,): weighted sum, NaN (a function that does not apply) counted as 0."""
-    w = torch.tensor(weights if weights is not None else [1.0] * per_func.shape[1])
-    return (torch.nan_to_num(per_func, nan=0.0) * w).sum(1)
-
-
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
     import copy
 
+    # ---- set-up (plumbing a reader may skip: flags, data, reward sources, models, resume, tracking)
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     check_args(args)
     accelerator = distributed.make_accelerator(args)
-    device, W, GA = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps
-
-    # data and every degenerate-configuration check before any model is loaded
+    device, W, GA, rank = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps, \
+        accelerator.process_index
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     mode, k, rows = load_rows(args, tokenizer)
     online = mode == "online"
-    global_prompts = distributed.global_batch_size(args, accelerator)
-    num_global = global_prompts * k
+    check_batch(args, k, online)
+    P = args.per_device_train_batch_size // k  # prompts per micro-batch (choice 10)
+    num_global = distributed.global_batch_size(args, accelerator)  # N: completions per optimizer step, all processes
     check_degenerate(args, k, num_global, has_behavior=not online and "behavior_logps" in rows[0])
     if not online and args.k != k:
         accelerator.print(f"offline data has K = {k} completions per prompt (--k {args.k} is ignored)")
-    funcs = []
-    if online:
-        specs = list(args.reward_funcs) if args.reward_funcs is not None else (
-            [] if args.reward_model_name_or_path else [data.toy_task(args.dataset_name) or "add"])
-        if args.reward_model_name_or_path:
-            specs.append(f"model:{args.reward_model_name_or_path}")
-        if not specs:
-            raise ValueError("online mode needs a reward: --reward_funcs and/or --reward_model_name_or_path")
-        if args.reward_weights is not None and len(args.reward_weights) != len(specs):
-            raise ValueError(f"--reward_weights has {len(args.reward_weights)} values for {len(specs)} reward sources "
-                             f"{specs}")
-        funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
+    sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
+                                                                    args.dataset_name),
+                                         args.reward_weights, args.dataset_name, device) if online else None
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -521,12 +543,12 @@ def main(args: Args):
     generator = build_generator(args, tokenizer, accelerator, model) if online else None
     sampler = old_model if old_model is not None else model  # choice 1
 
-    state = {"ema": None, "streak": 0, "warned": False, "syncs": 0}
+    state = {"ema": None, "streak": 0, "warned": False, "syncs": 0, "skipped": 0}
     start_step, elapsed = 0, 0.0
     resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
     if resume is not None:
         saved = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed, state = saved["step"], saved["elapsed"], saved["vmpo_state"]
+        start_step, elapsed, state = saved["step"], saved["elapsed"], {**state, **saved["vmpo_state"]}
         duals.load_state_dict(saved["duals"])
         dual_opt.load_state_dict(saved["dual_opt"])
         if old_model is not None:
@@ -546,69 +568,61 @@ def main(args: Args):
 
     if start_step == 0 and (first := evaluate()):
         tracker.log(first, 0, args.max_steps)
-    pad_id = tokenizer.pad_token_id
-    sums, n_logged = {}, 0
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    window, first_rpf = defaultdict(list), []  # per-step metrics since the last log; rewards of the first window
     model.train()
     for step in range(start_step, args.max_steps):
         done = step + 1
-        indices = data.batch_indices(len(rows), global_prompts, step, args.seed)
-        micro = distributed.micro_batches(indices, args, accelerator)
+        indices = data.batch_indices(len(rows), num_global // k, step, args.seed)
+        micro = [indices[(m * W + rank) * P:(m * W + rank + 1) * P] for m in range(GA)]  # this process's prompts
 
-        # 1. completions, rewards and frozen log-probs for this process's micro-batches
-        mbs, sample_rows = [], []
+        # ---- 1. generate: K completions per prompt from the sampler (online) or the data's; frozen log-probs
+        mbs = []
         for mb in micro:
-            prompt_ids = [rows[i]["prompt_ids"] for i in mb]
             if online:
-                gen = generator.generate(sampler, prompt_ids, n=k)
-                c_ids, c_mask, terminated = gen.completion_ids.to(device), gen.completion_mask.to(device), gen.terminated
-                texts = gen.texts
-                prompts = [rows[i]["prompt"] for i in mb for _ in range(k)]
-                completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
-                               for p, t in zip(prompts, texts)]
-                cols = {c: [rows[i]["columns"][c] for i in mb for _ in range(k)] for c in rows[mb[0]]["columns"]}
-                ids_list = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
-                r = combine_rewards(reward_utils.score(funcs, prompts, completions, ids_list, cols), args.reward_weights)
-                beh = None
+                gen = generator.generate(sampler, [rows[i]["prompt_ids"] for i in mb], n=k)
+                c_ids = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
+                texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
             else:
-                comp = [c for i in mb for c in rows[i]["completion_ids"]]
-                c_ids, c_mask = data.pad(comp, pad_id, "right")
-                c_ids, c_mask = c_ids.to(device), c_mask.to(device)
-                terminated = torch.ones(len(comp), dtype=torch.bool)
+                gen, c_ids = None, [c for i in mb for c in rows[i]["completion_ids"]]
                 texts = [t for i in mb for t in rows[i]["completion_texts"]]
+                terminated = torch.tensor([len(c) > 0 and c[-1] == eos_id for c in c_ids])
                 r = torch.tensor([x for i in mb for x in rows[i]["rewards"]])
-                beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
-                       if "behavior_logps" in rows[mb[0]] else None)
-                gen = None
-            batch = make_batch(prompt_ids, c_ids, c_mask, k, pad_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
+                s_beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
+                         if "behavior_logps" in rows[mb[0]] else None)
+            batch = data.batch_prompt_completion([rows[i]["prompt_ids"] for i in mb for _ in range(k)], c_ids, pad_id)
+            batch = {key: v.to(device) for key, v in batch.items()}  # completion mask from token counts (choice 7)
             with torch.no_grad():
                 s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
                 s_old, old_tok = sequence_logps(old_model, batch, args.temperature) if old_model is not None else (None, None)
-            mbs.append({"batch": batch, "rewards": r, "s_ref": s_ref, "s_old": s_old, "s_beh": beh, "gen": gen,
-                        "old_tok": old_tok, "terminated": terminated})
-            if len(sample_rows) < 4:
-                sample_rows += [{"prompt": str(rows[i]["prompt"]), "completion": texts[j * k + kk],
-                                 "reward": r[j * k + kk].item()} for j, i in enumerate(mb[:2]) for kk in range(k)]
+            mbs.append({"mb": mb, "batch": batch, "ids": c_ids, "texts": texts, "terminated": terminated,
+                        "rewards": r, "s_ref": s_ref, "s_old": s_old, "old_tok": old_tok, "s_beh": s_beh, "gen": gen})
 
-        # 2. advantages, E-step weights and the η dual over the whole step's batch (choice 4)
+        # ---- 2. score: (N_local, F) rewards per source, NaN = not scored (choice 8); a NaN or inf from a source
+        # stops the run here, before any update. Gathered over processes: (B_global, K)
+        if online:
+            for m in mbs:
+                prompts = [rows[i]["prompt"] for i in m["mb"] for _ in range(k)]
+                cols = {c: [rows[i]["columns"][c] for i in m["mb"] for _ in range(k)] for c in rows[0]["columns"]}
+                m["rpf"] = sources(prompts, rollout.as_completions(prompts, m["texts"]), m["ids"], cols)
+                m["rewards"] = combine_rewards(m["rpf"], sources.weights)
+            rpf_all = distributed.gather_cat(accelerator, torch.cat([m["rpf"] for m in mbs]).to(device)).cpu()
         local_r = torch.cat([m["rewards"] for m in mbs]).float()
-        all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)  # (B_global, K)
+        all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)
+
+        # ---- 3. targets: advantages, the top-n E-step and ψ over the whole step's batch (choices 4, 5, 8)
         if args.baseline == "ema":
-            state["ema"] = update_ema(state["ema"], all_r.mean().item(), args.reward_ema_decay)
+            state["ema"] = update_ema(state["ema"], torch.nanmean(all_r).item(), args.reward_ema_decay)
         adv = compute_advantages(all_r, args.baseline, args.adv_norm, state["ema"]).flatten()  # (N,)
         selected = select_top(adv, args.topk_fraction)
         eta_now, alpha_now = duals.eta().item(), duals.alpha().item()
         psi = estep_weights(adv, selected, eta_now)
-        offset = accelerator.process_index * local_r.numel()
-        local_psi = psi[offset:offset + local_r.numel()].to(device)
+        local_psi = psi[rank * local_r.numel():(rank + 1) * local_r.numel()].to(device)
 
-        # 3. M-step: weighted maximum likelihood + α·KL (+ reference anchor), one backward per micro-batch
-        st = dict.fromkeys(("policy_loss", "kl_loss", "ref_anchor_loss", "kl", "s_policy", "s_ref", "s_old",
-                            "anchor", "len", "term", "neg_logp", "tokens", "sampler_diff", "sampler_diff_max",
-                            "is_min", "is_max", "is_sum"), 0.0)
-        st["is_min"], pos = float("inf"), 0
+        # ---- 4. update: weighted maximum likelihood + α·KL (+ reference anchor), one backward per micro-batch
+        st, pos = defaultdict(float), 0
         for m in mbs:
-            batch, n_mb = m["batch"], m["rewards"].numel()
+            batch, n_mb = m["batch"], len(m["ids"])
             w = local_psi[pos:pos + n_mb]
             pos += n_mb
             with accelerator.accumulate(model):
@@ -630,33 +644,19 @@ def main(args: Args):
                 cm = batch["completion_mask"].float()
                 for key, v in parts.items():
                     st[key] += v
-                st["kl"] += kl_val.sum().item()
-                st["anchor"] += anchor_val.sum().item() if anchor_val is not None else 0.0
-                st["s_policy"] += s_pol.sum().item()
-                st["s_ref"] += m["s_ref"].sum().item()
                 sampler_s = m["s_old"] if m["s_old"] is not None else (m["s_beh"] if m["s_beh"] is not None else s_pol)
-                st["s_old"] += sampler_s.sum().item()
-                st["len"] += cm.sum().item()
-                st["term"] += m["terminated"].float().sum().item()
-                st["neg_logp"] += -(tok * cm).sum().item()
-                gen = m["gen"]
-                if gen is not None and gen.sampler_logps is not None:  # sampler (e.g. vLLM) vs trainer log-probs
-                    trainer_tok = m["old_tok"] if m["old_tok"] is not None else tok
-                    diff = (gen.sampler_logps.to(device) - trainer_tok).abs() * cm
-                    ratio = torch.exp(trainer_tok - gen.sampler_logps.to(device))[cm.bool()]
-                    st["sampler_diff"] += diff.sum().item()
-                    st["sampler_diff_max"] = max(st["sampler_diff_max"], diff.max().item())
-                    st["is_min"], st["is_max"] = min(st["is_min"], ratio.min().item()), max(st["is_max"], ratio.max().item())
-                    st["is_sum"] += ratio.sum().item()
+                for key, v in (("kl", kl_val), ("anchor", anchor_val), ("s_policy", s_pol), ("s_ref", m["s_ref"]),
+                               ("s_old", sampler_s), ("len", cm), ("neg_logp", -(tok * cm))):
+                    st[key] += v.sum().item() if v is not None else 0.0
+                m["trainer_tok"] = m["old_tok"] if m["old_tok"] is not None else tok.detach()  # the sampler's, here
+        tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items()}
 
-        # 4. duals: one step on L_η + L_α from the global batch (choice 3)
-        tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items()
-               if key not in ("sampler_diff_max", "is_min", "is_max")}
+        # duals: one step on L_η + L_α from the global batch (choices 3, 8)
         kl_mean = tot["kl"] / num_global
         dual_opt.zero_grad()
-        eta_loss = eta_dual_loss(duals.eta(), adv, selected, args.eps_eta)
+        eta_loss = eta_dual_loss(duals.eta(), adv, selected, args.eps_eta) if selected.any() else None
         alpha_loss = alpha_dual_loss(duals.alpha(), kl_mean, args.eps_alpha)
-        (eta_loss + alpha_loss).backward()
+        (alpha_loss + eta_loss if eta_loss is not None else alpha_loss).backward()
         dual_opt.step()
         duals.clamp_(args.min_eta, args.max_eta, args.min_alpha, args.max_alpha)
         state["streak"] = state["streak"] + 1 if abs(kl_mean) <= args.kl_zero_tol else 0
@@ -665,54 +665,58 @@ def main(args: Args):
             warnings.warn(f"the KL ({args.kl_estimator}) has been below {args.kl_zero_tol} for {state['streak']} "
                           f"steps: the trust region is inactive (old-policy sync too frequent, or no behaviour "
                           f"log-probs?)")
-
-        # 5. old-policy snapshot: hard copy every old_policy_sync_steps optimizer steps
+        # old-policy snapshot: hard copy every old_policy_sync_steps optimizer steps
         if old_model is not None and done % args.old_policy_sync_steps == 0:
             old_model.load_state_dict(accelerator.unwrap_model(model).state_dict())
             state["syncs"] += 1
         if generator is not None and (old_model is None or done % args.old_policy_sync_steps == 0):
             generator.sync_weights(sampler)
 
-        # 6. metrics (means over the steps since the last log)
-        sel_adv = adv[selected]
-        metrics = {
-            "vmpo/rewards_mean": all_r.mean().item(), "vmpo/rewards_std": all_r.std(unbiased=False).item(),
-            "vmpo/advantages_mean": adv.mean().item(), "vmpo/advantages_std": adv.std(unbiased=False).item(),
-            "vmpo/top_advantages_mean": sel_adv.mean().item(),
+        # ---- 5. log: means over the steps since the last log (NaN-aware), counters and duals at their current value
+        sel_adv, scored_r = adv[selected], all_r[~torch.isnan(all_r)]
+        lens = torch.tensor([len(c) for m in mbs for c in m["ids"]])
+        window_add(window, rollout.completion_metrics(accelerator, torch.arange(int(lens.max()))[None] < lens[:, None],
+                                                      torch.cat([m["terminated"] for m in mbs])))
+        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: its gap to the trainer
+            window_add(window, rollout.sampler_gap_metrics(accelerator, [m["trainer_tok"] for m in mbs],
+                                                           [m["gen"].sampler_logps for m in mbs],
+                                                           [m["batch"]["completion_mask"] for m in mbs]))
+        if online:
+            window_add(window, sources.metrics(rpf_all))
+            first_rpf = first_rpf + [rpf_all] if first_rpf is not None else None
+        window_add(window, {
+            "vmpo/rewards_mean": torch.nanmean(all_r).item(), "vmpo/rewards_std": nanstd(all_r).item(),
+            "vmpo/advantages_mean": torch.nanmean(adv).item(), "vmpo/advantages_std": nanstd(adv).item(),
+            "vmpo/top_advantages_mean": sel_adv.mean().item() if sel_adv.numel() else float("nan"),
             "vmpo/top_advantages_std": sel_adv.std(unbiased=False).item() if sel_adv.numel() > 1 else 0.0,
             "vmpo/weights_entropy": weights_entropy(psi), "vmpo/weights_kl_uniform": weights_kl_from_uniform(psi, selected),
-            "vmpo/selected_fraction": selected.float().mean().item(), "vmpo/eta": eta_now, "vmpo/eta_loss": eta_loss.item(),
-            "vmpo/alpha": alpha_now, "vmpo/kl_mean": kl_mean, "vmpo/logps_policy": tot["s_policy"] / num_global,
+            "vmpo/selected_fraction": selected.float().mean().item(), "vmpo/scored_fraction": scored_r.numel() / num_global,
+            "vmpo/eta_loss": eta_loss.item() if eta_loss is not None else float("nan"),
+            "vmpo/kl_mean": kl_mean, "vmpo/logps_policy": tot["s_policy"] / num_global,
             "vmpo/logps_ref": tot["s_ref"] / num_global, "vmpo/logps_old": tot["s_old"] / num_global,
             "vmpo/policy_loss": tot["policy_loss"], "vmpo/kl_loss": tot["kl_loss"],
             "vmpo/ref_anchor_loss": tot["ref_anchor_loss"],
-            "vmpo/reward_ema_baseline": state["ema"] if state["ema"] is not None else all_r.mean().item(),
-            "vmpo/near_zero_kl_streak": state["streak"],
             "vmpo/loss": tot["policy_loss"] + tot["kl_loss"] + tot["ref_anchor_loss"],
-            "vmpo/old_policy_syncs": state["syncs"],
+            "vmpo/reward_ema_baseline": state["ema"] if state["ema"] is not None else torch.nanmean(all_r).item(),
             "kl_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
-            "completions/mean_length": tot["len"] / num_global, "completions/terminated": tot["term"] / num_global,
-            "entropy": tot["neg_logp"] / max(tot["len"], 1), "learning_rate": scheduler.get_last_lr()[0],
-        }
-        if tot["is_sum"]:
-            metrics.update({"sampling/sampling_logp_difference/mean": tot["sampler_diff"] / tot["len"],
-                            "sampling/sampling_logp_difference/max": st["sampler_diff_max"],
-                            "sampling/importance_sampling_ratio/min": st["is_min"],
-                            "sampling/importance_sampling_ratio/mean": tot["is_sum"] / tot["len"],
-                            "sampling/importance_sampling_ratio/max": st["is_max"]})
-        for key, v in metrics.items():
-            sums[key] = sums.get(key, 0.0) + v
-        n_logged += 1
+            "entropy": tot["neg_logp"] / max(tot["len"], 1),
+        })
         if done % args.logging_steps == 0 or done == args.max_steps:
-            out = {key: v / n_logged for key, v in sums.items()}
-            for key in ("vmpo/near_zero_kl_streak", "vmpo/old_policy_syncs", "vmpo/eta", "vmpo/alpha"):
-                out[key] = metrics[key]  # counters and duals: the current value
-            sums, n_logged = {}, 0
+            if online and first_rpf is not None:  # one loud warning when no reward varied at all
+                sources.check_varies(first_rpf, accelerator.is_main_process)
+                first_rpf = None
+            out = {key: (sum(v) / len(v) if v else float("nan")) for key, v in window.items()}
+            out.update({"vmpo/eta": eta_now, "vmpo/alpha": alpha_now, "vmpo/near_zero_kl_streak": state["streak"],
+                        "vmpo/old_policy_syncs": state["syncs"], "train/skipped_steps": state["skipped"],
+                        "learning_rate": scheduler.get_last_lr()[0]})
+            window = defaultdict(list)
             if done == args.max_steps or (args.eval_steps and done % args.eval_steps == 0):
                 out.update(evaluate())
             tracker.log(out, done, args.max_steps)
         if args.log_completions_steps and done % args.log_completions_steps == 0:
-            tracker.log_samples(done, sample_rows)
+            m = mbs[0]
+            tracker.log_samples(done, [{"prompt": str(rows[m["mb"][j // k]]["prompt"]), "completion": m["texts"][j],
+                                        "reward": m["rewards"][j].item()} for j in range(min(4, len(m["texts"])))])
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             save(accelerator, args, done, model, tokenizer, tracker, state, duals, dual_opt, old_model)
 
@@ -722,6 +726,13 @@ def main(args: Args):
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()
+
+
+def window_add(window: dict, metrics: dict):
+    """Add one step's metrics to the logging window; NaN values (undefined this step) are left out."""
+    for key, v in metrics.items():
+        if not math.isnan(v):
+            window[key].append(v)
 
 
 def save(accelerator, args, step, model, tokenizer, tracker, state, duals, dual_opt, old_model):

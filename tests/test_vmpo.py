@@ -184,7 +184,99 @@ def test_degenerate_configurations_fail_with_the_reason():
         check_args(Args(old_policy_sync_steps=1))
 
 
+def test_batch_scale_is_the_std_of_the_per_prompt_centred_advantages():
+    """Choice 5: with --baseline per_prompt --adv_norm batch the scale is the std of r - mean_k r (as the fork and
+    dar.py), not the std of the raw rewards (about sqrt((K-1)/K) of it: 0.71x at K = 2)."""
+    import dar
+
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    # centred: [0.5, -0.5, 0, 0, 0, 0]; biased std over the 6 samples = sqrt(0.5 / 6) = 0.288675
+    a = compute_advantages(r, "per_prompt", "batch")
+    s = math.sqrt(0.5 / 6)
+    assert a.flatten().tolist() == pytest.approx([0.5 / s, -0.5 / s, 0, 0, 0, 0], rel=1e-5)
+    assert torch.allclose(a, dar.dar_advantages(r, "batch"))  # vmpo and dar agree
+    # a batch baseline (or an EMA) is a constant shift: its std is the raw rewards' std
+    assert torch.allclose(compute_advantages(r, "batch", "batch"), (r - r.mean()) / r.std(unbiased=False))
+    # the per-prompt scale is each prompt's own std of its centred advantages
+    assert compute_advantages(r, "per_prompt", "per_prompt")[0].tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_ema_start_is_a_constant_shift_that_changes_no_update():
+    """Choice 9: the EMA starts at the first step's mean (the fork at 0). A constant shift of every advantage leaves
+    the selection, ψ and the η gradient unchanged (only the logged eta_loss and baseline move)."""
+    assert vmpo.update_ema(None, 0.3, 0.98) == 0.3
+    assert vmpo.update_ema(0.3, float("nan"), 0.98) == 0.3  # a step with no scored sample leaves it alone
+    torch.manual_seed(5)
+    r = torch.rand(8, 2)
+    grads, losses = [], []
+    for ema in (0.3, 0.0):  # ours after step 1, the fork's start
+        adv = compute_advantages(r, "ema", "none", ema=ema).flatten()
+        sel = select_top(adv, 0.5)
+        eta = torch.tensor(0.5, requires_grad=True)
+        loss = eta_dual_loss(eta, adv, sel, 0.1)
+        loss.backward()
+        grads.append((sel, estep_weights(adv, sel, 0.5), eta.grad.item()))
+        losses.append(loss.item())
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    assert grads[0][2] == pytest.approx(grads[1][2], abs=1e-5)
+    assert losses[1] - losses[0] == pytest.approx(0.3, abs=1e-5)  # η·logsumexp((A + c)/η) moves by c itself
+
+
+def test_not_scored_samples_are_left_out_of_the_e_step():
+    """Choice 8: NaN rewards (no source scored the sample) are out of the baseline, the scale, the top-n, ψ and L_η."""
+    nan = float("nan")
+    # combining sources: weighted sum over the sources that scored the sample, NaN when none did (never 0)
+    rpf = torch.tensor([[1.0, nan], [nan, nan], [0.5, 2.0]])
+    assert vmpo.combine_rewards(rpf, [2.0, 1.0]).tolist()[::2] == [2.0, 3.0]
+    assert math.isnan(vmpo.combine_rewards(rpf, [2.0, 1.0])[1])
+    r = torch.tensor([[1.0, nan], [0.0, 1.0], [nan, nan]])
+    a = compute_advantages(r, "batch", "none")  # batch mean over the 3 scored rewards = 2/3
+    assert a.flatten()[[0, 2, 3]].tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3])
+    assert torch.isnan(a.flatten()[[1, 4, 5]]).all()
+    a = compute_advantages(r, "per_prompt", "batch")  # prompt 0's single scored sample is its own baseline
+    s = math.sqrt(0.5 / 3)  # biased std of the 3 scored centred advantages [0, -0.5, 0.5]
+    assert a.flatten()[[0, 2, 3]].tolist() == pytest.approx([0.0, -0.5 / s, 0.5 / s], abs=1e-5)
+    adv = compute_advantages(r, "batch", "none").flatten()
+    sel = select_top(adv, 1.0)  # even ρ = 1 keeps only the 3 scored samples
+    assert sel.tolist() == [True, False, True, True, False, False]
+    assert select_top(adv, 0.5).tolist() == [True, False, False, True, False, False]  # ceil(0.5 * 3) = 2
+    w = estep_weights(adv, sel, 0.7)
+    assert w.sum().item() == pytest.approx(1.0) and (w[~sel] == 0).all()
+    eta = torch.tensor(0.7, requires_grad=True)
+    scored = adv[~torch.isnan(adv)]
+    want = 0.7 * 0.1 + 0.7 * (torch.logsumexp(scored / 0.7, 0) - math.log(3))
+    assert eta_dual_loss(eta, adv, sel, 0.1).item() == pytest.approx(want.item(), rel=1e-6)
+    # nothing scored: nothing selected, no weight anywhere
+    none = torch.full((4,), nan)
+    assert not select_top(none, 0.5).any() and (estep_weights(none, select_top(none, 0.5), 1.0) == 0).all()
+
+
+def test_batch_counts_completions():
+    """Choice 10: --per_device_train_batch_size counts completions and must hold whole prompts of K."""
+    vmpo.check_batch(Args(per_device_train_batch_size=64, k=2), 2, online=True)
+    with pytest.raises(ValueError, match="--per_device_train_batch_size 6 .*--k 4"):
+        vmpo.check_batch(Args(per_device_train_batch_size=6, k=4), 4, online=True)
+    with pytest.raises(ValueError, match="K = 3, the completions per row"):
+        vmpo.check_batch(Args(per_device_train_batch_size=64), 3, online=False)
+    assert Args().per_device_train_batch_size // Args().k == 32  # the default: 32 prompts x K = 2
+
+
+def test_offline_rewards_null_is_not_scored_and_inf_is_refused(tmp_path):
+    from common import toy
+
+    tok = toy.make_tokenizer()
+    rows = [{"prompt": "1+2=", "completions": ["3", "4"], "rewards": [1.0, None]}]
+    path = tmp_path / "pcr.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, k, out = vmpo.load_rows(Args(dataset_name=str(path)), tok)
+    assert k == 2 and out[0]["rewards"][0] == 1.0 and math.isnan(out[0]["rewards"][1])
+    path.write_text('{"prompt": "1+2=", "completions": ["3", "4"], "rewards": [1.0, Infinity]}\n')
+    with pytest.raises(ValueError, match="'rewards' of row 0"):
+        vmpo.load_rows(Args(dataset_name=str(path)), tok)
+
+
 def test_eos_stays_in_the_completion_mask_when_pad_is_eos(tmp_path):
+    """Choice 7: the completion mask comes from token counts (offline) or generation (online), never from pad."""
     from common import toy
 
     tok = toy.make_tokenizer()
@@ -194,8 +286,8 @@ def test_eos_stays_in_the_completion_mask_when_pad_is_eos(tmp_path):
     mode, k, rows = vmpo.load_rows(Args(dataset_name=str(path)), tok)
     assert mode == "prompt_completion_reward" and k == 2
     comp = [c for r in rows for c in r["completion_ids"]]
-    c_ids, c_mask = vmpo.data.pad(comp, tok.pad_token_id, "right")
-    batch = vmpo.make_batch([r["prompt_ids"] for r in rows], c_ids, c_mask, k, tok.pad_token_id)
+    batch = vmpo.data.batch_prompt_completion([r["prompt_ids"] for r in rows for _ in range(k)], comp,
+                                              tok.pad_token_id)
     for i, c in enumerate(comp):
         assert c[-1] == tok.eos_token_id and batch["completion_mask"][i].sum() == len(c)
     # online: generation's mask keeps the first EOS
@@ -207,8 +299,8 @@ def test_eos_stays_in_the_completion_mask_when_pad_is_eos(tmp_path):
 
 
 # ----------------------------------------------------------------------------- tier 2: runs
-FAST = ["--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "8", "--num_eval_prompts", "16",
-        "--log_completions_steps", "1"]
+FAST = ["--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "16", "--num_eval_prompts", "16",
+        "--log_completions_steps", "1"]  # 16 completions = 8 prompts x K = 2 (choice 10)
 
 
 def _params_moved(out_dir, start_dir) -> bool:
@@ -252,6 +344,38 @@ def test_online_run_with_a_reward_model(tmp_path, toy_rm):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert any(s["reward"] not in (0.0, 1.0) for s in samples)  # continuous scores, not the gold exact match
     assert train[0]["vmpo/rewards_std"] > 0
+
+
+PARTLY_SCORED = """
+calls = 0
+
+
+def partly(prompts, completions, **kwargs):
+    # every other sample not scored (None); on the second call a NaN-free but infinite reward for sample 0
+    global calls
+    calls += 1
+    out = [None if i % 2 else float(len(c) % 2) for i, c in enumerate(completions)]
+    if calls == 2:
+        out[0] = float("inf")
+    return out
+"""
+
+
+def test_not_scored_samples_in_a_run_and_an_inf_reward_stops_it(tmp_path):
+    """Choice 8 through the entry point: step 1 has half its samples unscored (left out of the E-step); the inf
+    returned at step 2 stops the run there, before that step's update: no checkpoint-2, no final model."""
+    (tmp_path / "partly.py").write_text(PARTLY_SCORED)
+    out = tmp_path / "run"
+    proc = run_script("vmpo.py", *FAST, "--reward_funcs", f"{tmp_path}/partly.py:partly", "--save_steps", "1",
+                      "--dataset_name", "toy:add", "--output_dir", str(out), check=False)
+    assert proc.returncode != 0 and "reward function 'partly' returned inf" in proc.stderr, proc.stderr[-2000:]
+    train = [r for r in read_metrics(out) if r["step"] > 0]
+    assert [r["step"] for r in train] == [1]
+    assert train[0]["vmpo/scored_fraction"] == 0.5  # 8 of the 16 samples
+    assert train[0]["vmpo/selected_fraction"] == pytest.approx(4 / 16)  # ceil(0.5 * 8 scored) of 16
+    assert math.isfinite(train[0]["vmpo/loss"]) and math.isfinite(train[0]["vmpo/rewards_mean"])
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    assert not (out / "model.safetensors").exists()
 
 
 def test_old_policy_sync_at_the_configured_step(tmp_path):
@@ -301,7 +425,7 @@ def test_reward_offline_run_with_behavior_logps(tmp_path, toy_policy):
     ds.to_json(str(path))
     out = tmp_path / "run"
     proc = run_script("vmpo.py", *FAST, "--dataset_name", str(path), "--kl_estimator", "behavior", "--output_dir",
-                      str(out))
+                      str(out), "--per_device_train_batch_size", "32")  # 8 rows x K = 4
     assert "K = 4" in proc.stdout
     train = _check_metrics(out, toy=False)
     assert train[0]["vmpo/rewards_mean"] == pytest.approx(0.25)  # one right answer in four
@@ -324,7 +448,7 @@ def test_degenerate_config_fails_at_startup(tmp_path):
 
 def test_two_processes_cpu(tmp_path):
     out = tmp_path / "run"
-    proc = run_script("vmpo.py", "--k", "2", *FAST, "--per_device_train_batch_size", "4", "--output_dir", str(out),
+    proc = run_script("vmpo.py", "--k", "2", *FAST, "--per_device_train_batch_size", "8", "--output_dir", str(out),
                       launcher=accelerate_launcher(2), env={"ACCELERATE_USE_CPU": "true"})
     train = _check_metrics(out)
     assert json.loads((out / "args.json").read_text())["k"] == 2
