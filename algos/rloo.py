@@ -10,17 +10,32 @@ policy, a *reward penalty* (sequence sum of k1, paper Sec. 2.2 / InstructGPT):
 and its baseline is the mean of the other k-1 rewards of the same prompt:
     A_i = R_i - (1/(k-1)) Σ_{j≠i} R_j  =  k/(k-1) (R_i - mean_j R_j)
 The paper's loss is REINFORCE on the sequence log-prob S_θ(y) = Σ_t m_t log π_θ(y_t|.):  L = -mean_i A_i S_θ(y_i).
-DEVIATION(paper Eq. 6): with --num_iterations > 1 (reusing a batch, not in the paper) the loss is PPO's clipped
-surrogate on the sequence ratio ρ_i = exp(S_θ(y_i) - S_old(y_i)) (Schulman et al., arXiv 1707.06347, Eq. 7; TRL's
-RLOOTrainer does the same):  L = mean_i -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i).
-With one iteration ρ ≡ 1 (π_old = sg(π_θ)) and its gradient is exactly the paper's. --normalize_advantages
-z-scores the advantages over the whole batch (off by default, as in TRL). A sample no reward function scores gets
-A = 0 and is left out of its group's baseline. Losses are means over sequences per micro-batch (every micro-batch
-holds the same number of completions, so accumulation and DDP averaging give the batch mean).
 
-Batch arithmetic as in grpo.py: each process samples per_device_train_batch_size * gradient_accumulation_steps /
-num_generations prompts, k completions each, and takes num_iterations optimizer steps over them in
-gradient_accumulation_steps micro-batches; groups stay on one process, so baselines are computed locally.
+Implementation details (numbered so the tests and the README can point at them):
+ 1. Groups stay whole on one process, as in grpo.py (detail 1): each process samples
+    per_device_train_batch_size * gradient_accumulation_steps / num_generations prompts, k completions each, and
+    takes num_iterations optimizer steps over them in gradient_accumulation_steps micro-batches; baselines are
+    computed locally, and 2 processes give the same update as 1 process with twice the per-device batch.
+ 2. Rewards: the weighted sum over the sources that scored the sample. A sample no source scores gets A = 0 and is
+    left out of its group's baselines (as TRL 1.16); a group with fewer than 2 scored samples gets A = 0. A NaN or
+    inf returned by a source stops the run before any update, naming the source and the sample.
+ 3. KL: a reward penalty (not a loss term), the k1 sequence sum of log π_old - log π_ref over the loss mask, with
+    the log-probs computed once per generation batch (as TRL 1.16's RLOOTrainer). The reference model is loaded only
+    if beta > 0.
+ 4. --normalize_advantages z-scores the advantages over the samples that have a baseline (all processes); unscored
+    samples keep A = 0 (as TRL 1.16, which normalises over the scorable subset). Off by default, as in TRL.
+ 5. DEVIATION(paper Eq. 6): with --num_iterations > 1 (reusing a batch, not in the paper) the loss is PPO's clipped
+    surrogate on the sequence ratio ρ_i = exp(S_θ(y_i) - S_old(y_i)) (Schulman et al., arXiv 1707.06347, Eq. 7;
+    TRL's RLOOTrainer does the same):  L = mean_i -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i). With one iteration
+    ρ ≡ 1 (π_old = sg(π_θ)) and its gradient is exactly the paper's.
+ 6. Aggregation: a mean over sequences per micro-batch; every micro-batch holds the same number of completions, so
+    accumulation and DDP averaging give the batch mean.
+ 7. Sampler mismatch (vLLM): logged under TRL's sampling/* names, not corrected (TRL 1.16's RLOO loss does not
+    apply an importance-sampling ratio either).
+ 8. --mask_truncated_completions leaves completions that did not end with EOS out of the loss and of the KL
+    penalty; the completion mask comes from generation (cut after the first EOS, EOS kept), never from pad_token_id.
+ 9. Non-finite safety: a non-finite gradient norm skips the optimizer step (train/skipped_steps); when no reward
+    varied over the first logging window, one loud warning names the sources.
 
 Defaults differ from TRL's (k = 2, lr 1e-6) to suit the toy task: k = 8 completions per prompt (as GRPO/GMPO here,
 for a like-for-like benchmark), β = 0.05 (TRL's).
@@ -45,7 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
+from common import checkpoint, data, distributed, evaluation, model as model_utils, rollout, tracking
+from common import rewards as reward_utils
 from common.generation import build_generator
 
 
@@ -81,6 +97,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -185,16 +203,18 @@ def kl_shaped_rewards(rewards: torch.Tensor, old_logps: torch.Tensor | None, ref
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = False) -> torch.Tensor:
     """(N,) rewards, rows g*k..(g+1)*k-1 one group -> A_i = R_i - mean of the other scored rewards of its group.
     Unscored (NaN) samples get A = 0 and are left out of the baselines; a group with < 2 scored samples gets 0.
-    normalize: z-score the advantages over the batch."""
+    normalize: z-score the advantages over the batch's samples that have a baseline (the others stay 0)."""
     assert rewards.dim() == 1 and rewards.numel() % group_size == 0 and group_size >= 2
     r = rewards.view(-1, group_size)  # (N/k, k)
     valid = ~torch.isnan(r)
     r0 = torch.where(valid, r, torch.zeros_like(r))
     count = valid.sum(1, keepdim=True)
     baseline = (r0.sum(1, keepdim=True) - r0) / (count - 1).clamp(min=1)
-    adv = torch.where(valid & (count >= 2), r0 - baseline, torch.zeros_like(r)).reshape(-1)
-    if normalize and adv.numel() > 1:
-        adv = (adv - adv.mean()) / (adv.std() + 1e-4)
+    has = (valid & (count >= 2)).reshape(-1)  # samples with a baseline
+    adv = torch.where(has, (r0 - baseline).reshape(-1), torch.zeros(r.numel(), dtype=r.dtype))
+    if normalize and has.sum() > 1:  # z-score over those samples only; the others keep A = 0 (detail 4)
+        a = adv[has]
+        adv = torch.where(has, (adv - a.mean()) / (a.std() + 1e-4), adv)
     return adv
 
 
@@ -219,6 +239,11 @@ def check_args(args: Args) -> int:
     """Reject bad flag combinations before anything is loaded; returns the prompts per process and generation."""
     if args.beta < 0:
         raise ValueError("--beta must be >= 0")
+    return check_batch(args)
+
+
+def check_batch(args) -> int:
+    """The prompts per process and generation batch; errors naming the flags when the batch cannot hold whole groups."""
     if args.num_generations < 2:
         raise ValueError("--num_generations must be >= 2 (the leave-one-out baseline needs another sample)")
     if args.num_iterations < 1 or args.max_steps <= 0:
@@ -226,41 +251,31 @@ def check_args(args: Args) -> int:
     gen_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
     if gen_batch % args.num_generations:
         good = args.num_generations * max(1, round(gen_batch / args.num_generations))
+        fits = good % args.gradient_accumulation_steps == 0
         raise ValueError(
             f"the per-process batch per_device_train_batch_size * gradient_accumulation_steps = "
             f"{args.per_device_train_batch_size} * {args.gradient_accumulation_steps} = {gen_batch} completions is not "
             f"divisible by --num_generations {args.num_generations} (groups are kept whole on one process); e.g. set "
-            f"--per_device_train_batch_size {good // args.gradient_accumulation_steps if good % args.gradient_accumulation_steps == 0 else good} "
-            f"{'' if good % args.gradient_accumulation_steps == 0 else '--gradient_accumulation_steps 1 '}"
-            f"or change --num_generations")
-    n_sources = len(reward_specs(args))
-    if args.reward_weights is not None and len(args.reward_weights) != n_sources:
-        raise ValueError(f"--reward_weights has {len(args.reward_weights)} values but there are {n_sources} reward "
-                         f"sources ({reward_specs(args)}); give one weight per source")
+            f"--per_device_train_batch_size {good // args.gradient_accumulation_steps if fits else good} "
+            f"{'' if fits else '--gradient_accumulation_steps 1 '}or change --num_generations")
     return gen_batch // args.num_generations
 
 
-def reward_specs(args: Args) -> list[str]:
-    specs = list(args.reward_funcs) if args.reward_funcs else []
-    if not specs and args.reward_model_name_or_path is None:
-        task = data.toy_task(args.dataset_name)
-        if task is None:
-            raise ValueError("--reward_funcs is required for non-toy datasets (e.g. 'my_rewards.py:accuracy' or "
-                             "--reward_model_name_or_path DIR)")
-        specs = [task]
-    if args.reward_model_name_or_path is not None:
-        specs.append(f"model:{args.reward_model_name_or_path}")
-    return specs
-
-
-def load_prompts(args: Args, tokenizer):
-    """Prompt-only rows (other columns kept for the reward functions) and their tokenised rendered prompts."""
+def load_prompts(args, tokenizer, script: str):
+    """Prompt-only training rows (other columns kept for the reward functions) and their tokenised rendered prompts."""
     ds = data.convert(data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt"), "prompt",
-                      script="rloo.py")
+                      script=script)
     ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
     if args.max_prompt_length:
         ids = [s[-args.max_prompt_length:] for s in ids]
     return ds, ids
+
+
+def check_fits(n_rows: int, prompts_per_generation: int):
+    if n_rows < prompts_per_generation:
+        raise ValueError(f"the dataset has {n_rows} prompts, fewer than one generation batch of "
+                         f"{prompts_per_generation} (processes x per_device_train_batch_size x "
+                         "gradient_accumulation_steps / num_generations): lower the batch size or use more data")
 
 
 def sequence_logps(model, batch: dict, rows: slice, temperature: float, return_entropy: bool = False):
@@ -276,26 +291,43 @@ def sequence_logps(model, batch: dict, rows: slice, temperature: float, return_e
     return out, T
 
 
+def rollout_batch(p_ids: list[list[int]], out, G: int, pad_id: int, mask_truncated: bool, device) -> dict:
+    """[left-padded prompt | right-padded completion] of every sample (row i*G + j), its completion mask and the
+    loss mask (completion mask, without truncated completions when mask_truncated)."""
+    completion_ids = rollout.completion_id_lists(out.completion_ids, out.completion_mask)
+    b = data.batch_prompt_completion([p for p in p_ids for _ in range(G)], completion_ids, pad_id)
+    cmask = b["completion_mask"].float()
+    loss_mask = cmask * out.terminated.cpu()[:, None].float() if mask_truncated else cmask
+    return {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device),
+            "completion_mask": b["completion_mask"].to(device), "loss_mask": loss_mask.to(device),
+            "prompt_len": b["input_ids"].shape[1] - cmask.shape[1], "completion_ids": completion_ids}
+
+
+def window_add(window: dict, metrics: dict):
+    """Append each metric of one generation batch or step to the logging window."""
+    for k_, v in metrics.items():
+        window[k_].append(v)
+
+
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
+    # ---- plumbing (safe to skip): checks, data and reward sources, run folder, models
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     prompts_per_process = check_args(args)
     eps_low, eps_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
     G, A_steps, mu = args.num_generations, args.gradient_accumulation_steps, args.num_iterations
+    B = args.per_device_train_batch_size
     accelerator = distributed.make_accelerator(args)
     W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-
-    # data and reward functions first: bad input fails before any model is loaded
+    specs = reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name)
+    reward_utils.check_weights(specs, args.reward_weights)
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
-    ds, prompt_ids = load_prompts(args, tokenizer)
-    all_prompts = ds["prompt"]
+    ds, prompt_ids = load_prompts(args, tokenizer, "rloo.py")
+    check_fits(len(ds), prompts_per_process * W)
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
-    conversational = data.is_conversational(ds[0])
-    specs = reward_specs(args)
-    reward_funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
-    reward_names = [reward_utils.reward_name(f) for f in reward_funcs]
-    weights = torch.tensor(args.reward_weights if args.reward_weights is not None else [1.0] * len(specs))
+    sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
+    resume = checkpoint.prepare_output_dir(args)
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = None
@@ -308,14 +340,13 @@ def main(args: Args):
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
     generator = build_generator(args, tokenizer, accelerator, model)
 
-    start_step, elapsed, num_tokens = 0, 0.0, 0.0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    state = {"step": 0, "elapsed": 0.0, "num_tokens": 0.0, "skipped_steps": 0}
     if resume is not None:
-        state = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed, num_tokens = state["step"], state["elapsed"], state["num_tokens"]
-        accelerator.print(f"resumed from {resume} at step {start_step}")
+        state.update(checkpoint.load_checkpoint(accelerator, resume))
+        accelerator.print(f"resumed from {resume} at step {state['step']}")
         generator.sync_weights(model)
-    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
+    start_step, num_tokens, skipped = state["step"], state["num_tokens"], state["skipped_steps"]
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, state["elapsed"],
                                show=("reward", "loss", "eval/gold_reward"))
     accelerator.print(f"rloo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completions per "
                       f"generation, {mu} optimizer step(s) each, {args.max_steps} steps -> {args.output_dir}")
@@ -324,53 +355,45 @@ def main(args: Args):
         return evaluation.heldout_gold_reward(accelerator.unwrap_model(model), tokenizer, args.dataset_name,
                                               args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
 
+    def save(step: int):
+        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "skipped_steps": skipped},
+                                   args.save_total_limit)
+
     if start_step == 0 and args.eval_steps:
         tracker.log(evaluate(), 0, args.max_steps)
 
-    pad_id = tokenizer.pad_token_id
-    window = defaultdict(list)  # per-step metrics since the last log
+    window, first_rewards = defaultdict(list), []  # per-step metrics since the last log; rewards until the first log
     batch = None
     model.train()
     for step in range(start_step, args.max_steps):
-        # ---------------------------------------------------------------- generate and score (every μ steps)
         if batch is None or step % mu == 0:
+            # ---------------------------------------------------------------- generate (every μ steps)
             t0 = time.time()
-            n_prompts = prompts_per_process * W
             gen_round = step // mu
-            indices = data.batch_indices(len(ds), n_prompts, gen_round, args.seed)
+            indices = data.batch_indices(len(ds), prompts_per_process * W, gen_round, args.seed)
             local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
             p_ids = [prompt_ids[i] for i in local]
             out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
             gen_time = time.time() - t0
-            cmask = out.completion_mask.float()
-            prompts = [all_prompts[i] for i in local for _ in range(G)]
-            completions = ([[{"role": "assistant", "content": t}] for t in out.texts] if conversational
-                           else list(out.texts))
-            columns = {c: [vals[i] for i in local for _ in range(G)] for c, vals in extra_columns.items()}
-            comp_id_lists = [row[m.bool()].tolist() for row, m in zip(out.completion_ids, out.completion_mask)]
-            rpf = reward_utils.score(reward_funcs, prompts, completions, comp_id_lists, columns)  # (N, F)
-            loss_mask = cmask * out.terminated[:, None].float() if args.mask_truncated_completions else cmask
-            pp_ids, pp_mask = data.pad(p_ids, pad_id, "left")
-            P = pp_ids.shape[1]
-            batch = {
-                "input_ids": torch.cat([pp_ids.repeat_interleave(G, 0), out.completion_ids.cpu()], 1).to(device),
-                "attention_mask": torch.cat([pp_mask.repeat_interleave(G, 0), out.completion_mask.cpu()], 1).to(device),
-                "completion_mask": out.completion_mask.to(device), "loss_mask": loss_mask.to(device), "prompt_len": P,
-            }
-            # old (π_old) and reference log-probs: once per generation batch, no grad
+            batch = rollout_batch(p_ids, out, G, tokenizer.pad_token_id, args.mask_truncated_completions, device)
+
+            # ---------------------------------------------------------------- score (detail 2)
+            prompts, columns = rollout.repeat_rows(local, ds["prompt"], extra_columns, G)
+            rpf = sources(prompts, rollout.as_completions(prompts, out.texts), batch["completion_ids"], columns)
+            rpf_all = distributed.gather_cat(accelerator, rpf)  # (N_all, F): 'batch' scaling and metrics need all
+
+            # ---------------------------------------------------------------- old/ref log-probs, KL-shaped rewards
             old_logps, ref_logps = [None] * A_steps, [None] * A_steps
-            B = args.per_device_train_batch_size
-            need_old = mu > 1 or out.sampler_logps is not None or ref_model is not None
-            if need_old or ref_model is not None:
-                with torch.no_grad():
-                    for m in range(A_steps):
-                        rows = slice(m * B, (m + 1) * B)
-                        if need_old:
-                            old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
-                        if ref_model is not None:
-                            ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
-            # KL-shaped rewards and leave-one-out advantages: groups are local, the metrics use every process's
-            r = combine_rewards(rpf, weights).to(device)  # (N,)
+            need_old = mu > 1 or out.sampler_logps is not None or ref_model is not None  # detail 3, 5
+            with torch.no_grad():
+                for m in range(A_steps):
+                    rows = slice(m * B, (m + 1) * B)
+                    if need_old:
+                        old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
+                    if ref_model is not None:
+                        ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
+            r = combine_rewards(rpf, sources.weights).to(device)  # (N,)
             N = r.shape[0]
             shaped, kl_seq = r.clone(), torch.zeros(N, device=device)
             if ref_model is not None:  # micro-batch by micro-batch (each has its own padded length)
@@ -379,60 +402,41 @@ def main(args: Args):
                     T_m = old_logps[m].shape[1]
                     shaped[rows], kl_seq[rows] = kl_shaped_rewards(r[rows], old_logps[m], ref_logps[m],
                                                                    batch["loss_mask"][rows, :T_m], args.beta)
-            rpf_all = distributed.gather_cat(accelerator, rpf)
-            r_all = combine_rewards(rpf_all, weights)
-            shaped_all = distributed.gather_cat(accelerator, shaped.cpu())
+
+            # ---------------------------------------------------------------- leave-one-out advantages (detail 2, 4)
+            shaped_all = distributed.gather_cat(accelerator, shaped.cpu())  # groups are local; normalisation is not
             adv_all = leave_one_out_advantages(shaped_all, G, args.normalize_advantages)
             advantages = adv_all[rank * N:(rank + 1) * N].to(device)
+            r_all = combine_rewards(rpf_all, sources.weights)  # for the metrics
             if ref_model is not None:
                 kl_tokens = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())
                 window["kl"].append(distributed.gather_sum(accelerator, kl_seq.sum().item()) / max(kl_tokens, 1))
                 window["reward_with_kl"].append(torch.nanmean(shaped_all).item())
-            if out.sampler_logps is not None:  # sampler vs trainer mismatch (vLLM): logged, not corrected
-                diffs, ratios = [], []
-                for m in range(A_steps):
-                    rows = slice(m * B, (m + 1) * B)
-                    T_m = old_logps[m].shape[1]
-                    mm = batch["completion_mask"][rows, :T_m].bool()
-                    d = old_logps[m] - out.sampler_logps[rows, :T_m].to(device)
-                    diffs.append(d[mm].abs())
-                    ratios.append(torch.exp(d)[mm])
-                diffs, ratios = torch.cat(diffs), torch.cat(ratios)
-                window["sampling/sampling_logp_difference/mean"].append(diffs.mean().item())
-                window["sampling/sampling_logp_difference/max"].append(diffs.max().item())
-                window["sampling/importance_sampling_ratio/min"].append(ratios.min().item())
-                window["sampling/importance_sampling_ratio/mean"].append(ratios.mean().item())
-                window["sampling/importance_sampling_ratio/max"].append(ratios.max().item())
 
-            # generation and reward metrics over every process's samples
-            lengths = distributed.gather_cat(accelerator, cmask.sum(1).cpu())
-            term = distributed.gather_cat(accelerator, out.terminated.float().cpu())
-            grouped = r_all.view(-1, G)
-            for f, name in enumerate(reward_names):
-                window[f"rewards/{name}/mean"].append(torch.nanmean(rpf_all[:, f]).item())
-                col = rpf_all[:, f][~torch.isnan(rpf_all[:, f])]
-                window[f"rewards/{name}/std"].append(col.std().item() if col.numel() > 1 else 0.0)
-            window["reward"].append(torch.nanmean(r_all).item())
-            window["reward_std"].append(r_all[~torch.isnan(r_all)].std().item() if (~torch.isnan(r_all)).sum() > 1 else 0.0)
-            window["frac_reward_zero_std"].append((torch.nan_to_num(grouped, 0.0).std(1) == 0).float().mean().item())
-            window["completions/mean_length"].append(lengths.mean().item())
-            window["completions/min_length"].append(lengths.min().item())
-            window["completions/max_length"].append(lengths.max().item())
-            window["completions/clipped_ratio"].append(1.0 - term.mean().item())
-            window["completions/mean_terminated_length"].append(
-                lengths[term.bool()].mean().item() if term.any() else 0.0)
-            gen_tokens = lengths.sum().item()
-            window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9) * W)
-            num_tokens += gen_tokens + distributed.gather_sum(accelerator, pp_mask.sum().item() * G)
+            # ---- plumbing (safe to skip): rollout metrics over every process, sample completions
+            if out.sampler_logps is not None:  # detail 7: logged, not corrected
+                window_add(window, rollout.sampler_gap_metrics(
+                    accelerator, old_logps, [out.sampler_logps[m * B:(m + 1) * B] for m in range(A_steps)],
+                    [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
+            window_add(window, sources.metrics(rpf_all))
+            window_add(window, rollout.completion_metrics(accelerator, batch["completion_mask"], out.terminated))
+            scored = r_all[~torch.isnan(r_all)]
+            window["reward"].append(scored.mean().item() if scored.numel() else float("nan"))
+            window["reward_std"].append(scored.std().item() if scored.numel() > 1 else 0.0)
+            window["frac_reward_zero_std"].append(rollout.frac_zero_std(r_all, G))
+            gen_tokens = distributed.gather_sum(accelerator, batch["completion_mask"].sum().item())
+            window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9))
+            num_tokens += gen_tokens + distributed.gather_sum(accelerator, sum(len(p) for p in p_ids) * G)
+            if not sources.checked:
+                first_rewards.append(rpf_all)
             if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
-                k = min(args.num_completions_to_log, N)
                 tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
-                                            **{n: rpf[i, f].item() for f, n in enumerate(reward_names)},
-                                            "advantage": advantages[i].item()} for i in range(k)])
+                                            **{n: rpf[i, f].item() for f, n in enumerate(sources.names)},
+                                            "advantage": advantages[i].item()}
+                                           for i in range(min(args.num_completions_to_log, N))])
 
         # ---------------------------------------------------------------- one optimizer step over the batch
         t0 = time.time()
-        B = args.per_device_train_batch_size
         sums = defaultdict(float)
         for m in range(A_steps):
             rows = slice(m * B, (m + 1) * B)
@@ -441,15 +445,13 @@ def main(args: Args):
                 mask = batch["loss_mask"][rows, :T]
                 old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one iteration: ρ exactly 1
                 adv = advantages[rows]
-                # a sequence mean per micro-batch: accelerate's 1/accumulation and DDP's mean give the batch mean
+                # detail 6: a sequence mean per micro-batch; accelerate's 1/accumulation and DDP's mean give the batch's
                 loss, ratio = rloo_loss(logps, old, adv, mask, eps_low, eps_high)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if args.max_grad_norm > 0:
-                        sums["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+                    sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                                            args.max_grad_norm)
+                    skipped += not stepped
             with torch.no_grad():
                 low = (ratio < 1 - eps_low) & (adv < 0)  # the clip takes effect (sequence level)
                 high = (ratio > 1 + eps_high) & (adv > 0)
@@ -461,6 +463,8 @@ def main(args: Args):
                 sums["clip_high"] += high.sum().item()
                 sums["clip_region"] += (low | high).sum().item()
         generator.sync_weights(model)
+
+        # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
         train_time = time.time() - t0
         tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
         ntok = max(tot["tokens"], 1)
@@ -468,26 +472,26 @@ def main(args: Args):
         window["entropy"].append(tot["entropy"] / ntok)
         for k_ in ("low", "high", "region"):  # fractions of sequences
             window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / max(tot["seqs"], 1))
-        if "grad_norm" in sums:
-            window["grad_norm"].append(sums["grad_norm"])
+        window["grad_norm"].append(sums["grad_norm"])
         window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
-
         done = step + 1
         if done % args.logging_steps == 0 or done == args.max_steps:
+            if first_rewards:
+                sources.check_varies(first_rewards, accelerator.is_main_process)
+                first_rewards = []
             metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
-            metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0]})
+            metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0],
+                            "train/skipped_steps": skipped})
             window = defaultdict(list)
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)
         if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
-            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed(), "num_tokens": num_tokens}, args.save_total_limit)
+            save(done)
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
-        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed(), "num_tokens": num_tokens}, args.save_total_limit)
+        save(args.max_steps)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()

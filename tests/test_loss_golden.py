@@ -6,6 +6,9 @@ a refactor that keeps the math must reproduce them to 1e-6.
 Left out on purpose: vmpo with baseline per_prompt and adv_norm batch (its batch scale is meant to change), and NaN
 inputs to vmpo/dar's combine_rewards (an unscored sample is meant to stop counting as 0 there).
 To re-record after a deliberate change of the math, run this file as a script and paste its output into GOLDEN.
+Deliberate changes so far: rloo.leave_one_out_advantages with normalize and unscored samples (the z-score is taken
+over the samples that have a baseline, and unscored samples keep A = 0, as TRL 1.16 does; before, their zeros were
+part of the mean and std and they got a non-zero advantage).
 """
 
 from __future__ import annotations
@@ -211,7 +214,7 @@ GOLDEN: dict[str, list[float]] = {
     'rloo.leave_one_out_advantages.False': [0.9879440069198608, 1.5100864171981812, -2.498030424118042, 0.770732581615448, 1.6437265872955322, -2.414458990097046],
     'rloo.leave_one_out_advantages.False.nan': [1.0, 0.0, -1.0, 0.0, 0.0, 0.0],
     'rloo.leave_one_out_advantages.True': [0.5118955373764038, 0.7824395895004272, -1.294335126876831, 0.3993491232395172, 0.8516842126846313, -1.2510331869125366],
-    'rloo.leave_one_out_advantages.True.nan': [1.5808888673782349, 0.0, -1.5808888673782349, 0.0, 0.0, 0.0],
+    'rloo.leave_one_out_advantages.True.nan': [1.4140136241912842, 0.0, -1.4140136241912842, 0.0, 0.0, 0.0],  # re-recorded: see the docstring
     'rloo.sequence_ratio': [0.878538966178894, 1.7051115036010742, 0.7547202110290527, 1.8304134607315063, 0.9678759574890137, 1.2796096801757812],
     'rloo.rloo_loss': [0.7220953106880188, 0.878538966178894, 1.7051115036010742, 0.7547202110290527, 1.8304134607315063, 0.9678759574890137, 1.2796096801757812],
     'vmpo.compute_advantages.per_prompt.per_prompt': [0.555277407169342, 0.8487493991851807, -1.4040268659591675, 0.4419127404689789, 0.9424588084220886, -1.3843715190887451],
