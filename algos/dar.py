@@ -14,15 +14,28 @@ S = sum of completion-token log-probs (EOS kept). S^beh is the dataset's `behavi
 sampling policy's log-prob, which online is the current policy itself (samples are drawn from π_θ each step), so
 S^beh = sg(S^θ). Weights are not normalised (unlike V-MPO's E-step); the clip bounds the largest.
 
-Implementation notes:
- 1. The loss is a mean over the whole step's samples (all processes, all accumulation micro-batches): each
-    micro-batch contributes its sum divided by that global count, so multi-process runs give the same update.
- 2. K = 1 makes every per-prompt-centred advantage 0 (all weights equal the regularisation part): it fails at start-up.
- 3. The exponent is clamped at log(w_clip) before exp, so a large advantage never overflows.
- 4. The completion mask comes from generation or from token counts, never from pad_token_id (EOS kept when pad == eos).
+Implementation notes (numbered so the tests can point at them; "the fork" is the TRL fork that first shipped DAR and
+V-MPO, nenuadrian/trl, `DARTrainer`):
+ 1. The loss is a mean over the whole step's (scored) samples, all processes and all accumulation micro-batches: each
+    micro-batch contributes its sum divided by that global count, so multi-process runs give the same update (the
+    fork takes the mean of each device's micro-batch).
+ 2. K = 1 makes every per-prompt-centred advantage 0 (all weights equal the regularisation part): it fails at start-up
+    (the fork runs it).
+ 3. The exponent is clamped at log(w_clip) before exp, so a large advantage never overflows; the weight is the same
+    min(exp(·), w_clip) as the fork's.
+ 4. The completion mask comes from generation or from token counts, never from pad_token_id (EOS kept when pad == eos;
+    the fork masks `ids != pad`, which drops the EOS token when pad == eos).
+ 5. A sample no reward source scores (every source returned None; offline: a null reward) is "not scored": NaN
+    reward, left out of its prompt's mean and of every std (NaN-aware), weight 0, and not counted in the loss's mean
+    (the normaliser is the number of scored samples of the step). The fork has no such case (a reward is required).
+ 6. The `batch` scale divides the per-prompt-centred advantages by their std over the step (as the fork); `per_prompt`
+    divides by each prompt's std of them (the fork's default, a per-prompt z-score).
+ 7. `--per_device_train_batch_size` counts completions (TRL's meaning), K = `--k` per prompt, so a micro-batch holds
+    per_device_train_batch_size / K prompts (it must divide); the fork's counts prompts. Offline, K is the number of
+    completions per row of the data.
 
-Toy defaults (the benchmark's): toy-sft policy on toy:add, 32 prompts x K = 2 per step, lr 1e-4, 150 steps,
-α = β = 0.1, w_clip = 50.
+Toy defaults (the benchmark's): toy-sft policy on toy:add, 64 completions (32 prompts x K = 2) per step, lr 1e-4,
+150 steps, α = β = 0.1 (the fork's), w_clip = 50 (the fork's).
 
 Data (`--data_mode`): prompt-only -> online; preference -> offline pairs with rewards [1, 0]; prompt-completion-reward
 (`completions[K]`, `rewards[K]`, optional `behavior_logps[K]`) -> offline, K inferred from the data.
@@ -40,6 +53,7 @@ import math
 import os
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,8 +61,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, tracking
-from common.generation import build_generator, sampler_gap, sampler_gap_metrics
+from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout, tracking
+from common.generation import build_generator
 
 ADV_NORMS = ("per_prompt", "batch", "none")
 DATA_MODES = ("auto", "online", "preference", "prompt_completion_reward")
@@ -96,8 +110,8 @@ class Args:
     """linear warm-up steps, then a constant learning rate"""
     max_steps: int = 150
     """optimizer steps"""
-    per_device_train_batch_size: int = 32
-    """prompts per micro-batch per process (each brings K completions)"""
+    per_device_train_batch_size: int = 64
+    """completions per micro-batch per process (TRL's meaning): per_device_train_batch_size / K prompts (note 7)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     max_grad_norm: float = 1.0
@@ -112,10 +126,12 @@ class Args:
     reward_model_name_or_path: str | None = None
     """a one-output sequence classifier used as a reward (e.g. 'toy-rm'); added to --reward_funcs"""
     reward_weights: list[float] | None = None
-    """one weight per reward source (default all 1); the reward is the weighted sum (NaN counts as 0)"""
+    """one weight per reward source (default all 1); the reward is the weighted sum over the sources that scored the
+    sample, 'not scored' (note 5) when none did"""
     # --- sampling (same names in every online script)
     k: int = 2
-    """completions sampled per prompt (online); offline it is inferred from the data"""
+    """K, completions sampled per prompt (TRL's num_generations, the fork's dar_k); offline it is inferred from the
+    data"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed at the same temperature)"""
     top_p: float = 1.0
@@ -150,7 +166,7 @@ class Args:
     wclip: float = 50.0
     """largest weight"""
     adv_norm: str = "per_prompt"
-    """scale of the per-prompt-centred advantage: 'per_prompt' std (z-score), 'batch' std or 'none'"""
+    """scale of the per-prompt-centred advantage: 'per_prompt' std (z-score), 'batch' std (over the step) or 'none'"""
     # --- evaluation and samples
     eval_steps: int = 25
     """held-out gold reward (toy tasks) every this many steps, at step 0 and at the end (0: start and end only)"""
@@ -162,14 +178,32 @@ class Args:
 
 # ----------------------------------------------------------------------------- the math
 # Shapes: B prompts, K completions per prompt, N = B·K samples (row b*K + k), T completion tokens.
+def combine_rewards(per_source: torch.Tensor, weights: torch.Tensor | list[float]) -> torch.Tensor:
+    """(N, F) rewards with NaN where a source returned None, (F,) weights -> (N,) weighted sum over the sources that
+    scored the sample; NaN (not scored, note 5) when none did."""
+    weights = torch.as_tensor(weights, dtype=per_source.dtype)
+    assert per_source.dim() == 2 and weights.shape == (per_source.shape[1],)
+    scored = ~torch.isnan(per_source)
+    total = torch.where(scored, per_source * weights, torch.zeros_like(per_source)).sum(1)
+    return torch.where(scored.any(1), total, torch.full_like(total, float("nan")))
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Biased std over the non-NaN entries (NaN where there are none)."""
+    mean = torch.nanmean(x, dim, keepdim=True) if dim is not None else torch.nanmean(x)
+    var = torch.nanmean((x - mean) ** 2, dim, keepdim=keepdim) if dim is not None else torch.nanmean((x - mean) ** 2)
+    return var.sqrt()
+
+
 def dar_advantages(rewards: torch.Tensor, norm: str, eps: float = 1e-6) -> torch.Tensor:
-    """A = r - mean_k r, divided by the per-prompt std, the batch std or 1. rewards (B, K) -> (B, K)."""
+    """A = r - mean_k r, divided by the per-prompt std of A, its std over the batch, or 1 (note 6). rewards (B, K) ->
+    (B, K); NaN rewards (not scored) are left out of the means and stds and stay NaN (note 5)."""
     assert rewards.dim() == 2
-    adv = rewards - rewards.mean(1, keepdim=True)
+    adv = rewards - torch.nanmean(rewards, 1, keepdim=True)
     if norm == "per_prompt":
-        adv = adv / rewards.std(1, unbiased=False, keepdim=True).clamp(min=eps)
+        adv = adv / nanstd(adv, 1, keepdim=True).clamp(min=eps)
     elif norm == "batch":
-        adv = adv / adv.std(unbiased=False).clamp(min=eps)
+        adv = adv / nanstd(adv).clamp(min=eps)
     elif norm != "none":
         raise ValueError(f"unknown adv_norm '{norm}'")
     return adv
@@ -178,16 +212,16 @@ def dar_advantages(rewards: torch.Tensor, norm: str, eps: float = 1e-6) -> torch
 def dar_weights(adv: torch.Tensor, s_ref: torch.Tensor, s_beh: torch.Tensor, alpha: float, beta: float,
                 wclip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w, log regularisation part, log advantage part), all (N,) and detached:
-    w = min(exp((α/(α+β))(S^ref - S^beh) + A/(α+β)), w_clip)."""
+    w = min(exp((α/(α+β))(S^ref - S^beh) + A/(α+β)), w_clip); w = 0 where A is NaN (not scored, note 5)."""
     assert adv.shape == s_ref.shape == s_beh.shape and adv.dim() == 1
     log_reg = (alpha / (alpha + beta)) * (s_ref - s_beh).detach()
     log_adv = adv.detach() / (alpha + beta)
     w = torch.exp((log_reg + log_adv).clamp(max=math.log(wclip))).clamp(max=wclip)  # exponent capped: no overflow
-    return w, log_reg, log_adv
+    return torch.nan_to_num(w, nan=0.0), log_reg, log_adv
 
 
 def dar_loss(weights: torch.Tensor, s_policy: torch.Tensor, num_global: int) -> torch.Tensor:
-    """This micro-batch's share of -mean_i w_i S^θ_i over the step's N samples."""
+    """This micro-batch's share of -mean_i w_i S^θ_i over the step's `num_global` (scored) samples (notes 1, 5)."""
     assert weights.shape == s_policy.shape and weights.dim() == 1
     return -(weights.detach() * s_policy).sum() / num_global
 
@@ -212,91 +246,80 @@ def check_degenerate(k: int):
                          "regress on the reference ratio); use --k 2 or more")
 
 
+def check_batch(args: Args, k: int, online: bool):
+    """per_device_train_batch_size counts completions: it must hold whole prompts of K completions (note 7)."""
+    b = args.per_device_train_batch_size
+    if b % k:
+        what = f"--k {k} (completions per prompt)" if online else f"K = {k}, the completions per row of the data"
+        raise ValueError(f"--per_device_train_batch_size {b} counts completions and must be a multiple of {what}: "
+                         f"use e.g. --per_device_train_batch_size {k * max(1, round(b / k))}"
+                         + (" or change --k" if online else ""))
+
+
 def load_rows(args: Args, tokenizer):
     """Rows of the training data: (mode, K, rows). Online rows: {prompt, prompt_ids, columns}; offline rows also
-    carry completion token lists (ending with EOS), rewards and optional behaviour log-probs."""
+    carry completion token lists (ending with EOS), rewards (None -> NaN, not scored: note 5) and optional
+    behaviour log-probs."""
     toy = data.toy_task(args.dataset_name) is not None
     mode = args.data_mode if args.data_mode != "auto" else "online"
     ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt" if mode == "online" else mode)
     if args.data_mode == "auto" and not toy:
         kind = data.detect_type(ds.column_names)
         mode = kind if kind in ("preference", "prompt_completion_reward") else "online"
-    if mode == "preference":
-        ds = data.convert(ds, "preference", script="dar.py --data_mode preference")
     ds = data.convert(ds, "prompt" if mode == "online" else "prompt_completion_reward", script="dar.py")
     prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
-    prompt_ids = [p[-args.max_prompt_length:] for p in prompt_ids]
-    skip = {"prompt", "completions", "rewards", "behavior_logps"}
-    extra = [c for c in ds.column_names if c not in skip]
-    rows = [{"prompt": p, "prompt_ids": ids, "columns": {c: ds[c][i] for c in extra}}
+    extra = [c for c in ds.column_names if c not in ("prompt", "completions", "rewards", "behavior_logps")]
+    rows = [{"prompt": p, "prompt_ids": ids[-args.max_prompt_length:], "columns": {c: ds[c][i] for c in extra}}
             for i, (p, ids) in enumerate(zip(ds["prompt"], prompt_ids))]
     if mode == "online":
         return mode, args.k, rows
     ks = {len(c) for c in ds["completions"]}
     if len(ks) != 1 or {len(r) for r in ds["rewards"]} != ks:
-        raise data.DatasetFormatError(f"every row needs the same number K of completions and rewards; found "
-                                      f"completion counts {sorted(ks)}")
+        raise data.DatasetFormatError(f"{args.dataset_name}: every row needs the same number K of completions and "
+                                      f"rewards; found completion counts {sorted(ks)}")
     k = ks.pop()
-    has_beh = "behavior_logps" in ds.column_names
     for i, row in enumerate(rows):
         comps = ds["completions"][i]
-        row["completion_ids"] = [c[:args.max_new_tokens] for c in data.tokenize(
-            tokenizer, [data.completion_text(row["prompt"], c, tokenizer) for c in comps])]
+        texts = [data.completion_text(row["prompt"], c, tokenizer) for c in comps]
+        row["completion_ids"] = [c[:args.max_new_tokens] for c in data.tokenize(tokenizer, texts)]
         row["completion_texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in comps]
-        row["rewards"] = [float(r) for r in ds["rewards"][i]]
-        if has_beh:
+        row["rewards"] = [float("nan") if r is None else float(r) for r in ds["rewards"][i]]
+        if any(math.isinf(r) for r in row["rewards"]):
+            raise data.DatasetFormatError(f"{args.dataset_name}: column 'rewards' of row {i} holds a non-finite "
+                                          f"value {ds['rewards'][i]}; use finite numbers (null = not scored)")
+        if "behavior_logps" in ds.column_names:
             row["behavior_logps"] = [float(b) for b in ds["behavior_logps"][i]]
     return mode, k, rows
 
 
-def make_batch(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor, k: int,
-               pad_id: int) -> dict:
-    """[left-padded prompt (repeated K times) | completion] with the given completion mask (note 4)."""
-    p_ids, p_mask = data.pad(prompt_ids, pad_id, "left")
-    p_ids, p_mask = p_ids.repeat_interleave(k, 0), p_mask.repeat_interleave(k, 0)
-    return {"input_ids": torch.cat([p_ids, completion_ids], 1),
-            "attention_mask": torch.cat([p_mask, completion_mask], 1), "completion_mask": completion_mask}
-
-
-def sequence_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+def sequence_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S (N,) summed over completion tokens, per-token log-probs (N, T))."""
     T = batch["completion_mask"].shape[1]
     logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T, temperature)
-    return (logps * batch["completion_mask"]).sum(1)
-
-
-def combine_rewards(per_func: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
-    w = torch.tensor(weights if weights is not None else [1.0] * per_func.shape[1])
-    return (torch.nan_to_num(per_func, nan=0.0) * w).sum(1)
+    return (logps * batch["completion_mask"]).sum(1), logps
 
 
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
     import copy
 
+    # ---- set-up (plumbing a reader may skip: flags, data, reward sources, models, resume, tracking)
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     check_args(args)
     accelerator = distributed.make_accelerator(args)
-    device, W, GA = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps
-
+    device, W, GA, rank = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps, \
+        accelerator.process_index
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     mode, k, rows = load_rows(args, tokenizer)
     online = mode == "online"
     check_degenerate(k)
-    global_prompts = distributed.global_batch_size(args, accelerator)
-    num_global = global_prompts * k
-    funcs = []
-    if online:
-        specs = list(args.reward_funcs) if args.reward_funcs is not None else (
-            [] if args.reward_model_name_or_path else [data.toy_task(args.dataset_name) or "add"])
-        if args.reward_model_name_or_path:
-            specs.append(f"model:{args.reward_model_name_or_path}")
-        if not specs:
-            raise ValueError("online mode needs a reward: --reward_funcs and/or --reward_model_name_or_path")
-        if args.reward_weights is not None and len(args.reward_weights) != len(specs):
-            raise ValueError(f"--reward_weights has {len(args.reward_weights)} values for {len(specs)} reward sources "
-                             f"{specs}")
-        funcs = reward_utils.load_reward_sources(specs, args.dataset_name, device)
+    check_batch(args, k, online)
+    P = args.per_device_train_batch_size // k  # prompts per micro-batch (note 7)
+    num_global = distributed.global_batch_size(args, accelerator)  # N: completions per optimizer step, all processes
+    sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
+                                                                    args.dataset_name),
+                                         args.reward_weights, args.dataset_name, device) if online else None
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -306,11 +329,11 @@ def main(args: Args):
     accelerator.register_for_checkpointing(scheduler)
     generator = build_generator(args, tokenizer, accelerator, model) if online else None
 
-    start_step, elapsed = 0, 0.0
+    start_step, elapsed, skipped = 0, 0.0, 0
     resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
     if resume is not None:
         saved = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed = saved["step"], saved["elapsed"]
+        start_step, elapsed, skipped = saved["step"], saved["elapsed"], saved.get("skipped_steps", 0)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     if generator is not None:
         generator.sync_weights(model)
@@ -325,72 +348,65 @@ def main(args: Args):
 
     if start_step == 0 and (first := evaluate()):
         tracker.log(first, 0, args.max_steps)
-    pad_id = tokenizer.pad_token_id
-    sums, n_logged = {}, 0
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    window, first_rpf = defaultdict(list), []  # per-step metrics since the last log; rewards of the first window
     model.train()
     for step in range(start_step, args.max_steps):
         done = step + 1
-        indices = data.batch_indices(len(rows), global_prompts, step, args.seed)
-        micro = distributed.micro_batches(indices, args, accelerator)
+        indices = data.batch_indices(len(rows), num_global // k, step, args.seed)
+        micro = [indices[(m * W + rank) * P:(m * W + rank + 1) * P] for m in range(GA)]  # this process's prompts
 
-        # 1. completions (from the current policy), rewards, reference log-probs
-        mbs, sample_rows, gaps = [], [], []
+        # ---- 1. generate: K completions per prompt from the current policy (online) or the data's; frozen log-probs
+        mbs = []
         for mb in micro:
-            prompt_ids = [rows[i]["prompt_ids"] for i in mb]
             if online:
-                gen = generator.generate(model, prompt_ids, n=k)
-                c_ids, c_mask = gen.completion_ids.to(device), gen.completion_mask.to(device)
-                texts = gen.texts
-                prompts = [rows[i]["prompt"] for i in mb for _ in range(k)]
-                completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
-                               for p, t in zip(prompts, texts)]
-                cols = {c: [rows[i]["columns"][c] for i in mb for _ in range(k)] for c in rows[mb[0]]["columns"]}
-                ids_list = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
-                r = combine_rewards(reward_utils.score(funcs, prompts, completions, ids_list, cols), args.reward_weights)
-                beh = None
+                gen = generator.generate(model, [rows[i]["prompt_ids"] for i in mb], n=k)
+                c_ids = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
+                texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
             else:
-                comp = [c for i in mb for c in rows[i]["completion_ids"]]
-                c_ids, c_mask = data.pad(comp, pad_id, "right")
-                c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+                gen, c_ids = None, [c for i in mb for c in rows[i]["completion_ids"]]
                 texts = [t for i in mb for t in rows[i]["completion_texts"]]
+                terminated = torch.tensor([len(c) > 0 and c[-1] == eos_id for c in c_ids])
                 r = torch.tensor([x for i in mb for x in rows[i]["rewards"]])
-                beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
-                       if "behavior_logps" in rows[mb[0]] else None)
-            batch = {key: v.to(device) for key, v in make_batch(prompt_ids, c_ids, c_mask, k, pad_id).items()}
+                s_beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
+                         if "behavior_logps" in rows[mb[0]] else None)
+            batch = data.batch_prompt_completion([rows[i]["prompt_ids"] for i in mb for _ in range(k)], c_ids, pad_id)
+            batch = {key: v.to(device) for key, v in batch.items()}  # completion mask from token counts (note 4)
+            tok_beh = None
             with torch.no_grad():
-                s_ref = sequence_logps(ref_model, batch, args.temperature)
-                if beh is not None:
-                    s_beh = beh
-                else:  # the sampling policy's log-probs, recomputed by the trainer
-                    T = batch["completion_mask"].shape[1]
-                    tok_beh = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T,
-                                                           args.temperature)
-                    s_beh = (tok_beh * batch["completion_mask"]).sum(1)
-                    if online and gen.sampler_logps is not None:  # sampler (vLLM) vs trainer gap: logged
-                        gaps.append(sampler_gap(tok_beh, gen.sampler_logps, batch["completion_mask"]))
-            mbs.append({"batch": batch, "rewards": r, "s_ref": s_ref, "s_beh": s_beh})
-            if len(sample_rows) < 4:
-                sample_rows += [{"prompt": str(rows[i]["prompt"]), "completion": texts[j * k + kk],
-                                 "reward": r[j * k + kk].item()} for j, i in enumerate(mb[:2]) for kk in range(k)]
+                s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
+                if s_beh is None:  # the sampling policy's log-probs (online: the current policy), by the trainer
+                    s_beh, tok_beh = sequence_logps(model, batch, args.temperature)
+            mbs.append({"mb": mb, "batch": batch, "ids": c_ids, "texts": texts, "terminated": terminated,
+                        "rewards": r, "s_ref": s_ref, "s_beh": s_beh, "tok_beh": tok_beh, "gen": gen})
 
-        # 2. advantages over the step's batch (gathered: --adv_norm batch uses the global std) and weights
+        # ---- 2. score: (N_local, F) rewards per source, NaN = not scored (note 5); a NaN or inf from a source
+        # stops the run here, before any update. Gathered over processes: (B_global, K)
+        if online:
+            for m in mbs:
+                prompts = [rows[i]["prompt"] for i in m["mb"] for _ in range(k)]
+                cols = {c: [rows[i]["columns"][c] for i in m["mb"] for _ in range(k)] for c in rows[0]["columns"]}
+                m["rpf"] = sources(prompts, rollout.as_completions(prompts, m["texts"]), m["ids"], cols)
+                m["rewards"] = combine_rewards(m["rpf"], sources.weights)
+            rpf_all = distributed.gather_cat(accelerator, torch.cat([m["rpf"] for m in mbs]).to(device)).cpu()
         local_r = torch.cat([m["rewards"] for m in mbs]).float()
-        all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)  # (B_global, K)
-        adv = dar_advantages(all_r, args.adv_norm).flatten()
-        offset = accelerator.process_index * local_r.numel()
-        local_adv = adv[offset:offset + local_r.numel()].to(device)
+        all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)
 
-        # 3. weighted regression, one backward per micro-batch
-        st = dict.fromkeys(("loss", "w", "clip", "log_reg", "log_adv", "s_policy", "s_ref", "s_beh", "len"), 0.0)
-        w_max, pos = 0.0, 0
+        # ---- 3. targets: advantages over the step's batch (gathered: --adv_norm batch uses the global std)
+        adv = dar_advantages(all_r, args.adv_norm).flatten()  # (N,), NaN where not scored
+        num_scored = max(int((~torch.isnan(adv)).sum()), 1)  # the loss's mean runs over these (note 5)
+        local_adv = adv[rank * local_r.numel():(rank + 1) * local_r.numel()].to(device)
+
+        # ---- 4. update: weighted regression, one backward per micro-batch
+        st, pos, w_max = defaultdict(float), 0, 0.0
         for m in mbs:
-            batch, n_mb = m["batch"], m["rewards"].numel()
+            batch, n_mb = m["batch"], len(m["ids"])
             w, log_reg, log_adv = dar_weights(local_adv[pos:pos + n_mb], m["s_ref"], m["s_beh"], args.alpha,
                                               args.beta, args.wclip)
             pos += n_mb
             with accelerator.accumulate(model):
-                s_pol = sequence_logps(model, batch, args.temperature)
-                loss = dar_loss(w, s_pol, num_global)
+                s_pol, _ = sequence_logps(model, batch, args.temperature)
+                loss = dar_loss(w, s_pol, num_scored)
                 accelerator.backward(loss * GA * W)  # undo accelerate's 1/GA and DDP's 1/W: the global mean (note 1)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -398,58 +414,76 @@ def main(args: Args):
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
-            st["loss"] += loss.item()
-            st["w"] += w.sum().item()
-            st["clip"] += (w >= args.wclip * (1 - 1e-6)).float().sum().item()
-            st["log_reg"] += log_reg.sum().item()
-            st["log_adv"] += log_adv.sum().item()
-            st["s_policy"] += s_pol.detach().sum().item()
-            st["s_ref"] += m["s_ref"].sum().item()
-            st["s_beh"] += m["s_beh"].sum().item()
-            st["len"] += batch["completion_mask"].sum().item()
+            scored = ~torch.isnan(log_adv)
+            for key, v in (("loss", loss.detach()), ("w", w), ("clip", (w >= args.wclip * (1 - 1e-6)).float()),
+                           ("log_reg", log_reg), ("log_adv", log_adv[scored]), ("s_policy", s_pol.detach()),
+                           ("s_ref", m["s_ref"]), ("s_beh", m["s_beh"])):
+                st[key] += v.sum().item()
             w_max = max(w_max, w.max().item())
         tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items()}
         w_max = distributed.gather_cat(accelerator, torch.tensor([w_max], device=device)).max().item()
         if generator is not None:
             generator.sync_weights(model)
 
-        # 4. metrics (means over the steps since the last log)
-        q = torch.quantile(all_r.flatten(), torch.tensor([0.25, 0.5, 0.75]))
-        metrics = {
-            "dar/rewards_mean": all_r.mean().item(), "dar/rewards_std": all_r.std(unbiased=False).item(),
+        # ---- 5. log: means over the steps since the last log (NaN-aware)
+        lens = torch.tensor([len(c) for m in mbs for c in m["ids"]])
+        window_add(window, rollout.completion_metrics(accelerator, torch.arange(int(lens.max()))[None] < lens[:, None],
+                                                      torch.cat([m["terminated"] for m in mbs])))
+        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: its gap to the trainer
+            window_add(window, rollout.sampler_gap_metrics(accelerator, [m["tok_beh"] for m in mbs],
+                                                           [m["gen"].sampler_logps for m in mbs],
+                                                           [m["batch"]["completion_mask"] for m in mbs]))
+        if online:
+            window_add(window, sources.metrics(rpf_all))
+            first_rpf = first_rpf + [rpf_all] if first_rpf is not None else None
+        flat_r = all_r.flatten()
+        q = (torch.nanquantile(flat_r, torch.tensor([0.25, 0.5, 0.75])) if (~torch.isnan(flat_r)).any()
+             else torch.full((3,), float("nan")))
+        window_add(window, {
+            "dar/rewards_mean": torch.nanmean(all_r).item(), "dar/rewards_std": nanstd(all_r).item(),
             "dar/rewards_p25": q[0].item(), "dar/rewards_median": q[1].item(), "dar/rewards_p75": q[2].item(),
-            "dar/advantages_mean": adv.mean().item(), "dar/advantages_std": adv.std(unbiased=False).item(),
-            "dar/weights_mean": tot["w"] / num_global, "dar/weights_max": w_max,
-            "dar/weights_clip_fraction": tot["clip"] / num_global,
-            "dar/log_reg_weight_mean": tot["log_reg"] / num_global, "dar/log_adv_weight_mean": tot["log_adv"] / num_global,
+            "dar/advantages_mean": torch.nanmean(adv).item(), "dar/advantages_std": nanstd(adv).item(),
+            "dar/scored_fraction": (~torch.isnan(adv)).float().mean().item(),
+            "dar/weights_mean": tot["w"] / num_scored, "dar/weights_max": w_max,
+            "dar/weights_clip_fraction": tot["clip"] / num_scored,
+            "dar/log_reg_weight_mean": tot["log_reg"] / num_global, "dar/log_adv_weight_mean": tot["log_adv"] / num_scored,
             "dar/kl_from_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
-            "dar/completion_length_mean": tot["len"] / num_global, "dar/logps_policy": tot["s_policy"] / num_global,
+            "dar/logps_policy": tot["s_policy"] / num_global,
             "dar/logps_ref": tot["s_ref"] / num_global, "dar/logps_behavior": tot["s_beh"] / num_global,
-            "dar/loss": tot["loss"], "learning_rate": scheduler.get_last_lr()[0],
-        }
-        metrics.update(sampler_gap_metrics(gaps))  # this step's sampler vs trainer gap (vLLM only)
-        for key, v in metrics.items():
-            sums[key] = sums.get(key, 0.0) + v
-        n_logged += 1
+            "dar/loss": tot["loss"],
+        })
         if done % args.logging_steps == 0 or done == args.max_steps:
-            out = {key: v / n_logged for key, v in sums.items()}
-            sums, n_logged = {}, 0
+            if online and first_rpf is not None:  # one loud warning when no reward varied at all
+                sources.check_varies(first_rpf, accelerator.is_main_process)
+                first_rpf = None
+            out = {key: sum(v) / len(v) for key, v in window.items()}
+            out.update({"train/skipped_steps": skipped, "learning_rate": scheduler.get_last_lr()[0]})
+            window = defaultdict(list)
             if done == args.max_steps or (args.eval_steps and done % args.eval_steps == 0):
                 out.update(evaluate())
             tracker.log(out, done, args.max_steps)
         if args.log_completions_steps and done % args.log_completions_steps == 0:
-            tracker.log_samples(done, sample_rows)
+            m = mbs[0]
+            tracker.log_samples(done, [{"prompt": str(rows[m["mb"][j // k]]["prompt"]), "completion": m["texts"][j],
+                                        "reward": m["rewards"][j].item()} for j in range(min(4, len(m["texts"])))])
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                       {"elapsed": tracker.elapsed(), "skipped_steps": skipped}, args.save_total_limit)
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
         checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                   {"elapsed": tracker.elapsed(), "skipped_steps": skipped}, args.save_total_limit)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()
+
+
+def window_add(window: dict, metrics: dict):
+    """Add one step's metrics to the logging window; NaN values (undefined this step) are left out."""
+    for key, v in metrics.items():
+        if not math.isnan(v):
+            window[key].append(v)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ arXiv 1909.12238), adapted to sequences as a bandit (state = prompt, action = th
 over the N = B·K samples of the whole step (all processes, all accumulation micro-batches):
 
   advantages   A = (r - baseline) / scale           baseline: per-prompt mean, batch mean or EMA; scale: a std or 1
-  E-step       D = the n = ceil(ρ N) samples with the largest A                      (the paper's "top half": ρ = 0.5)
+  E-step       D = the n = ceil(ρ N) (scored) samples with the largest A             (the paper's "top half": ρ = 0.5)
                ψ_i = exp(A_i/η) / Σ_{j∈D} exp(A_j/η) on D, 0 elsewhere, stop-gradient         (paper: ψ)
   η dual       L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n]                              (paper: L_η)
                dL_η/dη = ε_η - KL(ψ ‖ uniform on D): at the optimum the weights sit ε_η away from uniform
@@ -25,7 +25,7 @@ Implementation choices (numbered so the tests and the README can point at them; 
 shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
  1. Samples are drawn from π_old for the old_policy* estimators (then S^old - S^θ is an unbiased estimate of
     KL(π_old‖π_θ) and its gradient is exactly that KL's), from π_θ otherwise (as the fork).
- 2. DEVIATION(paper L_α's policy term; the fork adds α·mean(S^θ - S^ref) as it is): when a KL is to be estimated on
+ 2. DEVIATION(paper L_α's policy term; the fork adds α·mean(S^θ - S^ref) and its anchor as they are): when a KL is on
     samples of the policy itself (`ref`, and the anchor of `old_policy_ref`, whose samples come from π_old ≈ π_θ), the
     loss uses the score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref). The plain k1 term
     S^θ - S^ref has an expected gradient of zero on the policy's own samples, so as a penalty it only adds noise.
@@ -36,12 +36,12 @@ shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
     (the fork: plain projected SGD on η and α themselves, once per micro-batch, on each device's own batch). The
     weights ψ and the α in the loss use the values from before this step's dual update (as the paper and the fork).
  4. The top-n selection runs over the whole optimizer-step batch gathered across processes (the paper's learner
-    batch), not per device as in the fork, so `--num_processes 2` gives the same update as one process with the same
-    global batch.
+    batch), not per device and micro-batch as in the fork, so `--num_processes 2` gives the same update as one process
+    with the same global batch.
  5. Advantage baseline and scale compose: the scale only divides (no re-centring), so an EMA baseline is never
-    cancelled by the normalisation (the fork re-centres after subtracting its EMA, which removes it). The `batch`
-    scale is the std of the advantages after the baseline, so with `--baseline per_prompt` it is the std of the
-    per-prompt-centred advantages, as the fork (and dar.py) divide by; `per_prompt` divides by each prompt's std.
+    cancelled by the normalisation (the fork's per_prompt and batch normalisations re-centre, which removes it). The
+    `batch` scale is the std of the advantages after the baseline, so with `--baseline per_prompt` it is the std of
+    the per-prompt-centred advantages, as the fork (and dar.py) divide by; `per_prompt` divides by each prompt's std.
  6. Configurations that make the method degenerate fail at start-up (the fork runs them): K = 1 with a per-prompt
     baseline or scale (all A = 0); ε_η ≥ log n (η is driven to its floor, ψ one-hot); `behavior` without behaviour
     log-probs. There the fork uses sg(S^θ) as the behaviour log-prob: the KL *value* is exactly 0 (α decays to its
@@ -63,7 +63,7 @@ shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
 
 Defaults are the toy benchmark's (why these values: benchmarks/results/vmpo/README.md): toy-sft policy on toy:add,
 64 completions (32 prompts x K = 2) per step, lr 3e-5, ε_η = 1.0, ε_α = 0.05, batch baseline and scale. The fork's
-defaults are ε_η = ε_α = 0.1, an EMA baseline with per-prompt z-scoring, lr 5e-7 for a pretrained LM.
+defaults are ε_η = ε_α = 0.1 and an EMA baseline with per-prompt z-scoring; its docs use lr 5e-7 on a pretrained LM.
 
 Data (`--data_mode`): prompt-only -> online sampling and rewards from `--reward_funcs` / a reward model; preference
 -> offline pairs with rewards [1, 0]; prompt-completion-reward (`completions[K]`, `rewards[K]`, optional
@@ -594,7 +594,8 @@ def main(args: Args):
             batch = {key: v.to(device) for key, v in batch.items()}  # completion mask from token counts (choice 7)
             with torch.no_grad():
                 s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
-                s_old, old_tok = sequence_logps(old_model, batch, args.temperature) if old_model is not None else (None, None)
+                s_old, old_tok = (sequence_logps(old_model, batch, args.temperature) if old_model is not None
+                                  else (None, None))
             mbs.append({"mb": mb, "batch": batch, "ids": c_ids, "texts": texts, "terminated": terminated,
                         "rewards": r, "s_ref": s_ref, "s_old": s_old, "old_tok": old_tok, "s_beh": s_beh, "gen": gen})
 

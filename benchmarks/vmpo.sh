@@ -15,12 +15,14 @@ RUNS=runs/bench/vmpo
 OUT=benchmarks/results/vmpo
 mkdir -p "$RUNS"
 
+# --per_device_train_batch_size counts completions (prompts x K): the default 64 is 32 prompts x K=2, and the K=4 runs
+# pass 128 so they keep 32 prompts per step, the batch of the results in benchmarks/results/vmpo/.
 cmds=()
 for seed in $SEEDS; do
   cmds+=("python algos/vmpo.py --seed $seed --k 2 --kl_estimator old_policy_ref --max_steps $STEPS --output_dir $RUNS/vmpo_k2_oldref__$seed")
-  cmds+=("python algos/vmpo.py --seed $seed --k 4 --kl_estimator old_policy_ref --max_steps $STEPS --output_dir $RUNS/vmpo_k4_oldref__$seed")
+  cmds+=("python algos/vmpo.py --seed $seed --k 4 --per_device_train_batch_size 128 --kl_estimator old_policy_ref --max_steps $STEPS --output_dir $RUNS/vmpo_k4_oldref__$seed")
   cmds+=("python algos/vmpo.py --seed $seed --k 2 --kl_estimator ref --max_steps $STEPS --output_dir $RUNS/vmpo_k2_ref__$seed")
-  cmds+=("python algos/vmpo.py --seed $seed --k 4 --kl_estimator ref --max_steps $STEPS --output_dir $RUNS/vmpo_k4_ref__$seed")
+  cmds+=("python algos/vmpo.py --seed $seed --k 4 --per_device_train_batch_size 128 --kl_estimator ref --max_steps $STEPS --output_dir $RUNS/vmpo_k4_ref__$seed")
   cmds+=("python algos/dar.py --seed $seed --k 2 --max_steps $STEPS --output_dir $RUNS/dar_k2__$seed")
   if [ -f algos/grpo.py ]; then
     cmds+=("python algos/grpo.py --seed $seed --max_steps $STEPS --output_dir $RUNS/grpo__$seed")

@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import read_metrics, run_script
 
-from dar import check_degenerate, dar_advantages, dar_loss, dar_weights
+import dar
+from dar import Args, check_degenerate, dar_advantages, dar_loss, dar_weights
 
 DAR_METRICS = ["dar/rewards_mean", "dar/rewards_std", "dar/rewards_p25", "dar/rewards_median", "dar/rewards_p75",
                "dar/advantages_mean", "dar/advantages_std", "dar/weights_mean", "dar/weights_max",
                "dar/weights_clip_fraction", "dar/log_reg_weight_mean", "dar/log_adv_weight_mean", "dar/kl_from_ref",
-               "dar/completion_length_mean", "dar/logps_policy", "dar/logps_ref", "dar/logps_behavior", "dar/loss"]
+               "completions/mean_length", "dar/logps_policy", "dar/logps_ref", "dar/logps_behavior", "dar/loss",
+               "train/skipped_steps"]
 
 
 def test_weights_against_a_hand_computation():
@@ -53,9 +55,42 @@ def test_advantages_are_centred_per_prompt():
     assert torch.allclose(a, torch.tensor([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]]))
     with pytest.raises(ValueError, match="K = 1"):
         check_degenerate(1)
+    # note 6: the batch scale is the std of the centred advantages [0.5, -0.5, 0, 0, -1, 1] = sqrt(2.5 / 6)
+    s = math.sqrt(2.5 / 6)
+    assert dar_advantages(r, "batch").flatten().tolist() == pytest.approx([0.5 / s, -0.5 / s, 0, 0, -1 / s, 1 / s])
 
 
-FAST = ["--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "8", "--num_eval_prompts", "16"]
+def test_not_scored_samples_get_no_weight_and_leave_the_mean():
+    """Note 5: a NaN reward (no source scored the sample) is out of its prompt's mean and the stds, gets weight 0 and
+    is not counted in the loss's mean."""
+    nan = float("nan")
+    rpf = torch.tensor([[1.0, nan], [nan, nan]])
+    r = dar.combine_rewards(rpf, [2.0, 1.0])
+    assert r[0].item() == 2.0 and math.isnan(r[1])  # never 0
+    rewards = torch.tensor([[1.0, nan, 0.0], [nan, nan, nan]])
+    a = dar_advantages(rewards, "none")  # prompt 0's mean over its 2 scored samples = 0.5
+    assert a[0, [0, 2]].tolist() == pytest.approx([0.5, -0.5]) and torch.isnan(a[0, 1]) and torch.isnan(a[1]).all()
+    assert dar_advantages(rewards, "per_prompt")[0, [0, 2]].tolist() == pytest.approx([1.0, -1.0])
+    w, _, _ = dar_weights(a.flatten(), torch.zeros(6), torch.zeros(6), 0.1, 0.1, 50.0)
+    assert w[0].item() == pytest.approx(math.exp(2.5)) and w[2].item() == pytest.approx(math.exp(-2.5))
+    assert (w[[1, 3, 4, 5]] == 0).all()
+    s = torch.tensor([-1.0, -2.0, -3.0, -1.0, -1.0, -1.0])
+    num_scored = int((~torch.isnan(a)).sum())
+    assert dar_loss(w, s, num_scored).item() == pytest.approx(-(w[0] * -1.0 + w[2] * -3.0).item() / 2)
+
+
+def test_batch_counts_completions():
+    """Note 7: --per_device_train_batch_size counts completions and must hold whole prompts of K."""
+    dar.check_batch(Args(per_device_train_batch_size=64, k=2), 2, online=True)
+    with pytest.raises(ValueError, match="--per_device_train_batch_size 6 .*--k 4"):
+        dar.check_batch(Args(per_device_train_batch_size=6, k=4), 4, online=True)
+    with pytest.raises(ValueError, match="K = 3, the completions per row"):
+        dar.check_batch(Args(per_device_train_batch_size=64), 3, online=False)
+    assert Args().per_device_train_batch_size // Args().k == 32  # the default: 32 prompts x K = 2
+
+
+FAST = ["--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "16", "--num_eval_prompts", "16"]
+# 16 completions = 8 prompts x K = 2 (note 7)
 
 
 def _moved(out_dir, start_dir):
@@ -92,7 +127,8 @@ def test_reward_offline_run_with_behavior_logps(tmp_path):
     path = tmp_path / "pcr.jsonl"
     ds.to_json(str(path))
     out = tmp_path / "run"
-    proc = run_script("dar.py", *FAST, "--dataset_name", str(path), "--output_dir", str(out))
+    proc = run_script("dar.py", *FAST, "--dataset_name", str(path), "--output_dir", str(out),
+                      "--per_device_train_batch_size", "32")  # 8 rows x K = 4
     assert "K = 4" in proc.stdout
     train = [r for r in read_metrics(out) if r["step"] > 0]
     assert train[0]["dar/rewards_mean"] == pytest.approx(0.25)
