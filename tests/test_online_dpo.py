@@ -1,4 +1,6 @@
-"""online_dpo.py: loss math, pair ranking, EOS penalty, schedules, judges; short runs through the real entry point."""
+"""online_dpo.py: loss math, pair ranking, EOS penalty, unscored pairs, schedules, judges; short runs through the real
+entry point (reward model, reward function, judge, unscored and non-finite rewards, exact resume, 1 vs 2 processes).
+Each test names the implementation detail of the module docstring it checks."""
 
 from __future__ import annotations
 
@@ -7,14 +9,16 @@ import math
 import pytest
 import torch
 
-from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, read_metrics,
-                      run_script)
+from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, assert_params_moved,
+                      check_online_run, load_params, multiprocess_matches_single, read_metrics, run_script)
 from online_dpo import apply_missing_eos_penalty, dpo_loss, epoch_at, first_is_chosen, pair_weights, scheduled
 
 REQUIRED = ["loss/dpo", "objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
             "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-            "val/contain_eos_token", "val/model_contain_eos_token", "beta"]
-SCORED = ["objective/scores", "objective/model_scores", "objective/scores_margin", "objective/rlhf_reward"]
+            "val/contain_eos_token", "val/model_contain_eos_token", "beta", "completions/mean_length",
+            "completions/clipped_ratio", "train/skipped_steps"]
+SCORED = ["objective/scores", "objective/model_scores", "objective/scores_margin", "objective/rlhf_reward",
+          "objective/unscored_rate"]
 
 
 # ----------------------------------------------------------------------------- math
@@ -29,6 +33,7 @@ def test_dpo_loss_at_reference_is_log2():
 
 
 def test_dpo_loss_hand_values_and_gradient():
+    """Detail 9: IPO on the un-normalised sums."""
     pc, pr = torch.tensor([-2.0], requires_grad=True), torch.tensor([-5.0])
     rc, rr = torch.tensor([-3.0]), torch.tensor([-4.0])
     beta = 0.5
@@ -46,6 +51,7 @@ def test_dpo_loss_hand_values_and_gradient():
 
 
 def test_eos_penalty_and_chosen_assignment_hand_example():
+    """Details 3 and 5: ties go to the first sample; the penalty hits completions without EOS."""
     scores = torch.tensor([1.0, 0.5, 0.2, 0.2, 0.0, 0.9])
     terminated = torch.tensor([False, True, True, True, True, False])
     pen = apply_missing_eos_penalty(scores, terminated, 1.0)
@@ -60,7 +66,19 @@ def test_eos_penalty_and_chosen_assignment_hand_example():
     assert pair_weights(pen[0::2], pen[1::2], True).tolist() == [1.0, 0.0, 1.0]
 
 
+def test_unscored_pairs_leave_the_loss_like_dropped_ties():
+    """Detail 4: a pair with an unscored (NaN) member gets weight 0, with or without --drop_ties; the penalty keeps
+    NaN as NaN (an unscored completion does not become -penalty)."""
+    nan = float("nan")
+    first, second = torch.tensor([1.0, nan, 0.3, nan, 0.5]), torch.tensor([0.0, 2.0, nan, nan, 0.5])
+    assert pair_weights(first, second, False).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert pair_weights(first, second, True).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    pen = apply_missing_eos_penalty(torch.tensor([nan, 1.0]), torch.tensor([False, False]), 1.0)
+    assert math.isnan(pen[0].item()) and pen[1].item() == 0.0
+
+
 def test_per_epoch_schedule():
+    """Detail 8: one β per pass over the prompts, the last one holding."""
     assert scheduled([0.1], 0) == 0.1 and scheduled([0.1], 7) == 0.1
     assert [scheduled([0.3, 0.2, 0.1], e) for e in range(5)] == [0.3, 0.2, 0.1, 0.1, 0.1]
     # 100 prompts, 32 per step: steps 0-3 are epoch 0 (rows 0..127 -> 3.125 passes at step 3's end)
@@ -91,49 +109,100 @@ def test_reward_judge_ranks_and_probabilities():
 FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "3",
         "--num_eval_prompts", "16", "--log_completions_steps", "2", "--learning_rate", "1e-3"]
 
+# the gold reward of toy:add, left unscored (None) for prompts whose first number is even
+PARTIAL_REWARD = """
+import re
 
-def _check_run(out, scored: bool = True):
-    recs = read_metrics(out)
-    assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
-    train = [r for r in recs if r["step"] > 0]
-    assert [r["step"] for r in train] == [1, 2, 3]
-    for name in REQUIRED + (SCORED if scored else []):
-        assert all(r.get(name) is not None and math.isfinite(r[name]) for r in train), name
-    assert "eval/gold_reward" in train[-1]
-    assert all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in train)
-    assert (out / "samples.jsonl").exists() and (out / "model.safetensors").exists()
-    return train
+from common import toy
+
+_gold = toy.gold_reward("add")
+
+def _first_number(prompt):
+    text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+    return int(re.search(r"\d+", text).group())
+
+def odd_only(prompts, completions, **kw):
+    scores = _gold(prompts, completions)
+    return [s if _first_number(p) % 2 else None for p, s in zip(prompts, scores)]
+
+def nothing(prompts, completions, **kw):
+    return [None] * len(completions)
+
+def not_finite(prompts, completions, **kw):
+    return [float("inf")] + [0.0] * (len(completions) - 1)
+"""
+
+
+def _reward_file(tmp_path) -> str:
+    f = tmp_path / "rewards_for_test.py"
+    f.write_text(PARTIAL_REWARD)
+    return str(f)
 
 
 def test_run_reward_model_moves_params(tmp_path, toy_policy, toy_rm):
-    from safetensors.torch import load_file
-
     out = tmp_path / "rm"
     run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0",
                "--beta", "0.1", "0.05")
-    train = _check_run(out)
+    train = check_online_run(out, REQUIRED + SCORED)
     # the first step's policy equals the reference: zero KL on its samples, log 2 loss
     assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
     assert train[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)
-    before, after = load_file(toy_policy / "model.safetensors"), load_file(out / "model.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in train)
+    assert all(r["beta"] == 0.1 for r in train)  # still epoch 0
+    assert all(r["objective/unscored_rate"] == 0.0 for r in train)  # a reward model scores everything
+    assert "rewards/toy-rm/mean" in train[0] and "eval/gold_reward" in train[-1]
+    assert_params_moved(toy_policy, out)
 
 
-def test_run_reward_function_conversational(tmp_path, toy_policy):
+def test_run_partly_unscored_reward_conversational(tmp_path, toy_policy):
+    """Detail 4: a reward function that returns None for part of the completions; the metrics stay finite
+    (NaN-aware means) and the fraction of unscored pairs is logged."""
     out = tmp_path / "fn"
     run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
-               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational", "--loss_type", "ipo",
-               "--drop_ties", "True")
-    train = _check_run(out)
+               "--reward_funcs", f"{_reward_file(tmp_path)}:odd_only", "--dataset_name", "toy:add:conversational",
+               "--loss_type", "ipo", "--drop_ties", "True")
+    train = check_online_run(out, REQUIRED + SCORED)
+    rates = [r["objective/unscored_rate"] for r in train]
+    assert any(x > 0 for x in rates) and sum(rates) / len(rates) < 1, rates  # about half the prompts: even
+    assert all(0.0 <= r["objective/scores"] <= 1.0 for r in train)  # exact-match scores of the scored ones
     assert all(0.0 <= r["objective/tie_rate"] <= 1.0 for r in train)
-    assert all(0.0 <= r["objective/scores"] <= 1.0 for r in train)  # exact-match scores
+
+
+def test_run_all_unscored_never_updates(tmp_path, toy_policy):
+    """Details 4 and 6: when no completion is scored every pair leaves the loss, so the weights stay exactly the
+    starting policy's; the constant-reward warning names the source."""
+    out = tmp_path / "none"
+    proc = run_script("online_dpo.py", "--max_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps",
+                      "1", "--eval_steps", "0", "--log_completions_steps", "1", "--learning_rate", "1e-2",
+                      "--reward_model_name_or_path", "None", "--reward_funcs", f"{_reward_file(tmp_path)}:nothing",
+                      "--output_dir", str(out))
+    train = check_online_run(out, ["objective/kl", "objective/unscored_rate"], steps=2, eval_at_start=False)
+    assert all(r["objective/unscored_rate"] == 1.0 for r in train)
+    assert all(r["objective/scores"] is None and r["loss/dpo"] is None for r in train)  # nothing to average
+    assert "no reward varied" in proc.stderr and "nothing" in proc.stderr
+    before, after = load_params(toy_policy), load_params(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_run_non_finite_reward_stops_before_any_update(tmp_path, toy_policy):
+    """Detail 4: a reward function returning inf stops the run at step 1, naming the source, before any update:
+    no step is logged and no model is written."""
+    out = tmp_path / "inf"
+    proc = run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
+                      "--reward_funcs", f"{_reward_file(tmp_path)}:not_finite", check=False)
+    assert proc.returncode != 0
+    assert "reward function 'not_finite'" in proc.stderr and "inf" in proc.stderr, proc.stderr[-2000:]
+    assert not [r for r in read_metrics(out) if r["step"] > 0]
+    assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
 
 
 def test_run_judge(tmp_path, toy_policy, toy_rm):
+    """Detail 3: a pairwise judge ranks the pairs (no score metrics)."""
     out = tmp_path / "judge"
     run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
                "--judge", "rm:toy-rm")
-    _check_run(out, scored=False)
+    train = check_online_run(out, REQUIRED)
+    assert all("objective/scores" not in r for r in train)
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -142,6 +211,7 @@ def test_run_judge(tmp_path, toy_policy, toy_rm):
     (["--loss_type", "hinge"], "loss_type"),
     (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--missing_eos_penalty", "1"], "missing_eos_penalty"),
     (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--drop_ties", "True"], "--drop_ties"),
+    (["--per_device_train_batch_size", "7"], "--per_device_train_batch_size 7 is odd"),  # detail 1
 ])
 def test_bad_config_fails_at_startup(tmp_path, extra, match):
     assert_fails_at_startup("online_dpo.py", tmp_path, extra, match)
@@ -167,3 +237,14 @@ def test_resume_continues_exactly(tmp_path, toy_policy):
     for step in (3, 4):
         for k in ("loss/dpo", "objective/kl", "logps/chosen", "train/gold_reward"):
             assert rb[step][k] == pytest.approx(ra[step][k], rel=1e-5, abs=1e-6), (step, k)
+
+
+def test_two_processes_match_one(tmp_path, toy_policy):
+    """Details 1 and 6: 2 processes x 8 completions (4 pairs each) give the update of 1 process x 16 completions,
+    on identical samples (metrics and final weights)."""
+    base = ["--max_steps", "2", "--eval_steps", "0", "--log_completions_steps", "0", "--logging_steps", "1",
+            "--reward_model_name_or_path", "None", "--reward_funcs", "{length_reward}", "--learning_rate", "1e-3"]
+    m1, _ = multiprocess_matches_single(tmp_path, "online_dpo.py", [], base=base, batch_one=16, batch_two=8,
+                                        keys=("loss/dpo", "objective/kl", "logps/chosen", "rewards/margins",
+                                              "objective/scores", "completions/mean_length"), atol=1e-5)
+    assert m1[-1]["loss/dpo"] != pytest.approx(math.log(2))  # the policy moved between the two steps
