@@ -7,28 +7,56 @@ with the same sampling settings, rank the two into (y⁺, y⁻) with the prefere
     h    = Δ(y⁺) - Δ(y⁻)
     L    = mean_pairs[ ℓ_DPO(h) + α · S^θ(ỹ|x) ]
 with ℓ_DPO = -log σ(β h) ('sigmoid') or (h - 1/(2β))² ('ipo', on un-normalised sums). The second term is the
-exploration bonus: α times the policy's log-likelihood of the REFERENCE sample, present whether ỹ won or lost.
-Minimising it lowers the probability of reference-like text, pushing the policy to explore outside the reference's
-support (the paper's optimism term, Algorithm 1 line 5). With α = 0 XPO is online DPO on a (policy, reference) pair.
-The mean is over the pairs of the whole optimizer step (all accumulation micro-batches and processes).
+exploration bonus: α times the policy's log-likelihood of the REFERENCE sample. Minimising it lowers the
+probability of reference-like text, pushing the policy to explore outside the reference's support (the paper's
+optimism term, Algorithm 1 line 5). With α = 0 XPO is online DPO on a (policy, reference) pair.
 
 Preferences come from exactly one source:
   --reward_model_name_or_path NAME   a one-output sequence classifier (default: toy-rm, the toy reward model)
   --reward_funcs SPEC                one reward function: add | reverse | path/file.py:fn | module:fn
   --judge SPEC                       a pairwise judge: rm:<model> | fn:<reward spec> | file.py:Name | module:Name
-With a score, the policy sample is chosen iff r(y) >= r(ỹ): ties go to the policy sample (as in the reference
-implementation). This is a bias towards the policy's own samples: with a binary reward most pairs tie and XPO then
-mostly raises the likelihood of whatever the policy sampled; `--drop_ties` leaves tied pairs out of the loss.
-`--missing_eos_penalty p` subtracts p from the score of every completion without EOS; a judge gives ranks, not
-scores, so it cannot be combined with the penalty. The judge sees (policy sample, reference sample) in that order.
 To use a reward function or judge, turn the default reward model off: `--reward_model_name_or_path None`.
+"TRL" below is TRL 1.13's experimental XPOTrainer (later releases removed it).
 
-Schedules: `--beta` and `--alpha` take one value or a list, one value per epoch, the last one holding afterwards. An
-epoch is one pass over the prompt dataset: at optimizer step s (0-based) the epoch is floor(s * B_global /
-N_prompts), with B_global the prompts per optimizer step.
-
-Log-probs use temperature 1 (the policy's own distribution, as in DPO); sampling uses --temperature. The reference
-sample is always drawn with HF generate from the frozen reference (with --use_vllm only the policy sample uses vLLM).
+Implementation details (numbered; the tests name the one they check):
+ 1. Batch: `--per_device_train_batch_size` counts COMPLETIONS per process per micro-batch, as in grpo.py. Each prompt
+    gives one pair (a policy and a reference completion), so a micro-batch holds half as many prompts and the flag
+    must be even. The default 64 is 32 prompts. TRL counts PROMPTS in that flag: its 32 is our 64.
+ 2. Samples: y from the policy's generator (vLLM with --use_vllm) and ỹ from HF generate on the frozen reference,
+    with the same sampling settings, as in TRL. Pair b is rows 2b (policy) and 2b+1 (reference); both are cut after
+    the first EOS with the EOS kept in the completion mask.
+ 3. Ranking: y is chosen iff r(y) >= r(ỹ), so ties go to the policy sample, as in TRL. The two samples are not
+    exchangeable, so this is a bias towards the policy's own samples: with a binary reward most pairs tie and XPO
+    then mostly raises the likelihood of whatever the policy sampled. `--drop_ties` (not in TRL) leaves tied pairs
+    out of the loss. A judge (not in TRL, which ranks with one reward model) sees (policy sample, reference sample)
+    in that order and returns the index of the preferred one.
+ 4. Unscored completions: a reward source that returns None for a completion leaves it unscored (NaN). A pair with
+    an unscored member cannot be ranked, so the whole pair, DPO term and exploration term, leaves the loss exactly
+    as a dropped tie does (detail 7), and the score and implicit-reward statistics (objective/unscored_rate logs the
+    fraction of such pairs). A NaN or inf returned by a source stops the run at that step, before the optimizer
+    step, with an error naming the source.
+ 5. EOS penalty: `--missing_eos_penalty p` subtracts p from the score of every completion that did not end with EOS
+    within max_new_tokens. TRL looks for the EOS id anywhere in prompt + completion, so there a prompt that contains
+    the EOS token exempts its completions; here only the completion counts. A judge gives ranks, not scores, so it
+    combines with neither the penalty nor `--drop_ties`.
+ 6. Exploration term: α · S^θ(ỹ), the policy's summed log-prob of the reference sample, on every pair whether ỹ
+    won or lost, as in TRL. Its gradient is α ∇S^θ(ỹ) (tests check it against finite differences).
+ 7. Aggregation: the per-pair losses are summed over the whole optimizer step (all accumulation micro-batches and
+    processes) and divided by the number of pairs in it. A pair left out (a dropped tie, an unscored pair) counts as
+    zero and the divisor stays fixed, so gradient accumulation and multi-process runs give the update of one big
+    batch. TRL averages per micro-batch, which is the same when nothing is left out.
+ 8. Log-probs use temperature 1 for the policy and the reference, as in TRL; sampling uses --temperature.
+ 9. Schedules: `--beta` and `--alpha` take one value or a list, one value per epoch, the last one holding
+    afterwards. An epoch is one pass over the prompt dataset: at optimizer step s (0-based) the epoch is
+    floor(s * P_step / N_prompts), with P_step the prompts per optimizer step.
+10. Metrics use TRL's names. objective/kl and objective/entropy are means over BOTH samples of each pair of
+    Σ_t (ℓ^θ_t - ℓ^ref_t) and -S^θ, as in TRL; objective/model_kl is the policy samples' alone (the name every
+    online preference script logs). Where the meaning differs from TRL's code: logps/chosen|rejected are the
+    policy's S^θ of the chosen|rejected sample (TRL adds the reference's S^ref to it), and objective/scores_margin
+    is the score of the chosen minus the rejected sample, as TRL's documentation describes it (TRL's code logs the
+    policy score minus the reference score; that is objective/model_scores - objective/ref_scores here).
+    policy_chosen_rate is the fraction of pairs the policy sample won. Means are over every pair of the logging
+    window on every process; unscored entries are left out (NaN-aware).
 
 Data: prompt-only (`prompt`), standard or conversational; other dataset types are reduced to their prompts.
 
@@ -37,7 +65,7 @@ Run:
     python algos/xpo.py --reward_model_name_or_path None --reward_funcs add            # gold reward function
     python algos/xpo.py --reward_model_name_or_path None --judge rm:toy-rm             # pairwise judge
     python algos/xpo.py --dataset_name toy:add:conversational --alpha 1e-4 1e-5        # per-epoch α
-    accelerate launch --multi_gpu --num_processes 2 algos/xpo.py
+    accelerate launch --multi_gpu --num_processes 2 algos/xpo.py --per_device_train_batch_size 32
     bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
 """
 
@@ -54,11 +82,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, rewards as reward_utils, rollout, tracking
 from common.evaluation import heldout_gold_reward
-from common.generation import HFGenerator, SamplingConfig, build_generator, sampler_gap, sampler_gap_metrics
+from common.generation import HFGenerator, SamplingConfig, build_generator
 from common.judges import check_ranks, load_judge
-from common.rewards import load_reward_sources, reward_name, score
 
 
 @dataclass
@@ -87,7 +114,11 @@ class Args:
     dataset_split: str = "train"
     """split to train on"""
     eval_split: str | None = "test"
-    """held-out split for the gold-reward evaluation on toy tasks (None to skip)"""
+    """split of --eval_dataset_name (toy datasets: their test split) for the held-out evaluation (None to skip)"""
+    eval_dataset_name: str | None = None
+    """held-out data: a file, a save_to_disk folder or a hub name (split eval_split)"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the training rows for evaluation (deterministic; never overlaps training)"""
     logging_steps: int = 5
     """log metrics every this many optimizer steps"""
     log_completions_steps: int = 25
@@ -98,6 +129,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -109,8 +142,10 @@ class Args:
     """linear warm-up steps, then constant"""
     max_steps: int = 150
     """optimizer steps"""
-    per_device_train_batch_size: int = 32
-    """prompts per micro-batch per process (each gives one pair: a policy and a reference completion)"""
+    per_device_train_batch_size: int = 64
+    """completions per micro-batch per process (TRL's grpo meaning): each prompt gives a pair (a policy and a
+    reference completion), so this must be even and a micro-batch holds half as many prompts (TRL's XPOTrainer
+    counts prompts here: its 32 is our 64)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     max_grad_norm: float = 1.0
@@ -152,9 +187,9 @@ class Args:
     missing_eos_penalty: float | None = None
     """subtracted from the score of completions without EOS (reward model or function only)"""
     drop_ties: bool = False
-    """leave pairs with equal scores out of the loss (they count as zero in the mean over pairs); by default a tie
-    keeps the policy sample as chosen. Useful with binary rewards, where most pairs tie"""
-    # --- online DPO
+    """leave pairs with equal scores out of the loss (they count as zero in the mean over pairs, as unscored pairs
+    do); by default a tie keeps the policy sample as chosen. Useful with binary rewards, where most pairs tie"""
+    # --- XPO
     beta: list[float] = field(default_factory=lambda: [0.1])
     """β, the strength of the implicit KL to the reference; one value, or one per epoch (the last holds after)"""
     alpha: list[float] = field(default_factory=lambda: [1e-5])
@@ -198,11 +233,13 @@ def first_is_chosen(scores_first: torch.Tensor, scores_second: torch.Tensor) -> 
 
 
 def pair_weights(scores_first: torch.Tensor, scores_second: torch.Tensor, drop_ties: bool) -> torch.Tensor:
-    """(B,) float weight of each pair in the loss: 1, or 0 for a tie when drop_ties."""
+    """(B,) float weight of each pair in the loss: 1; 0 for a pair with an unscored (NaN) member (detail 4) and, when
+    drop_ties, for a tie (detail 3)."""
     assert scores_first.shape == scores_second.shape
-    if not drop_ties:
-        return torch.ones_like(scores_first, dtype=torch.float32)
-    return (scores_first != scores_second).float()
+    keep = ~(scores_first.isnan() | scores_second.isnan())
+    if drop_ties:
+        keep = keep & (scores_first != scores_second)
+    return keep.float()
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -232,17 +269,12 @@ def xpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return dpo + xpo, dpo, xpo, h
 
 
-def pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    """Right-pad (N, T) to (N, width) with `value`."""
-    return F.pad(t, (0, width - t.shape[1]), value=value)
-
-
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rows a_0, b_0, a_1, b_1, ... from two (N, ...) tensors."""
+    """Rows a_0, b_0, a_1, b_1, ... from two (N, ...) tensors: the pair layout of detail 2."""
     return torch.stack([a, b], 1).flatten(0, 1)
 
 
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- set-up helpers (plumbing)
 def check_args(args: Args):
     """Fail before any model is loaded."""
     sources = [n for n, on in (("--reward_model_name_or_path", args.reward_model_name_or_path),
@@ -268,6 +300,11 @@ def check_args(args: Args):
         raise ValueError(f"--alpha must be one or more non-negative values; got {args.alpha}")
     if args.max_steps <= 0 or args.per_device_train_batch_size <= 0 or args.max_new_tokens <= 0:
         raise ValueError("--max_steps, --per_device_train_batch_size and --max_new_tokens must be positive")
+    n = args.per_device_train_batch_size
+    if n % 2:
+        raise ValueError(f"--per_device_train_batch_size {n} is odd: it counts completions and each prompt gives a pair "
+                         f"(a policy and a reference completion), so make it even, e.g. --per_device_train_batch_size "
+                         f"{n + 1} ({(n + 1) // 2} prompts per micro-batch)")
 
 
 def load_prompts(args: Args):
@@ -275,48 +312,68 @@ def load_prompts(args: Args):
     return data.convert(ds, "prompt", "xpo.py")
 
 
-def as_completions(prompts: list, texts: list[str]) -> list:
-    """Completions in the prompts' format: strings, or one assistant message for conversational prompts."""
-    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+def prompt_micro_batches(indices: list[int], prompts_per_micro_batch: int, accumulation: int, accelerator) -> list:
+    """This process's micro-batches (prompt rows) of one optimizer step: micro-batch m of rank r holds global rows
+    [(m·W + r)·b, (m·W + r + 1)·b), so the union over processes and micro-batches is the global batch."""
+    b, W, r = prompts_per_micro_batch, accelerator.num_processes, accelerator.process_index
+    return [indices[(m * W + r) * b:(m * W + r + 1) * b] for m in range(accumulation)]
 
 
-def prompt_completion_batch(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                            repeat: int, pad_id: int, device) -> dict:
-    """[left-padded prompt | right-padded completion] for `repeat` completions per prompt (rows i*repeat + j)."""
-    p_ids, p_mask = data.pad(prompt_ids, pad_id, "left")
-    p_ids, p_mask = p_ids.repeat_interleave(repeat, 0), p_mask.repeat_interleave(repeat, 0)
-    return {"input_ids": torch.cat([p_ids, completion_ids.cpu()], 1).to(device),
-            "attention_mask": torch.cat([p_mask, completion_mask.cpu()], 1).to(device),
-            "completion_mask": completion_mask.to(device).float()}
+class WindowMeans:
+    """Means over a logging window, NaN-aware: `add` sums the non-NaN entries and counts them; `reduce` sums both
+    over processes in one call and returns sum / count per name (NaN where nothing was counted)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, name: str, values):
+        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+        keep = ~torch.isnan(v)
+        self.sums[name] = self.sums.get(name, 0.0) + v[keep].sum().item()
+        self.counts[name] = self.counts.get(name, 0.0) + keep.sum().item()
+
+    def reduce(self, accelerator) -> dict:
+        names = sorted(self.sums)
+        t = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64).reshape(-1, 2)
+        if accelerator.num_processes > 1:
+            t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
+        self.sums, self.counts = {}, {}
+        return {n: (sm / c if c else float("nan")) for n, (sm, c) in zip(names, t.tolist())}
 
 
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
+    # ================================================================ set-up (plumbing: safe to skip)
     check_args(args)
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     accelerator = distributed.make_accelerator(args)
-    device = accelerator.device
+    device, W, A = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps
+    pairs_per_micro_batch = args.per_device_train_batch_size // 2  # detail 1
+    prompts_per_step = pairs_per_micro_batch * W * A
 
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     train = load_prompts(args)
-    columns = [c for c in train.column_names if c != "prompt"]
-    prompt_ids_all = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in train["prompt"]])
+    columns = {c: train[c] for c in train.column_names if c != "prompt"}  # passed on to reward functions
+    all_prompts = train["prompt"]
+    prompt_ids_all = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in all_prompts])
     prompt_ids_all = [p[-args.max_prompt_length:] for p in prompt_ids_all]
-    global_bs = distributed.global_batch_size(args, accelerator)
-    if global_bs > len(train):
-        raise ValueError(f"the dataset has {len(train)} prompts, fewer than one global batch of {global_bs}")
-
-    reward_fn = judge = None
+    if prompts_per_step > len(train):
+        raise ValueError(f"the dataset has {len(train)} prompts, fewer than one optimizer step's {prompts_per_step} "
+                         f"(per_device_train_batch_size / 2 x processes x gradient_accumulation_steps)")
+    rewards = judge = None
     if args.judge:
-        judge = load_judge(args.judge, args.dataset_name, device)
+        judge, source = load_judge(args.judge, args.dataset_name, device), f"judge '{args.judge}'"
     else:
-        spec = f"model:{args.reward_model_name_or_path}" if args.reward_model_name_or_path else args.reward_funcs[0]
-        reward_fn = load_reward_sources([spec], args.dataset_name, device)[0]
+        specs = reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name)
+        rewards = reward_utils.RewardSources(specs, None, args.dataset_name, device)
+        source = f"{specs[0]} ({rewards.names[0]})"
     gold = None
     if data.toy_task(args.dataset_name):
         from common import toy
         gold = toy.gold_reward(data.toy_task(args.dataset_name))
+    resume = checkpoint.prepare_output_dir(args)  # one run per folder, before any model loads
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = model_utils.load_causal_lm(args.ref_model_name_or_path or args.model_name_or_path, tokenizer,
@@ -327,22 +384,21 @@ def main(args: Args):
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     generator = build_generator(args, tokenizer, accelerator, model)
-    # the reference sample: same sampling settings, HF generate on the frozen reference
+    # the reference sample: same sampling settings, HF generate on the frozen reference (detail 2)
     ref_generator = HFGenerator(tokenizer, SamplingConfig(args.temperature, args.top_p, args.top_k, args.min_p,
                                                           args.max_new_tokens))
 
-    start_step, elapsed = 0, 0.0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    start_step, elapsed, skipped_steps = 0, 0.0, 0
     if resume is not None:
         state = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed = state["step"], state["elapsed"]
+        start_step, elapsed, skipped_steps = state["step"], state["elapsed"], state.get("skipped_steps", 0)
         generator.sync_weights(model)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
                                show=("loss/dpo", "objective/model_scores", "train/gold_reward", "eval/gold_reward"))
-    source = args.judge or reward_name(reward_fn)
-    accelerator.print(f"xpo: {len(train)} prompts, {global_bs} pairs per step, {args.max_steps} steps, "
-                      f"preferences from {source} -> {args.output_dir}")
+    accelerator.print(f"xpo: {len(train)} prompts; {W} process(es) x {A} micro-batch(es) x {pairs_per_micro_batch} "
+                      f"pairs = {prompts_per_step} pairs per step, {args.max_steps} steps, preferences from {source} "
+                      f"-> {args.output_dir}")
 
     def evaluate() -> dict:
         if not args.eval_split:
@@ -350,133 +406,138 @@ def main(args: Args):
         return heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
                                    accelerator=accelerator, split=args.eval_split)
 
-    if start_step == 0:
+    if start_step == 0 and args.eval_steps:
         tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "alpha": scheduled(args.alpha, 0)}, 0,
                     args.max_steps)
 
     pad_id = tokenizer.pad_token_id
-    stats: dict[str, float] = {}
-    gaps: list[torch.Tensor] = []  # sampler vs trainer per-token log-prob differences since the last log (vLLM)
+    stats = WindowMeans()
+    window = {"rpf": [], "mask": [], "terminated": [], "logps": [], "sampler_logps": []}  # for the common metrics
 
-    def add(name: str, value: torch.Tensor | float):
-        stats[name] = stats.get(name, 0.0) + float(value.sum() if torch.is_tensor(value) else value)
-
+    # ================================================================ training
     model.train()
     for step in range(start_step, args.max_steps):
-        epoch = epoch_at(step, global_bs, len(train))
+        epoch = epoch_at(step, prompts_per_step, len(train))  # detail 9
         beta, alpha = scheduled(args.beta, epoch), scheduled(args.alpha, epoch)
-        indices = data.batch_indices(len(train), global_bs, step, args.seed)
+        indices = data.batch_indices(len(train), prompts_per_step, step, args.seed)
         sample_rows = None
-        for mb in distributed.micro_batches(indices, args, accelerator):
-            prompts = [train[i]["prompt"] for i in mb]
+        for mb in prompt_micro_batches(indices, pairs_per_micro_batch, A, accelerator):
             B = len(mb)
-            # 1. one sample from the policy and one from the reference per prompt; pair b = rows 2b (policy), 2b+1 (ref)
+            # 1. one sample from the policy and one from the reference per prompt: pair b = rows 2b (policy),
+            #    2b+1 (reference) (detail 2)
             mb_prompt_ids = [prompt_ids_all[i] for i in mb]
             gen = generator.generate(model, mb_prompt_ids, n=1)
             ref_gen = ref_generator.generate(ref_model, mb_prompt_ids, n=1)
-            T = max(gen.completion_ids.shape[1], ref_gen.completion_ids.shape[1])
-            completion_ids = interleave(pad_columns(gen.completion_ids.cpu(), T, pad_id),
-                                        pad_columns(ref_gen.completion_ids.cpu(), T, pad_id))  # (2B, T)
-            completion_mask = interleave(pad_columns(gen.completion_mask.cpu(), T, 0),
-                                         pad_columns(ref_gen.completion_mask.cpu(), T, 0))  # (2B, T)
-            terminated = interleave(gen.terminated.cpu(), ref_gen.terminated.cpu())  # (2B,)
+            ids_list = [x for pair in zip(rollout.completion_id_lists(gen.completion_ids, gen.completion_mask),
+                                          rollout.completion_id_lists(ref_gen.completion_ids,
+                                                                      ref_gen.completion_mask)) for x in pair]
             texts = [t for pair in zip(gen.texts, ref_gen.texts) for t in pair]
-            prompts2 = [p for p in prompts for _ in range(2)]
-            completions = as_completions(prompts2, texts)
-            # 2. rank each (policy, reference) pair
+            terminated = interleave(gen.terminated.cpu(), ref_gen.terminated.cpu())  # (2B,)
+            prompts2, cols2 = rollout.repeat_rows(mb, all_prompts, columns, 2)
+            completions = rollout.as_completions(prompts2, texts)
+            # 2. rank each (policy, reference) pair (details 3-5); scores (2B,) NaN = unscored, None with a judge
             scores = None
             if judge is not None:
-                ranks = judge.judge(prompts, [(completions[2 * b], completions[2 * b + 1]) for b in range(B)])
-                policy_wins = check_ranks(ranks, B, source)
-                weights = torch.ones(B)
+                ranks = judge.judge([all_prompts[i] for i in mb],
+                                    [(completions[2 * b], completions[2 * b + 1]) for b in range(B)])
+                policy_wins, weights = check_ranks(ranks, B, source), torch.ones(B)
             else:
-                cols = {c: [train[i][c] for i in mb for _ in range(2)] for c in columns}
-                ids_list = [c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)]
-                raw = score([reward_fn], prompts2, completions, ids_list, cols)[:, 0]
-                if torch.isnan(raw).any():
-                    raise ValueError(f"{source} returned None for some completions; XPO needs a score for each")
-                scores = apply_missing_eos_penalty(raw, terminated, args.missing_eos_penalty)  # (2B,)
-                policy_wins = first_is_chosen(scores[0::2], scores[1::2])  # (B,)
-                weights = pair_weights(scores[0::2], scores[1::2], args.drop_ties)  # (B,)
-            # 3. log-probs of both samples under the policy (with grad) and the reference
-            batch = prompt_completion_batch(mb_prompt_ids, completion_ids, completion_mask, 2, pad_id, device)
-            mask = batch["completion_mask"]
+                rpf = rewards(prompts2, completions, ids_list, cols2)  # (2B, 1); stops the run on NaN / inf
+                window["rpf"].append(rpf)
+                scores = apply_missing_eos_penalty(rpf[:, 0], terminated, args.missing_eos_penalty)
+                policy_wins = first_is_chosen(scores[0::2], scores[1::2])  # (B,) ties: the policy sample
+                weights = pair_weights(scores[0::2], scores[1::2], args.drop_ties)  # (B,) 0: out of the loss
+            # 3. log-probs of both samples under the policy (with grad) and the reference; DPO + exploration term
+            #    (details 6-7)
+            batch = data.batch_prompt_completion([p for p in mb_prompt_ids for _ in range(2)], ids_list, pad_id)
+            input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            mask = batch["completion_mask"].to(device).float()  # (2B, T)
+            T = mask.shape[1]
             with torch.no_grad():
-                ref_lp = model_utils.completion_logps(ref_model, batch["input_ids"], batch["attention_mask"], T)
-            ref_seq = (ref_lp * mask).sum(1)  # (2B,)
+                ref_seq = (model_utils.completion_logps(ref_model, input_ids, attn, T) * mask).sum(1)  # (2B,)
             chosen_idx = (2 * torch.arange(B) + (~policy_wins).long()).to(device)  # (B,)
             rejected_idx = (2 * torch.arange(B) + policy_wins.long()).to(device)
             ref_sample_idx = (2 * torch.arange(B) + 1).to(device)
             with accelerator.accumulate(model):
-                logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T)
+                logps = model_utils.completion_logps(model, input_ids, attn, T)  # (2B, T)
                 seq = (logps * mask).sum(1)  # (2B,)
-                if gen.sampler_logps is not None:  # policy samples (even rows): sampler (vLLM) vs trainer gap
-                    gaps.append(sampler_gap(logps[0::2], gen.sampler_logps, mask[0::2]))
                 losses, dpo_part, xpo_part, h = xpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx],
                                                          ref_seq[rejected_idx], seq[ref_sample_idx], beta, alpha,
                                                          args.loss_type)
-                # mean over the global batch's pairs: undo accelerate's 1/accumulation and DDP's 1/processes
-                loss = (losses * weights.to(device)).sum() / global_bs
-                accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                # mean over the optimizer step's pairs (left-out pairs count as 0): undo accelerate's 1/accumulation
+                # and DDP's 1/processes
+                loss = (losses * weights.to(device)).sum() / prompts_per_step
+                accelerator.backward(loss * A * W)
                 if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            # 4. statistics, summed over the step and reduced once
+                    _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                            args.max_grad_norm)
+                    skipped_steps += not stepped
+            # 4. statistics of the window; NaN entries (unscored pairs) are left out of the means (detail 10)
             with torch.no_grad():
-                seq, kl = seq.detach(), (seq.detach() - ref_seq)  # (2B,)
-                add("pairs", B)
-                add("objective/tie_rate", (scores[0::2] == scores[1::2]).float() if scores is not None else 0.0)
-                add("samples", 2 * B)
-                add("loss/dpo", dpo_part.detach())
-                add("loss/xpo", xpo_part.detach())
-                add("objective/kl", kl)
-                add("objective/model_kl", kl[0::2])  # the policy samples only (comparable across scripts)
-                add("objective/entropy", -seq)
-                add("rewards/chosen", beta * (seq[chosen_idx] - ref_seq[chosen_idx]))
-                add("rewards/rejected", beta * (seq[rejected_idx] - ref_seq[rejected_idx]))
-                add("rewards/margins", beta * h.detach())
-                add("rewards/accuracies", (h.detach() > 0).float())
-                add("logps/chosen", seq[chosen_idx])
-                add("logps/rejected", seq[rejected_idx])
-                add("val/model_contain_eos_token", gen.terminated.float())
-                add("val/ref_contain_eos_token", ref_gen.terminated.float())
-                add("policy_chosen_rate", policy_wins.float())
-                add("completions/mean_length", mask[0::2].sum(1))
+                seq, kl = seq.detach().cpu(), (seq.detach() - ref_seq).cpu()  # (2B,)
+                chosen_idx, rejected_idx = chosen_idx.cpu(), rejected_idx.cpu()
+                ranked = torch.ones(B, dtype=torch.bool) if scores is None else \
+                    ~(scores[0::2].isnan() | scores[1::2].isnan())  # (B,) pairs with a preference
+                per_pair = lambda v: torch.where(ranked, v, torch.full_like(v, float("nan")))  # noqa: E731
+                hh = h.detach().cpu()
+                stats.add("loss/dpo", per_pair(dpo_part.detach().cpu()))
+                stats.add("loss/xpo", per_pair(xpo_part.detach().cpu()))
+                stats.add("objective/kl", kl)  # both samples of each pair, as TRL
+                stats.add("objective/model_kl", kl[0::2])  # the policy samples only
+                stats.add("objective/entropy", -seq)
+                stats.add("rewards/chosen", per_pair(beta * kl[chosen_idx]))
+                stats.add("rewards/rejected", per_pair(beta * kl[rejected_idx]))
+                stats.add("rewards/margins", per_pair(beta * hh))
+                stats.add("rewards/accuracies", per_pair((hh > 0).double()))
+                stats.add("logps/chosen", per_pair(seq[chosen_idx]))
+                stats.add("logps/rejected", per_pair(seq[rejected_idx]))
+                stats.add("val/model_contain_eos_token", gen.terminated.double())
+                stats.add("val/ref_contain_eos_token", ref_gen.terminated.double())
+                stats.add("policy_chosen_rate", per_pair(policy_wins.double()))
                 if scores is not None:
-                    add("objective/model_scores", scores[0::2])
-                    add("objective/ref_scores", scores[1::2])
-                    add("objective/scores_margin", scores[chosen_idx.cpu()] - scores[rejected_idx.cpu()])
+                    stats.add("objective/model_scores", scores[0::2])
+                    stats.add("objective/ref_scores", scores[1::2])
+                    stats.add("objective/scores_margin", scores[chosen_idx] - scores[rejected_idx])
+                    stats.add("objective/tie_rate", per_pair((scores[0::2] == scores[1::2]).double()))
+                    stats.add("objective/unscored_rate", (~ranked).double())
                 if gold is not None:
                     g = torch.tensor([float("nan") if v is None else v for v in gold(prompts2, completions)])
-                    g = torch.nan_to_num(g, 0.0)
-                    add("train/gold_reward", g[0::2])
-                    add("train/ref_gold_reward", g[1::2])
+                    stats.add("train/gold_reward", g[0::2])
+                    stats.add("train/ref_gold_reward", g[1::2])
+                window["mask"].append(gen.completion_mask.cpu())  # the policy's completions
+                window["terminated"].append(gen.terminated.cpu())
+                if gen.sampler_logps is not None:  # policy samples (even rows): sampler (vLLM) vs trainer gap
+                    window["logps"].append(logps[0::2].detach().cpu())
+                    window["sampler_logps"].append(gen.sampler_logps.cpu())
             if sample_rows is None:
-                sample_rows = [{"prompt": str(prompts[b]), "policy": gen.texts[b], "reference": ref_gen.texts[b],
+                sample_rows = [{"prompt": str(prompts2[2 * b]), "policy": gen.texts[b], "reference": ref_gen.texts[b],
                                 "policy_chosen": bool(policy_wins[b]),
                                 **({"score_policy": float(scores[2 * b]), "score_reference": float(scores[2 * b + 1])}
                                    if scores is not None else {})}
                                for b in range(min(4, B))]
         generator.sync_weights(model)
 
+        # ================================================================ logging, evaluation, checkpoints (plumbing)
         done = step + 1
         if done % args.logging_steps == 0 or done == args.max_steps:
-            tot = {k: distributed.gather_sum(accelerator, v) for k, v in sorted(stats.items())}
-            stats = {}
-            n_pairs, n_samples = tot.pop("pairs"), tot.pop("samples")
-            metrics = {k: v / (n_samples if k in ("objective/kl", "objective/entropy") else n_pairs)
-                       for k, v in tot.items()}
-            # objective/kl is the mean over both samples of each pair, as in the reference implementation
+            metrics = stats.reduce(accelerator)
             metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
-            if "objective/model_scores" in metrics:
+            if rewards is not None:
                 metrics["objective/rlhf_reward"] = (metrics["objective/model_scores"]
                                                     + metrics["objective/non_score_reward"])
+                rpf_all = distributed.gather_cat(accelerator, torch.cat(window["rpf"]))
+                metrics.update(rewards.metrics(rpf_all))
+                rewards.check_varies(rpf_all, accelerator.is_main_process)
+            width = max(m.shape[1] for m in window["mask"])
+            metrics.update(rollout.completion_metrics(
+                accelerator, torch.cat([F.pad(m, (0, width - m.shape[1])) for m in window["mask"]]),
+                torch.cat(window["terminated"])))
+            if window["sampler_logps"]:
+                metrics.update(rollout.sampler_gap_metrics(accelerator, window["logps"], window["sampler_logps"],
+                                                           window["mask"]))
+            window = {k: [] for k in window}
             metrics.update({"beta": beta, "alpha": alpha, "learning_rate": scheduler.get_last_lr()[0],
-                            **sampler_gap_metrics(gaps)})
-            gaps = []
+                            "train/skipped_steps": skipped_steps})
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)
@@ -484,12 +545,14 @@ def main(args: Args):
             tracker.log_samples(done, sample_rows or [])
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                       {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                       args.save_total_limit)
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
         checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                   {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                   args.save_total_limit)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()

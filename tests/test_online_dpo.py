@@ -119,7 +119,7 @@ _gold = toy.gold_reward("add")
 
 def _first_number(prompt):
     text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-    return int(re.search(r"\d+", text).group())
+    return int(re.search(r"\\d+", text).group())
 
 def odd_only(prompts, completions, **kw):
     scores = _gold(prompts, completions)

@@ -1,5 +1,6 @@
 """xpo.py: the loss against online DPO, log 2 at the reference, the exploration term's gradient (autograd vs finite
-differences), the pair layout; short runs with a reward model, a reward function and a judge; bad configurations."""
+differences), the pair layout, unscored pairs; short runs with a reward model, a partly unscored reward function and a
+judge; bad configurations. Each test names the implementation detail of the module docstring it checks."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import math
 import pytest
 import torch
 
-from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, read_metrics,
-                      run_script)
+from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, assert_params_moved,
+                      check_online_run, run_script)
 from online_dpo import dpo_loss as online_dpo_loss
-from xpo import first_is_chosen, interleave, pad_columns, xpo_loss
+from xpo import first_is_chosen, interleave, pair_weights, xpo_loss
 
 REQUIRED = ["loss/dpo", "loss/xpo", "objective/kl", "objective/entropy", "objective/non_score_reward",
             "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected", "val/model_contain_eos_token", "val/ref_contain_eos_token", "alpha", "beta"]
-SCORED = ["objective/model_scores", "objective/ref_scores", "objective/scores_margin", "objective/rlhf_reward"]
+            "logps/rejected", "val/model_contain_eos_token", "val/ref_contain_eos_token", "alpha", "beta",
+            "objective/model_kl", "policy_chosen_rate", "completions/mean_length", "train/skipped_steps"]
+SCORED = ["objective/model_scores", "objective/ref_scores", "objective/scores_margin", "objective/rlhf_reward",
+          "objective/unscored_rate"]
 
 
 # ----------------------------------------------------------------------------- math
@@ -35,6 +38,7 @@ def test_alpha_zero_equals_online_dpo(loss_type):
 
 
 def test_at_reference_alpha_zero_is_log2_and_bonus_is_alpha_times_logp():
+    """Detail 6: the bonus is α S^θ(ỹ) whether ỹ won or lost."""
     pc, pr, _, _, p_ref_sample = _pairs(seed=1)
     loss, _, _, _ = xpo_loss(pc, pr, pc.clone(), pr.clone(), p_ref_sample, beta=0.1, alpha=0.0)
     assert torch.allclose(loss, torch.full_like(loss, math.log(2)))
@@ -46,7 +50,7 @@ def test_at_reference_alpha_zero_is_log2_and_bonus_is_alpha_times_logp():
 
 
 def test_exploration_gradient_autograd_vs_finite_difference():
-    """∂(α S^θ(ỹ))/∂θ = α ∇S^θ(ỹ), checked along a random direction on a small float64 bigram policy (embedding and
+    """Detail 6: ∂(α S^θ(ỹ))/∂θ = α ∇S^θ(ỹ), checked along a random direction on a small float64 bigram policy (embedding and
     output matrices), and the full loss's gradient equals the DPO part's plus that term."""
     torch.manual_seed(0)
     V, d, B, P, T = 20, 6, 3, 2, 5
@@ -96,52 +100,77 @@ def test_exploration_gradient_autograd_vs_finite_difference():
 
 
 def test_pair_layout_and_ties_go_to_policy():
-    a, b = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6, 7], [8, 9, 9]])
-    T = 3
-    x = interleave(pad_columns(a, T, 0), pad_columns(b, T, 0))
-    assert x.tolist() == [[1, 2, 0], [5, 6, 7], [3, 4, 0], [8, 9, 9]]
+    """Details 2 and 3: pair b is rows 2b (policy), 2b+1 (reference); a tie keeps the policy sample as chosen."""
+    a, b = torch.tensor([True, False]), torch.tensor([False, False])
+    assert interleave(a, b).tolist() == [True, False, False, False]
+    assert interleave(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6], [7, 8]])).tolist() == \
+        [[1, 2], [5, 6], [3, 4], [7, 8]]
     model_scores, ref_scores = torch.tensor([0.5, 1.0, 0.2]), torch.tensor([0.5, 0.3, 0.9])
     assert first_is_chosen(model_scores, ref_scores).tolist() == [True, True, False]
+
+
+def test_unscored_pairs_leave_the_loss():
+    """Details 4 and 7: a pair with an unscored member gets weight 0 (both terms out of the loss), ties only with
+    --drop_ties."""
+    nan = float("nan")
+    model_scores, ref_scores = torch.tensor([0.5, nan, 1.0, 0.2]), torch.tensor([0.5, 0.3, nan, 0.9])
+    assert pair_weights(model_scores, ref_scores, False).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert pair_weights(model_scores, ref_scores, True).tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- runs
 FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "3",
         "--num_eval_prompts", "16", "--log_completions_steps", "2", "--learning_rate", "1e-3"]
 
+# the gold reward of toy:add, left unscored (None) for prompts whose first number is even
+PARTIAL_REWARD = """
+import re
+
+from common import toy
+
+_gold = toy.gold_reward("add")
+
+def odd_only(prompts, completions, **kw):
+    text = lambda p: p[-1]["content"] if isinstance(p, list) else p
+    scores = _gold(prompts, completions)
+    return [s if int(re.search(r"\\d+", text(p)).group()) % 2 else None for p, s in zip(prompts, scores)]
+"""
+
 
 def _check_run(out, scored: bool = True):
-    recs = read_metrics(out)
-    assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
-    train = [r for r in recs if r["step"] > 0]
-    assert [r["step"] for r in train] == [1, 2, 3]
-    for name in REQUIRED + (SCORED if scored else []):
-        assert all(r.get(name) is not None and math.isfinite(r[name]) for r in train), name
+    train = check_online_run(out, REQUIRED + (SCORED if scored else []))
     assert all(r["loss/xpo"] < 0 for r in train)  # α > 0 times a log-prob
-    assert (out / "samples.jsonl").exists() and (out / "model.safetensors").exists()
+    assert "eval/gold_reward" in train[-1]
     return train
 
 
 def test_run_reward_model(tmp_path, toy_policy, toy_rm):
-    from safetensors.torch import load_file
-
+    """Details 6 and 9: log 2 at the first step; the per-epoch α schedule."""
     out = tmp_path / "rm"
     run_script("xpo.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0", "--alpha", "1e-3", "1e-4")
     train = _check_run(out)
     assert train[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)  # first step: policy = reference
+    assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
     assert all(r["alpha"] == 1e-3 for r in train)  # still epoch 0
-    before, after = load_file(toy_policy / "model.safetensors"), load_file(out / "model.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert_params_moved(toy_policy, out)
 
 
-def test_run_reward_function_conversational(tmp_path, toy_policy):
+def test_run_partly_unscored_reward_conversational(tmp_path, toy_policy):
+    """Detail 4: a reward function that returns None for part of the completions; metrics stay finite (NaN-aware)
+    and the fraction of unscored pairs is logged."""
+    rf = tmp_path / "partial.py"
+    rf.write_text(PARTIAL_REWARD)
     out = tmp_path / "fn"
     run_script("xpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
-               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational")
+               "--reward_funcs", f"{rf}:odd_only", "--dataset_name", "toy:add:conversational")
     train = _check_run(out)
+    rates = [r["objective/unscored_rate"] for r in train]
+    assert any(x > 0 for x in rates) and sum(rates) / len(rates) < 1, rates
     assert all(0.0 <= r["objective/model_scores"] <= 1.0 for r in train)
 
 
 def test_run_judge(tmp_path, toy_policy):
+    """Detail 3: a pairwise judge ranks (policy, reference) pairs."""
     out = tmp_path / "judge"
     run_script("xpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None", "--judge", "fn:add")
     _check_run(out, scored=False)
@@ -150,6 +179,7 @@ def test_run_judge(tmp_path, toy_policy):
 @pytest.mark.parametrize("extra,match", [
     (["--reward_model_name_or_path", "None"], "exactly one preference source"),
     (["--alpha", "-1"], "--alpha"),
+    (["--per_device_train_batch_size", "5"], "--per_device_train_batch_size 5 is odd"),  # detail 1
 ])
 def test_bad_config_fails_at_startup(tmp_path, extra, match):
     assert_fails_at_startup("xpo.py", tmp_path, extra, match)
