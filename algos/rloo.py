@@ -99,6 +99,13 @@ class Args:
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
     overwrite_output_dir: bool = False
     """start a new run in an output_dir that holds another run's files (they are deleted first)"""
+    eval_dataset_name: str | None = None
+    """held-out prompts: a file, a save_to_disk folder or a hub name (split eval_split); toy datasets use the toy
+    task's test split"""
+    eval_split: str = "test"
+    """split of eval_dataset_name (hub datasets) or of the toy task used for evaluation"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the training rows for evaluation (deterministic; never overlaps training)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -169,9 +176,10 @@ class Args:
     """leave completions that did not end with EOS out of the loss"""
     # --- evaluation and logging
     eval_steps: int = 25
-    """held-out gold reward every this many steps (and at step 0 and at the end); 0: never"""
+    """held-out reward (eval/reward; eval/gold_reward on the toy tasks) every this many steps, at step 0 and at the
+    end; 0: never"""
     num_eval_prompts: int = 256
-    """held-out prompts of the toy task (greedy decoding)"""
+    """held-out prompts per evaluation (greedy decoding)"""
     log_completions_steps: int = 25
     """write sample completions with their rewards every this many steps (0: never)"""
     num_completions_to_log: int = 8
@@ -262,20 +270,13 @@ def check_batch(args) -> int:
 
 
 def load_prompts(args, tokenizer, script: str):
-    """Prompt-only training rows (other columns kept for the reward functions) and their tokenised rendered prompts."""
-    ds = data.convert(data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt"), "prompt",
-                      script=script)
+    """Prompt-only training rows (other columns kept for the reward functions), their tokenised rendered prompts,
+    and the held-out rows (None without an evaluation set)."""
+    ds, eval_ds = data.load_splits(args, "prompt", script, toy_n=args.num_eval_prompts)
     ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
     if args.max_prompt_length:
         ids = [s[-args.max_prompt_length:] for s in ids]
-    return ds, ids
-
-
-def check_fits(n_rows: int, prompts_per_generation: int):
-    if n_rows < prompts_per_generation:
-        raise ValueError(f"the dataset has {n_rows} prompts, fewer than one generation batch of "
-                         f"{prompts_per_generation} (processes x per_device_train_batch_size x "
-                         "gradient_accumulation_steps / num_generations): lower the batch size or use more data")
+    return ds, ids, eval_ds
 
 
 def sequence_logps(model, batch: dict, rows: slice, temperature: float, return_entropy: bool = False):
@@ -323,8 +324,9 @@ def main(args: Args):
     specs = reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name)
     reward_utils.check_weights(specs, args.reward_weights)
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
-    ds, prompt_ids = load_prompts(args, tokenizer, "rloo.py")
-    check_fits(len(ds), prompts_per_process * W)
+    ds, prompt_ids, eval_ds = load_prompts(args, tokenizer, "rloo.py")
+    data.check_batch_fits(len(ds), prompts_per_process * W, "--per_device_train_batch_size x "
+                          "--gradient_accumulation_steps / --num_generations (prompts per generation batch)")
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
     sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
     resume = checkpoint.prepare_output_dir(args)
@@ -347,20 +349,21 @@ def main(args: Args):
         generator.sync_weights(model)
     start_step, num_tokens, skipped = state["step"], state["num_tokens"], state["skipped_steps"]
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, state["elapsed"],
-                               show=("reward", "loss", "eval/gold_reward"))
+                               show=("reward", "loss", "eval/reward", "eval/gold_reward"))
     accelerator.print(f"rloo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completions per "
                       f"generation, {mu} optimizer step(s) each, {args.max_steps} steps -> {args.output_dir}")
 
-    def evaluate() -> dict:
-        return evaluation.heldout_gold_reward(accelerator.unwrap_model(model), tokenizer, args.dataset_name,
-                                              args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
+    def evaluate() -> dict:  # greedy completions of the held-out prompts, scored by the same sources
+        return evaluation.heldout_reward(accelerator.unwrap_model(model), tokenizer, eval_ds, sources,
+                                         args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
+                                         accelerator=accelerator)
 
     def save(step: int):
         checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args,
                                    {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "skipped_steps": skipped},
                                    args.save_total_limit)
 
-    if start_step == 0 and args.eval_steps:
+    if start_step == 0 and args.eval_steps and eval_ds is not None:
         tracker.log(evaluate(), 0, args.max_steps)
 
     window, first_rewards = defaultdict(list), []  # per-step metrics since the last log; rewards until the first log

@@ -182,11 +182,13 @@ MULTIPROCESS_KEYS = ("reward", "reward_std", "loss", "grad_norm", "completions/m
 
 
 def multiprocess_matches_single(tmp_path, script, extra, keys=MULTIPROCESS_KEYS, base: list[str] | None = None,
-                                batch_one: int = 16, batch_two: int = 8, atol: float = 2e-6):
+                                batch_one: int = 16, batch_two: int = 8, atol: float = 2e-6,
+                                extra_two: list[str] | tuple[str, ...] = ()):
     """2 processes x batch_two == 1 process x batch_one (per_device_train_batch_size) on identical samples: every
     metric in `keys` (present in both or neither) and the final parameters. `base` replaces the default flags (a
     policy-gradient script's: 2 steps, 4 generations, a length reward); '{length_reward}' in base/extra is replaced
-    by the 'file.py:length' spec of a reward = completion length."""
+    by the 'file.py:length' spec of a reward = completion length. `extra_two`: flags of the 2-process run only
+    (e.g. --gradient_accumulation_steps 4 with batch_two 2: accumulation and processes checked at once)."""
     rf = Path(tmp_path) / "length_reward.py"
     rf.write_text(LENGTH_REWARD)
     spec = f"{rf}:length"
@@ -197,7 +199,7 @@ def multiprocess_matches_single(tmp_path, script, extra, keys=MULTIPROCESS_KEYS,
     one, two = Path(tmp_path) / "one", Path(tmp_path) / "two"
     run_with_fake_sampler(tmp_path, script, [*flags, "--per_device_train_batch_size", str(batch_one),
                                              "--output_dir", str(one)], 1)
-    run_with_fake_sampler(tmp_path, script, [*flags, "--per_device_train_batch_size", str(batch_two),
+    run_with_fake_sampler(tmp_path, script, [*flags, *extra_two, "--per_device_train_batch_size", str(batch_two),
                                              "--output_dir", str(two)], 2)
     m1, m2 = read_metrics(one), read_metrics(two)
     assert len(m1) == len(m2) and m1
