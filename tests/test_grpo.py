@@ -233,7 +233,7 @@ def test_detail_2_unscored_samples_left_out_on_user_data_with_eval_fraction(tmp_
     ("    return [float('inf') if i == 3 else 1.0 for i in range(len(completions))]",
      r"reward function 'bad' returned inf for sample 3: prompt '.*', completion '.*'"),
     ("    return ['1' for _ in completions]", r"reward function 'bad' returned a value of type str"),
-])
+], ids=["inf", "string"])
 def test_detail_2_bad_reward_stops_before_any_update(tmp_path, toy_policy, body, match):
     """A reward function returning inf (or a string) stops the run at the first scoring, naming the function and
     one sample, before any update: no model, no checkpoint, no training record was written."""
