@@ -11,31 +11,61 @@ are REINFORCE (score-function) estimators on the policy's own sample: the first 
 the second of the preference against the opponent, with ½ a control variate (a fair coin beats nobody).
 Gradients flow through the policy sample's log-probs only; the opponent is a fixed sample.
 
-Per-token vs per-sequence mixture. The paper's Nash-MD regularised policy is a geometric mixture of SEQUENCE
-distributions, π^mix(y|x) ∝ π_θ(y|x)^(1-c) π_ref(y|x)^c, normalised over all completions; that normaliser is a sum
-over every sequence and the per-token conditionals of such a mixture do not factor into per-token mixtures, so it
-cannot be sampled token by token. We mix PER TOKEN: each next-token distribution is the normalised geometric mixture
-of the two models' next-token distributions given the same prefix. This is the tractable approximation the paper's
-own language-model experiments use (Section 7) and the one of the reference implementation; it is exact for a
-single token. # DEVIATION(paper Eq. in Sec. 6, sequence-level mixture): per-token mixture, as above.
-The opponent is sampled by a small batched loop in this file (`sample_mixture`) that runs both models with their
-own KV caches (past_key_values) and applies --temperature/--top_k/--top_p/--min_p to the mixture logits.
-
 Preferences come from exactly one source:
   --reward_model_name_or_path NAME   a one-output sequence classifier (default: toy-rm, the toy reward model)
   --reward_funcs SPEC                one reward function: add | reverse | path/file.py:fn | module:fn
   --judge SPEC                       a pairwise judge: rm:<model> | fn:<reward spec> | file.py:Name | module:Name
-With a score r (reward model or function), P = σ(r(y) - r(y')) (Bradley-Terry); `--missing_eos_penalty p`
-subtracts p from the score of every completion without EOS first. A judge gives P directly (return_scores=True,
-probability that its first completion, the policy sample, is preferred); it cannot be combined with the penalty.
 To use a reward function or judge, turn the default reward model off: `--reward_model_name_or_path None`.
+"TRL" below is TRL 1.13's experimental NashMDTrainer (later releases removed it).
 
-Schedules: `--beta` and `--mixture_coef` take one value or a list, one value per epoch, the last one holding
-afterwards. An epoch is one pass over the prompt dataset: at optimizer step s (0-based) the epoch is
-floor(s * B_global / N_prompts), with B_global the prompts per optimizer step.
-
-Log-probs in the loss use temperature 1. With --use_vllm only the policy sample uses vLLM (the mixture needs both
-models' logits at every token).
+Implementation details (numbered; the tests name the one they check):
+ 1. Batch: `--per_device_train_batch_size` counts COMPLETIONS per process per micro-batch, as in grpo.py. Each prompt
+    gives one pair (a policy and a mixture completion), so a micro-batch holds half as many prompts and the flag
+    must be even. The default 64 is 32 prompts. TRL counts PROMPTS in that flag: its 32 is our 64.
+ 2. Per-token mixture. The paper's regularised policy is a geometric mixture of SEQUENCE distributions,
+    π^mix(y|x) ∝ π_θ(y|x)^(1-c) π_ref(y|x)^c, normalised over all completions; that normaliser is a sum over every
+    sequence and the per-token conditionals of such a mixture do not factor into per-token mixtures, so it cannot be
+    sampled token by token. We mix PER TOKEN: each next-token distribution is the normalised geometric mixture of
+    the two models' next-token distributions given the same prefix, exact for a single token. TRL does the same
+    (GeometricMixtureWrapper: log_softmax(c·z_ref + (1-c)·z_θ) on raw logits).
+    # DEVIATION(paper Sec. 6, sequence-level mixture): per-token mixture, as above.
+ 3. Mixture sampler: a small batched loop in this file (`sample_mixture`) runs both models with their own KV caches
+    (TRL's wrapper runs generate with the cache off) and applies --temperature/--top_k/--top_p/--min_p to the
+    mixture's log-probs, as generate's logits processors do on the wrapper's output. With --use_vllm only the
+    policy sample uses vLLM (the mixture needs both models' logits at every token). Pair b is rows 2b (policy) and
+    2b+1 (mixture), each cut after the first EOS with the EOS kept in the completion mask.
+ 4. Preference: with a score r (reward model or function), P = σ(r(y) - r(y')) (Bradley-Terry), as in TRL; a tie
+    gives exactly ½. A judge (not in TRL, which scores with one reward model) gives P directly (return_scores=True:
+    the probability that its first completion, the policy sample, is preferred).
+ 5. Unscored completions: a reward source that returns None for a completion leaves it unscored (NaN). A pair with
+    an unscored member has no preference, so it leaves the loss entirely, KL term included (weight 0, counted as
+    zero in the mean, detail 7), and the score and preference statistics (objective/unscored_rate logs the
+    fraction of such pairs). A NaN or inf returned by a source stops the run at that step, before the optimizer
+    step, with an error naming the source.
+ 6. Loss (Nash-MD-PG): L_b = β · Σ_t m_t sg(ℓ^θ_t - ℓ^ref_t) ℓ^θ_t - (P - ½) · S^θ(y), as in TRL. The first term's
+    value is not a KL, its gradient is the score-function estimate of ∇ KL(π_θ‖π_ref); ½ is a control variate. Only
+    the policy samples' log-probs are computed (policy and reference); the mixture sample enters through P alone.
+ 7. Aggregation: the per-pair losses are summed over the whole optimizer step (all accumulation micro-batches and
+    processes) and divided by the number of prompts in it (an unscored pair counts as zero), so gradient
+    accumulation and multi-process runs give the update of one big batch. TRL averages per micro-batch, which is
+    the same when nothing is left out.
+ 8. EOS penalty: `--missing_eos_penalty p` subtracts p from the score of every completion that did not end with EOS
+    within max_new_tokens, before P is computed. TRL looks for the EOS id anywhere in prompt + completion, so there
+    a prompt that contains the EOS token exempts its completions; here only the completion counts. A judge gives P
+    without scores, so it cannot be combined with the penalty.
+ 9. Log-probs in the loss use temperature 1, as in TRL; sampling uses --temperature.
+10. Schedules: `--beta` and `--mixture_coef` take one value or a list, one value per epoch, the last one holding
+    afterwards. An epoch is one pass over the prompt dataset: at optimizer step s (0-based) the epoch is
+    floor(s * P_step / N_prompts), with P_step the prompts per optimizer step.
+11. Metrics use TRL's names with TRL's meanings, all on the policy sample y unless named otherwise: loss/kl = mean
+    Σ_t (ℓ^θ_t - ℓ^ref_t) over every policy sample (the k1 value, not the surrogate in the loss; objective/kl is the
+    same number), loss/score = mean (P - ½) S^θ(y) over the scored pairs, rewards/probabilities = mean P, rewards/chosen|rejected = mean score of the
+    policy|mixture samples (scores only), rewards/margins = mean S^θ(y) - S^ref(y) and rewards/accuracies = the
+    fraction where that is > 0 (TRL's names for these log-ratio statistics: they are not preference margins),
+    logps/chosen|rejected = mean S^θ(y) | S^ref(y), objective/entropy = mean -S^θ(y), val/ref_contain_eos_token =
+    the mixture samples' EOS rate. objective/model_scores|ref_scores|scores_margin are the policy's, the mixture's
+    and their difference. Means are over every pair of the logging window on every process; unscored entries are
+    left out (NaN-aware).
 
 Data: prompt-only (`prompt`), standard or conversational; other dataset types are reduced to their prompts.
 
@@ -44,7 +74,7 @@ Run:
     python algos/nash_md.py --reward_model_name_or_path None --reward_funcs add        # gold reward function
     python algos/nash_md.py --reward_model_name_or_path None --judge rm:toy-rm         # pairwise judge
     python algos/nash_md.py --dataset_name toy:add:conversational --mixture_coef 0.5 0.25
-    accelerate launch --multi_gpu --num_processes 2 algos/nash_md.py
+    accelerate launch --multi_gpu --num_processes 2 algos/nash_md.py --per_device_train_batch_size 32
     bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
 """
 
@@ -61,12 +91,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, rewards as reward_utils, rollout, tracking
 from common.evaluation import heldout_gold_reward
-from common.generation import (build_generator, mask_after_eos, sampler_gap, sampler_gap_metrics,
-                               unwrapped_for_generation)
+from common.generation import build_generator, mask_after_eos, unwrapped_for_generation
 from common.judges import check_probabilities, load_judge
-from common.rewards import load_reward_sources, reward_name, score
 
 
 @dataclass
@@ -95,7 +123,11 @@ class Args:
     dataset_split: str = "train"
     """split to train on"""
     eval_split: str | None = "test"
-    """held-out split for the gold-reward evaluation on toy tasks (None to skip)"""
+    """split of --eval_dataset_name (toy datasets: their test split) for the held-out evaluation (None to skip)"""
+    eval_dataset_name: str | None = None
+    """held-out data: a file, a save_to_disk folder or a hub name (split eval_split)"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the training rows for evaluation (deterministic; never overlaps training)"""
     logging_steps: int = 5
     """log metrics every this many optimizer steps"""
     log_completions_steps: int = 25
@@ -106,6 +138,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -117,8 +151,10 @@ class Args:
     """linear warm-up steps, then constant"""
     max_steps: int = 150
     """optimizer steps"""
-    per_device_train_batch_size: int = 32
-    """prompts per micro-batch per process (each gives a policy and a mixture completion)"""
+    per_device_train_batch_size: int = 64
+    """completions per micro-batch per process (TRL's grpo meaning): each prompt gives a pair (a policy and a
+    mixture completion), so this must be even and a micro-batch holds half as many prompts (TRL's NashMDTrainer
+    counts prompts here: its 32 is our 64)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     max_grad_norm: float = 1.0
@@ -159,7 +195,7 @@ class Args:
     """a pairwise judge instead of a reward: rm:<model> | fn:<reward spec> | file.py:Name | module:Name"""
     missing_eos_penalty: float | None = None
     """subtracted from the score of completions without EOS (reward model or function only)"""
-    # --- online DPO
+    # --- Nash-MD
     beta: list[float] = field(default_factory=lambda: [0.1])
     """β, the weight of the KL(π_θ‖π_ref) term; one value, or one per epoch (the last holds after)"""
     mixture_coef: list[float] = field(default_factory=lambda: [0.5])
@@ -287,17 +323,12 @@ def nash_md_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torc
     return beta * kl - score, kl, score
 
 
-def pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    """Right-pad (N, T) to (N, width) with `value`."""
-    return F.pad(t, (0, width - t.shape[1]), value=value)
-
-
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rows a_0, b_0, a_1, b_1, ... from two (N, ...) tensors."""
+    """Rows a_0, b_0, a_1, b_1, ... from two (N, ...) tensors: the pair layout of detail 3."""
     return torch.stack([a, b], 1).flatten(0, 1)
 
 
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- set-up helpers (plumbing)
 def check_args(args: Args):
     """Fail before any model is loaded."""
     sources = [n for n, on in (("--reward_model_name_or_path", args.reward_model_name_or_path),
@@ -310,14 +341,19 @@ def check_args(args: Args):
     if len(args.reward_funcs) > 1:
         raise ValueError(f"--reward_funcs takes one reward function here; got {args.reward_funcs}")
     if args.judge and args.missing_eos_penalty:
-        raise ValueError("--missing_eos_penalty changes scores, and a judge returns ranks: drop the penalty, or rank "
-                         "with a reward model or function instead")
+        raise ValueError("--missing_eos_penalty changes scores, and a judge returns probabilities: drop the penalty, "
+                         "or use a reward model or function instead")
     if not args.beta or any(b <= 0 for b in args.beta):
         raise ValueError(f"--beta must be one or more positive values; got {args.beta}")
     if not args.mixture_coef or any(not 0.0 <= c <= 1.0 for c in args.mixture_coef):
         raise ValueError(f"--mixture_coef must be one or more values in [0, 1]; got {args.mixture_coef}")
     if args.max_steps <= 0 or args.per_device_train_batch_size <= 0 or args.max_new_tokens <= 0:
         raise ValueError("--max_steps, --per_device_train_batch_size and --max_new_tokens must be positive")
+    n = args.per_device_train_batch_size
+    if n % 2:
+        raise ValueError(f"--per_device_train_batch_size {n} is odd: it counts completions and each prompt gives a pair "
+                         f"(a policy and a mixture completion), so make it even, e.g. --per_device_train_batch_size "
+                         f"{n + 1} ({(n + 1) // 2} prompts per micro-batch)")
 
 
 def load_prompts(args: Args):
@@ -325,48 +361,68 @@ def load_prompts(args: Args):
     return data.convert(ds, "prompt", "nash_md.py")
 
 
-def as_completions(prompts: list, texts: list[str]) -> list:
-    """Completions in the prompts' format: strings, or one assistant message for conversational prompts."""
-    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+def prompt_micro_batches(indices: list[int], prompts_per_micro_batch: int, accumulation: int, accelerator) -> list:
+    """This process's micro-batches (prompt rows) of one optimizer step: micro-batch m of rank r holds global rows
+    [(m·W + r)·b, (m·W + r + 1)·b), so the union over processes and micro-batches is the global batch."""
+    b, W, r = prompts_per_micro_batch, accelerator.num_processes, accelerator.process_index
+    return [indices[(m * W + r) * b:(m * W + r + 1) * b] for m in range(accumulation)]
 
 
-def prompt_completion_batch(prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                            repeat: int, pad_id: int, device) -> dict:
-    """[left-padded prompt | right-padded completion] for `repeat` completions per prompt (rows i*repeat + j)."""
-    p_ids, p_mask = data.pad(prompt_ids, pad_id, "left")
-    p_ids, p_mask = p_ids.repeat_interleave(repeat, 0), p_mask.repeat_interleave(repeat, 0)
-    return {"input_ids": torch.cat([p_ids, completion_ids.cpu()], 1).to(device),
-            "attention_mask": torch.cat([p_mask, completion_mask.cpu()], 1).to(device),
-            "completion_mask": completion_mask.to(device).float()}
+class WindowMeans:
+    """Means over a logging window, NaN-aware: `add` sums the non-NaN entries and counts them; `reduce` sums both
+    over processes in one call and returns sum / count per name (NaN where nothing was counted)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, name: str, values):
+        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+        keep = ~torch.isnan(v)
+        self.sums[name] = self.sums.get(name, 0.0) + v[keep].sum().item()
+        self.counts[name] = self.counts.get(name, 0.0) + keep.sum().item()
+
+    def reduce(self, accelerator) -> dict:
+        names = sorted(self.sums)
+        t = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64).reshape(-1, 2)
+        if accelerator.num_processes > 1:
+            t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
+        self.sums, self.counts = {}, {}
+        return {n: (sm / c if c else float("nan")) for n, (sm, c) in zip(names, t.tolist())}
 
 
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
+    # ================================================================ set-up (plumbing: safe to skip)
     check_args(args)
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     accelerator = distributed.make_accelerator(args)
-    device = accelerator.device
+    device, W, A = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps
+    pairs_per_micro_batch = args.per_device_train_batch_size // 2  # detail 1
+    prompts_per_step = pairs_per_micro_batch * W * A
 
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     train = load_prompts(args)
-    columns = [c for c in train.column_names if c != "prompt"]
-    prompt_ids_all = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in train["prompt"]])
+    columns = {c: train[c] for c in train.column_names if c != "prompt"}  # passed on to reward functions
+    all_prompts = train["prompt"]
+    prompt_ids_all = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in all_prompts])
     prompt_ids_all = [p[-args.max_prompt_length:] for p in prompt_ids_all]
-    global_bs = distributed.global_batch_size(args, accelerator)
-    if global_bs > len(train):
-        raise ValueError(f"the dataset has {len(train)} prompts, fewer than one global batch of {global_bs}")
-
-    reward_fn = judge = None
+    if prompts_per_step > len(train):
+        raise ValueError(f"the dataset has {len(train)} prompts, fewer than one optimizer step's {prompts_per_step} "
+                         f"(per_device_train_batch_size / 2 x processes x gradient_accumulation_steps)")
+    rewards = judge = None
     if args.judge:
-        judge = load_judge(args.judge, args.dataset_name, device)
+        judge, source = load_judge(args.judge, args.dataset_name, device), f"judge '{args.judge}'"
     else:
-        spec = f"model:{args.reward_model_name_or_path}" if args.reward_model_name_or_path else args.reward_funcs[0]
-        reward_fn = load_reward_sources([spec], args.dataset_name, device)[0]
+        specs = reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name)
+        rewards = reward_utils.RewardSources(specs, None, args.dataset_name, device)
+        source = f"{specs[0]} ({rewards.names[0]})"
     gold = None
     if data.toy_task(args.dataset_name):
         from common import toy
         gold = toy.gold_reward(data.toy_task(args.dataset_name))
+    resume = checkpoint.prepare_output_dir(args)  # one run per folder, before any model loads
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = model_utils.load_causal_lm(args.ref_model_name_or_path or args.model_name_or_path, tokenizer,
@@ -378,17 +434,16 @@ def main(args: Args):
     accelerator.register_for_checkpointing(scheduler)
     generator = build_generator(args, tokenizer, accelerator, model)
 
-    start_step, elapsed = 0, 0.0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
+    start_step, elapsed, skipped_steps = 0, 0.0, 0
     if resume is not None:
         state = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed = state["step"], state["elapsed"]
+        start_step, elapsed, skipped_steps = state["step"], state["elapsed"], state.get("skipped_steps", 0)
         generator.sync_weights(model)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
                                show=("loss/score", "rewards/probabilities", "train/gold_reward", "eval/gold_reward"))
-    source = args.judge or reward_name(reward_fn)
-    accelerator.print(f"nash_md: {len(train)} prompts, {global_bs} pairs per step, {args.max_steps} steps, "
+    accelerator.print(f"nash_md: {len(train)} prompts; {W} process(es) x {A} micro-batch(es) x "
+                      f"{pairs_per_micro_batch} pairs = {prompts_per_step} pairs per step, {args.max_steps} steps, "
                       f"preferences from {source} -> {args.output_dir}")
 
     def evaluate() -> dict:
@@ -397,27 +452,25 @@ def main(args: Args):
         return heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
                                    accelerator=accelerator, split=args.eval_split)
 
-    if start_step == 0:
+    if start_step == 0 and args.eval_steps:
         tracker.log({**evaluate(), "beta": scheduled(args.beta, 0), "mixture_coef": scheduled(args.mixture_coef, 0)},
                     0, args.max_steps)
 
     pad_id = tokenizer.pad_token_id
-    stats: dict[str, float] = {}
-    gaps: list[torch.Tensor] = []  # sampler vs trainer per-token log-prob differences since the last log (vLLM)
+    stats = WindowMeans()
+    window = {"rpf": [], "mask": [], "terminated": [], "logps": [], "sampler_logps": []}  # for the common metrics
 
-    def add(name: str, value: torch.Tensor | float):
-        stats[name] = stats.get(name, 0.0) + float(value.sum() if torch.is_tensor(value) else value)
-
+    # ================================================================ training
     model.train()
     for step in range(start_step, args.max_steps):
-        epoch = epoch_at(step, global_bs, len(train))
+        epoch = epoch_at(step, prompts_per_step, len(train))  # detail 10
         beta, coef = scheduled(args.beta, epoch), scheduled(args.mixture_coef, epoch)
-        indices = data.batch_indices(len(train), global_bs, step, args.seed)
+        indices = data.batch_indices(len(train), prompts_per_step, step, args.seed)
         sample_rows = None
-        for mb in distributed.micro_batches(indices, args, accelerator):
-            prompts = [train[i]["prompt"] for i in mb]
+        for mb in prompt_micro_batches(indices, pairs_per_micro_batch, A, accelerator):
             B = len(mb)
-            # 1. a policy sample and a mixture (opponent) sample per prompt; pair b = rows 2b (policy), 2b+1 (mixture)
+            # 1. a policy sample and a mixture (opponent) sample per prompt: pair b = rows 2b (policy),
+            #    2b+1 (mixture) (details 2-3)
             mb_prompt_ids = [prompt_ids_all[i] for i in mb]
             gen = generator.generate(model, mb_prompt_ids, n=1)
             p_ids, p_mask = data.pad(mb_prompt_ids, pad_id, "left")
@@ -429,106 +482,106 @@ def main(args: Args):
                 policy.train()
             mix_texts = tokenizer.batch_decode([c[m.bool()] for c, m in zip(mix_ids.cpu(), mix_mask.cpu())],
                                                skip_special_tokens=True)
-            T = max(gen.completion_ids.shape[1], mix_ids.shape[1])
-            completion_ids = interleave(pad_columns(gen.completion_ids.cpu(), T, pad_id),
-                                        pad_columns(mix_ids.cpu(), T, pad_id))  # (2B, T)
-            completion_mask = interleave(pad_columns(gen.completion_mask.cpu(), T, 0),
-                                         pad_columns(mix_mask.cpu(), T, 0))  # (2B, T)
+            policy_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
+            ids_list = [x for pair in zip(policy_ids, rollout.completion_id_lists(mix_ids, mix_mask)) for x in pair]
             terminated = interleave(gen.terminated.cpu(), mix_terminated.cpu())  # (2B,)
-            texts = [t for pair in zip(gen.texts, mix_texts) for t in pair]
-            prompts2 = [p for p in prompts for _ in range(2)]
-            completions = as_completions(prompts2, texts)
-            # 2. P(policy sample ≻ mixture sample)
+            prompts2, cols2 = rollout.repeat_rows(mb, all_prompts, columns, 2)
+            completions = rollout.as_completions(prompts2, [t for pair in zip(gen.texts, mix_texts) for t in pair])
+            # 2. P(policy sample ≻ mixture sample) (details 4, 5, 8); NaN = an unscored pair
             scores = None
             if judge is not None:
-                probs = judge.judge(prompts, [(completions[2 * b], completions[2 * b + 1]) for b in range(B)],
+                probs = judge.judge([all_prompts[i] for i in mb],
+                                    [(completions[2 * b], completions[2 * b + 1]) for b in range(B)],
                                     return_scores=True)
                 probability = check_probabilities(probs, B, source)
             else:
-                cols = {c: [train[i][c] for i in mb for _ in range(2)] for c in columns}
-                ids_list = [c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask)]
-                raw = score([reward_fn], prompts2, completions, ids_list, cols)[:, 0]
-                if torch.isnan(raw).any():
-                    raise ValueError(f"{source} returned None for some completions; Nash-MD needs a score for each")
-                scores = apply_missing_eos_penalty(raw, terminated, args.missing_eos_penalty)  # (2B,)
+                rpf = rewards(prompts2, completions, ids_list, cols2)  # (2B, 1); stops the run on NaN / inf
+                window["rpf"].append(rpf)
+                scores = apply_missing_eos_penalty(rpf[:, 0], terminated, args.missing_eos_penalty)
                 probability = preference_probability(scores[0::2], scores[1::2])  # (B,)
-            probability = probability.to(device)
-            # 3. log-probs: policy (with grad) and reference on both samples; the loss uses the policy sample's rows,
-            #    the mixture sample's rows feed the implicit-reward statistics only
-            batch = prompt_completion_batch(mb_prompt_ids, completion_ids, completion_mask, 2, pad_id, device)
-            mask = batch["completion_mask"]
+            weights = (~probability.isnan()).float()  # (B,) 0: an unscored pair leaves the loss
+            # 3. log-probs of the policy samples under the policy (with grad) and the reference; the Nash-MD-PG loss
+            #    (details 6-7). The mixture samples only enter through P.
+            batch = data.batch_prompt_completion(mb_prompt_ids, policy_ids, pad_id)
+            input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            mask = batch["completion_mask"].to(device).float()  # (B, T)
+            T = mask.shape[1]
             with torch.no_grad():
-                ref_lp = model_utils.completion_logps(ref_model, batch["input_ids"], batch["attention_mask"], T)
+                ref_lp = model_utils.completion_logps(ref_model, input_ids, attn, T)  # (B, T)
             with accelerator.accumulate(model):
-                logps = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T)
-                if gen.sampler_logps is not None:  # policy samples (even rows): sampler (vLLM) vs trainer gap
-                    gaps.append(sampler_gap(logps[0::2], gen.sampler_logps, mask[0::2]))
-                losses, kl_part, score_part = nash_md_loss(logps[0::2], ref_lp[0::2], mask[0::2], probability, beta)
-                # mean over the global batch's prompts: undo accelerate's 1/accumulation and DDP's 1/processes
-                loss = losses.sum() / global_bs
-                accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                logps = model_utils.completion_logps(model, input_ids, attn, T)  # (B, T)
+                losses, kl_part, score_part = nash_md_loss(logps, ref_lp, mask,
+                                                           torch.nan_to_num(probability, 0.5).to(device), beta)
+                # mean over the optimizer step's prompts (unscored pairs count as 0): undo accelerate's
+                # 1/accumulation and DDP's 1/processes
+                loss = (losses * weights.to(device)).sum() / prompts_per_step
+                accelerator.backward(loss * A * W)
                 if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            # 4. statistics, summed over the step and reduced once
+                    _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                            args.max_grad_norm)
+                    skipped_steps += not stepped
+            # 4. statistics of the window (TRL's names and meanings, detail 11); NaN entries are left out
             with torch.no_grad():
-                seq = (logps.detach() * mask).sum(1)  # (2B,)
-                ref_seq = (ref_lp * mask).sum(1)
-                delta = seq - ref_seq  # implicit reward / β of each sample
-                policy_wins = probability >= 0.5  # (B,) the winner for the chosen/rejected statistics (ties: policy)
-                chosen_idx = 2 * torch.arange(B, device=device) + (~policy_wins).long()
-                rejected_idx = 2 * torch.arange(B, device=device) + policy_wins.long()
-                add("pairs", B)
-                add("loss/kl", kl_part.detach())
-                add("loss/score", score_part.detach())
-                add("objective/kl", delta[0::2])
-                add("objective/entropy", -seq[0::2])
-                add("rewards/probabilities", probability)
-                add("rewards/chosen", beta * delta[chosen_idx])
-                add("rewards/rejected", beta * delta[rejected_idx])
-                add("rewards/margins", beta * (delta[chosen_idx] - delta[rejected_idx]))
-                add("rewards/accuracies", (delta[chosen_idx] > delta[rejected_idx]).float())
-                add("logps/chosen", seq[chosen_idx])
-                add("logps/rejected", seq[rejected_idx])
-                add("val/model_contain_eos_token", gen.terminated.float())
-                add("val/ref_contain_eos_token", mix_terminated.float())
-                add("completions/mean_length", mask[0::2].sum(1))
+                seq, ref_seq = (logps.detach() * mask).sum(1).cpu(), (ref_lp * mask).sum(1).cpu()  # (B,)
+                kl = seq - ref_seq  # k1 on the policy samples
+                scored = weights.bool()
+                stats.add("loss/kl", kl)
+                stats.add("loss/score", torch.where(scored, score_part.detach().cpu(), float("nan")))
+                stats.add("objective/kl", kl)
+                stats.add("objective/entropy", -seq)
+                stats.add("rewards/probabilities", probability)
+                stats.add("rewards/margins", kl)
+                stats.add("rewards/accuracies", (kl > 0).double())
+                stats.add("logps/chosen", seq)
+                stats.add("logps/rejected", ref_seq)
+                stats.add("val/model_contain_eos_token", gen.terminated.double())
+                stats.add("val/ref_contain_eos_token", mix_terminated.double())
                 if scores is not None:
-                    add("objective/model_scores", scores[0::2])
-                    add("objective/ref_scores", scores[1::2])
-                    add("objective/scores_margin", scores[0::2] - scores[1::2])
+                    stats.add("rewards/chosen", scores[0::2])
+                    stats.add("rewards/rejected", scores[1::2])
+                    stats.add("objective/model_scores", scores[0::2])
+                    stats.add("objective/ref_scores", scores[1::2])
+                    stats.add("objective/scores_margin", scores[0::2] - scores[1::2])
+                    stats.add("objective/unscored_rate", (~scored).double())
                 if gold is not None:
                     g = torch.tensor([float("nan") if v is None else v for v in gold(prompts2, completions)])
-                    g = torch.nan_to_num(g, 0.0)
-                    add("train/gold_reward", g[0::2])
-                    add("train/mixture_gold_reward", g[1::2])
+                    stats.add("train/gold_reward", g[0::2])
+                    stats.add("train/mixture_gold_reward", g[1::2])
+                window["mask"].append(gen.completion_mask.cpu())  # the policy's completions
+                window["terminated"].append(gen.terminated.cpu())
+                if gen.sampler_logps is not None:  # sampler (vLLM) vs trainer gap on the policy samples
+                    window["logps"].append(logps.detach().cpu())
+                    window["sampler_logps"].append(gen.sampler_logps.cpu())
             if sample_rows is None:
-                sample_rows = [{"prompt": str(prompts[b]), "policy": gen.texts[b], "mixture": mix_texts[b],
+                sample_rows = [{"prompt": str(prompts2[2 * b]), "policy": gen.texts[b], "mixture": mix_texts[b],
                                 "probability": float(probability[b]),
                                 **({"score_policy": float(scores[2 * b]), "score_mixture": float(scores[2 * b + 1])}
                                    if scores is not None else {})}
                                for b in range(min(4, B))]
         generator.sync_weights(model)
 
+        # ================================================================ logging, evaluation, checkpoints (plumbing)
         done = step + 1
         if done % args.logging_steps == 0 or done == args.max_steps:
-            tot = {k: distributed.gather_sum(accelerator, v) for k, v in sorted(stats.items())}
-            stats = {}
-            n = tot.pop("pairs")
-            metrics = {k: v / n for k, v in tot.items()}
-            # objective/kl: mean Σ_t (ℓ^θ - ℓ^ref) over the policy samples (k1);
-            # objective/scores_margin: policy score - mixture score
+            metrics = stats.reduce(accelerator)
             metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
             metrics["objective/model_kl"] = metrics["objective/kl"]  # same name as in online_dpo.py / xpo.py
-            if "objective/model_scores" in metrics:
+            if rewards is not None:
                 metrics["objective/rlhf_reward"] = (metrics["objective/model_scores"]
                                                     + metrics["objective/non_score_reward"])
+                rpf_all = distributed.gather_cat(accelerator, torch.cat(window["rpf"]))
+                metrics.update(rewards.metrics(rpf_all))
+                rewards.check_varies(rpf_all, accelerator.is_main_process)
+            width = max(m.shape[1] for m in window["mask"])
+            metrics.update(rollout.completion_metrics(
+                accelerator, torch.cat([F.pad(m, (0, width - m.shape[1])) for m in window["mask"]]),
+                torch.cat(window["terminated"])))
+            if window["sampler_logps"]:
+                metrics.update(rollout.sampler_gap_metrics(accelerator, window["logps"], window["sampler_logps"],
+                                                           window["mask"]))
+            window = {k: [] for k in window}
             metrics.update({"beta": beta, "mixture_coef": coef, "learning_rate": scheduler.get_last_lr()[0],
-                            **sampler_gap_metrics(gaps)})
-            gaps = []
+                            "train/skipped_steps": skipped_steps})
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)
@@ -536,12 +589,14 @@ def main(args: Args):
             tracker.log_samples(done, sample_rows or [])
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                       {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                       args.save_total_limit)
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
         checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed()}, args.save_total_limit)
+                                   {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
+                                   args.save_total_limit)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()

@@ -1,6 +1,7 @@
 """nash_md.py: the per-token geometric mixture against a hand computation, the batched KV-cached mixture sampler
 against HF generate (c = 0 and c = 1) and against its own distribution (c = ½), the loss and its gradient, preference
-probabilities with the EOS penalty; short runs with a reward model, a reward function and a judge; bad configs."""
+probabilities with the EOS penalty, unscored pairs; short runs with a reward model, a partly unscored reward function
+and a judge; bad configs. Each test names the implementation detail of the module docstring it checks."""
 
 from __future__ import annotations
 
@@ -9,20 +10,22 @@ import math
 import pytest
 import torch
 
-from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, read_metrics,
-                      run_script)
+from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, assert_params_moved,
+                      check_online_run, run_script)
 from nash_md import (apply_missing_eos_penalty, filter_logits, mixture_logits, nash_md_loss, preference_probability,
                      sample_mixture)
 
 REQUIRED = ["loss/kl", "loss/score", "objective/kl", "objective/entropy", "objective/non_score_reward",
-            "rewards/probabilities", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "val/model_contain_eos_token", "val/ref_contain_eos_token", "beta",
-            "mixture_coef"]
-SCORED = ["objective/model_scores", "objective/ref_scores", "objective/scores_margin", "objective/rlhf_reward"]
+            "rewards/probabilities", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+            "val/model_contain_eos_token", "val/ref_contain_eos_token", "beta", "mixture_coef", "objective/model_kl",
+            "completions/mean_length", "train/skipped_steps"]
+SCORED = ["rewards/chosen", "rewards/rejected", "objective/model_scores", "objective/ref_scores",
+          "objective/scores_margin", "objective/rlhf_reward", "objective/unscored_rate"]
 
 
 # ----------------------------------------------------------------------------- math
 def test_mixture_logits_hand_computation():
+    """Detail 2: the per-token geometric mixture π^mix ∝ π_θ^(1-c) π_ref^c."""
     z_p, z_r = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 1.0, 0.0]])
     c = 0.25
     p, r = z_p.softmax(-1)[0].tolist(), z_r.softmax(-1)[0].tolist()
@@ -37,6 +40,7 @@ def test_mixture_logits_hand_computation():
 
 
 def test_filter_logits():
+    """Detail 3: top-k, top-p and min-p on the mixture's log-probs."""
     lp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     assert torch.isinf(filter_logits(lp, top_k=2)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(lp, top_p=0.7)).tolist() == [[False, False, True, True]]
@@ -64,7 +68,7 @@ def _two_toy_models():
 
 
 def test_sampler_matches_hf_generate_at_the_ends():
-    """Greedy decoding from the mixture with c = 0 is the policy's greedy output and with c = 1 the reference's,
+    """Detail 3: greedy decoding from the mixture with c = 0 is the policy's greedy output and with c = 1 the reference's,
     token for token, with left-padded prompts of different lengths (checks the KV caches and positions)."""
     from common.data import pad, tokenize
     from common.generation import HFGenerator, SamplingConfig
@@ -88,7 +92,7 @@ def test_sampler_matches_hf_generate_at_the_ends():
 
 
 def test_sampler_follows_the_mixture_distribution():
-    """One-token samples at c = ½ (temperature 1) have the frequencies of exp(mixture_logits) on a 2-token prefix."""
+    """Details 2-3: one-token samples at c = ½ (temperature 1) have the frequencies of exp(mixture_logits) on a 2-token prefix."""
     from common.data import tokenize
 
     tok, (policy, ref) = _two_toy_models()
@@ -105,6 +109,7 @@ def test_sampler_follows_the_mixture_distribution():
 
 
 def test_nash_md_loss_hand_values_and_gradient():
+    """Detail 6: the loss value and its gradient m_t (β sg(ℓ_t - ℓ^ref_t) - (P - ½))."""
     lp = torch.tensor([[-1.0, -2.0, -7.0]], requires_grad=True)
     ref = torch.tensor([[-1.5, -1.0, -3.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
@@ -119,6 +124,7 @@ def test_nash_md_loss_hand_values_and_gradient():
 
 
 def test_nash_md_gradient_zero_at_reference_with_indifferent_preference():
+    """Detail 6: at θ = ref with P = ½ the gradient is 0."""
     lp = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], requires_grad=True)
     loss, _, _ = nash_md_loss(lp, lp.detach().clone(), torch.ones(2, 2), torch.tensor([0.5, 0.5]), 0.1)
     loss.sum().backward()
@@ -126,6 +132,7 @@ def test_nash_md_gradient_zero_at_reference_with_indifferent_preference():
 
 
 def test_preference_probability_with_eos_penalty_hand_example():
+    """Details 4 and 8: P = σ(r(y) - r(y')) after the EOS penalty; a tie gives ½."""
     scores = torch.tensor([1.0, 1.0, 0.7, 0.2])  # rows 2b: policy, 2b+1: mixture
     terminated = torch.tensor([False, True, True, True])
     pen = apply_missing_eos_penalty(scores, terminated, 0.5)
@@ -134,54 +141,84 @@ def test_preference_probability_with_eos_penalty_hand_example():
     assert preference_probability(scores[0::2], scores[1::2])[0].item() == 0.5  # a tie is a coin flip
 
 
+def test_unscored_pair_has_no_preference():
+    """Detail 5: an unscored member makes P NaN (the pair leaves the loss, weight 0), never ½ or 0."""
+    nan = float("nan")
+    P = preference_probability(torch.tensor([nan, 1.0, 0.3]), torch.tensor([0.0, nan, 0.3]))
+    assert math.isnan(P[0].item()) and math.isnan(P[1].item()) and P[2].item() == 0.5
+
+
 # ----------------------------------------------------------------------------- runs
 FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "3",
         "--num_eval_prompts", "16", "--log_completions_steps", "2", "--learning_rate", "1e-3"]
 
+# the gold reward of toy:add, left unscored (None) for prompts whose first number is even
+PARTIAL_REWARD = """
+import re
+
+from common import toy
+
+_gold = toy.gold_reward("add")
+
+def odd_only(prompts, completions, **kw):
+    text = lambda p: p[-1]["content"] if isinstance(p, list) else p
+    scores = _gold(prompts, completions)
+    return [s if int(re.search(r"\\d+", text(p)).group()) % 2 else None for p, s in zip(prompts, scores)]
+"""
+
 
 def _check_run(out, scored: bool = True):
-    recs = read_metrics(out)
-    assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
-    train = [r for r in recs if r["step"] > 0]
-    assert [r["step"] for r in train] == [1, 2, 3]
-    for name in REQUIRED + (SCORED if scored else []):
-        assert all(r.get(name) is not None and math.isfinite(r[name]) for r in train), name
+    train = check_online_run(out, REQUIRED + (SCORED if scored else []))
     assert all(0.0 <= r["rewards/probabilities"] <= 1.0 for r in train)
-    assert (out / "samples.jsonl").exists() and (out / "model.safetensors").exists()
+    assert "eval/gold_reward" in train[-1]
+    for r in train:  # detail 11: TRL's meanings
+        assert r["loss/kl"] == pytest.approx(r["objective/kl"]) and r["rewards/margins"] == pytest.approx(r["loss/kl"])
+        assert r["logps/chosen"] - r["logps/rejected"] == pytest.approx(r["objective/kl"], abs=1e-5)
+        assert r["objective/entropy"] == pytest.approx(-r["logps/chosen"])
+        if scored:
+            assert r["rewards/chosen"] == pytest.approx(r["objective/model_scores"])
+            assert r["rewards/rejected"] == pytest.approx(r["objective/ref_scores"])
     return train
 
 
 def test_run_reward_model(tmp_path, toy_policy, toy_rm):
-    from safetensors.torch import load_file
-
+    """Details 10 and 11: the per-epoch mixture coefficient; zero KL at the first step."""
     out = tmp_path / "rm"
     run_script("nash_md.py", *FAST, "--output_dir", str(out), "--missing_eos_penalty", "1.0",
                "--mixture_coef", "0.3", "0.6")
     train = _check_run(out)
     assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # first step: policy = reference
     assert all(r["mixture_coef"] == 0.3 for r in train)
-    before, after = load_file(toy_policy / "model.safetensors"), load_file(out / "model.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert_params_moved(toy_policy, out)
 
 
-def test_run_reward_function_conversational(tmp_path, toy_policy):
+def test_run_partly_unscored_reward_conversational(tmp_path, toy_policy):
+    """Detail 5: a reward function that returns None for part of the completions; metrics stay finite (NaN-aware)
+    and the fraction of unscored pairs is logged."""
+    rf = tmp_path / "partial.py"
+    rf.write_text(PARTIAL_REWARD)
     out = tmp_path / "fn"
     run_script("nash_md.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
-               "--reward_funcs", "add", "--dataset_name", "toy:add:conversational", "--top_k", "20")
+               "--reward_funcs", f"{rf}:odd_only", "--dataset_name", "toy:add:conversational", "--top_k", "20")
     train = _check_run(out)
+    rates = [r["objective/unscored_rate"] for r in train]
+    assert any(x > 0 for x in rates) and sum(rates) / len(rates) < 1, rates
     assert all(0.0 <= r["objective/model_scores"] <= 1.0 for r in train)
 
 
 def test_run_judge(tmp_path, toy_policy):
+    """Detail 4: a judge gives P directly (no score metrics)."""
     out = tmp_path / "judge"
     run_script("nash_md.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
                "--judge", "fn:add")
-    _check_run(out, scored=False)
+    train = _check_run(out, scored=False)
+    assert all("rewards/chosen" not in r for r in train)
 
 
 @pytest.mark.parametrize("extra,match", [
     (["--reward_model_name_or_path", "None"], "exactly one preference source"),
     (["--mixture_coef", "1.5"], "--mixture_coef"),
+    (["--per_device_train_batch_size", "3"], "--per_device_train_batch_size 3 is odd"),  # detail 1
 ])
 def test_bad_config_fails_at_startup(tmp_path, extra, match):
     assert_fails_at_startup("nash_md.py", tmp_path, extra, match)
