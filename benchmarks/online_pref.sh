@@ -3,7 +3,8 @@
 # policy, preferences from the toy reward model toy-rm), 3 seeds each. Runs go to runs/bench/online_pref/; curves of
 # the gold reward of the sampled training completions, the held-out greedy gold reward and the KL of the policy's
 # samples to the reference, vs step and vs wall time, and a table (start/final, time, peak memory) go to
-# benchmarks/results/online_pref/.
+# benchmarks/results/online_pref/. Batch: --per_device_train_batch_size counts completions; 64 = 32 prompts with a pair
+# each, the batch of the recorded results (given explicitly, so the benchmark does not follow a change of default).
 #   bash benchmarks/online_pref.sh               # 9 runs, 2 at a time, then the plots
 #   PARALLEL=1 bash benchmarks/online_pref.sh    # one run at a time (cleaner wall-time numbers)
 #   PLOT_ONLY=1 bash benchmarks/online_pref.sh
@@ -22,7 +23,7 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   cmds=()
   for seed in $SEEDS; do
     for algo in online_dpo xpo nash_md; do
-      cmds+=("python algos/$algo.py --seed $seed --output_dir $RUNS/${algo}__$seed")
+      cmds+=("python algos/$algo.py --seed $seed --per_device_train_batch_size 64 --output_dir $RUNS/${algo}__$seed --overwrite_output_dir True")
     done
   done
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
@@ -36,6 +37,7 @@ python benchmarks/plot.py --runs "online_dpo=$RUNS/online_dpo__*" "xpo=$RUNS/xpo
   echo "Command: \`bash benchmarks/online_pref.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
   echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
   echo "Start: the toy SFT policy (toy-sft); preferences from the toy reward model (toy-rm), never from the gold reward."
+  echo "Batch: 64 completions per step (32 prompts, one pair each: --per_device_train_batch_size 64), 150 steps."
   echo "train/gold_reward: exact-match rate of the policy's sampled training completions (temperature 1);"
   echo "eval/gold_reward: greedy exact match on 256 held-out prompts; objective/model_kl: mean Σ_t (log π_θ - log π_ref)"
   echo "over the policy's own samples (k1); objective/model_scores: the reward model's mean score of those samples."
