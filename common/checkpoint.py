@@ -132,8 +132,10 @@ def _checkpoint_path(path: Path) -> Path:
 
 
 def prepare_output_dir(args, may_change: tuple[str, ...] = ()) -> Path | None:
-    """Call on every rank after the argument and data checks, before any model is loaded. Returns the checkpoint to
-    resume from (None: a new run). Reads args.output_dir, args.resume_from and args.overwrite_output_dir.
+    """Call on every rank after distributed.make_accelerator (it synchronises the ranks through accelerate's state)
+    and the argument and data checks, before any model is loaded; pass what it returns to load_checkpoint once the
+    model, optimizer and scheduler are prepared / registered. Returns the checkpoint to resume from (None: a new
+    run). Reads args.output_dir, args.resume_from and args.overwrite_output_dir.
 
     - new run (--resume_from unset) in a folder holding a run's files: RunFolderError, unless
       --overwrite_output_dir True, which deletes those files first (checkpoints, metrics, final model, wandb).
