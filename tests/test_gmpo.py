@@ -1,4 +1,5 @@
-"""GMPO: the geometric-mean objective against GRPO/PPO/GSPO on hand-built tensors, the log-space clip, runs."""
+"""GMPO: the geometric-mean objective against GRPO/PPO/GSPO on hand-built tensors, the log-space clip, runs.
+Test names point at the numbered implementation details of algos/gmpo.py's docstring."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import pytest
 import torch
 
-from conftest import read_metrics, run_script
+import json
+
+from conftest import load_params, multiprocess_matches_single, read_metrics, run_script
 
 import gmpo
 import grpo
@@ -66,7 +69,7 @@ def test_one_token_equals_ppo_clip_in_exp_range(eps):
         torch.testing.assert_close(g, g_ppo)
 
 
-def test_log_space_clip_is_one_sided_by_sign():
+def test_detail_3_log_space_clip_is_one_sided_by_sign():
     lp = torch.tensor([[0.6, -0.6, 0.1]])
     old = torch.zeros(1, 3)
     pos = gmpo.clipped_log_ratio(lp, old, torch.tensor([1.0]), 0.4, 0.4)
@@ -98,7 +101,7 @@ def test_wide_clip_equals_unclipped_gspo_any_length():
     torch.testing.assert_close(loss, (-adv * gspo).mean())
 
 
-def test_on_policy_gradient_equals_grpo_seq_mean_token_mean():
+def test_detail_6_on_policy_gradient_equals_grpo_seq_mean_token_mean():
     logits, targets, mask, _ = _logps()
     adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
     lp = _lp(logits, targets)
@@ -109,7 +112,7 @@ def test_on_policy_gradient_equals_grpo_seq_mean_token_mean():
     torch.testing.assert_close(g_gmpo, g_grpo)
 
 
-def test_kl_term_is_not_multiplied_by_the_ratio():
+def test_detail_5_kl_term_is_not_multiplied_by_the_ratio():
     logits, targets, mask, old = _logps()
     lp = _lp(logits, targets).detach()
     ref = old - 0.2
@@ -123,8 +126,6 @@ def test_kl_term_is_not_multiplied_by_the_ratio():
 
 # ----------------------------------------------------------------------------- tier 2: runs
 def test_run_off_policy_with_kl_conversational(tmp_path, toy_policy):
-    from safetensors.torch import load_file
-
     rf = tmp_path / "digits.py"  # a reward that varies within a group, so the update cannot be zero
     rf.write_text("def digits(completions, **kw):\n"
                   "    return [float(sum(map(ord, c[-1]['content'])) % 5) for c in completions]\n")
@@ -144,19 +145,39 @@ def test_run_off_policy_with_kl_conversational(tmp_path, toy_policy):
         assert k in last and math.isfinite(last[k]), k
     assert first["log_ratio/min"] == first["log_ratio/max"] == 0.0  # first pass over a batch: on-policy
     assert last["kl"] >= 0
-    before, after = load_file(str(toy_policy / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = load_params(toy_policy), load_params(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_reward_weights_fail_early(tmp_path):
     proc = run_script("gmpo.py", "--reward_weights", "1.0", "2.0", "--output_dir", str(tmp_path / "o"), check=False)
-    assert proc.returncode != 0 and "reward_weights" in proc.stderr
+    assert proc.returncode != 0 and "--reward_weights has 2 values but there are 1 reward sources" in proc.stderr
+    assert "Loading weights" not in proc.stderr
 
 
-def test_two_processes_match_one_process(tmp_path, toy_policy):
-    from test_grpo import multiprocess_matches_single
+def test_detail_2_unscored_samples_are_left_out(tmp_path, toy_policy):
+    """Every other sample unscored (None), the others scored alike within a group: NaN-aware, every group carries
+    no signal (frac_reward_zero_std 1, every advantage 0, the update is zero) and the reward is the scored mean."""
+    rf = tmp_path / "by_prompt.py"
+    rf.write_text("def by_prompt(prompts, completions, **kw):\n"
+                  "    return [None if i % 2 else float(len(p)) for i, p in enumerate(prompts)]\n")
+    out = tmp_path / "run"
+    run_script("gmpo.py", "--reward_funcs", f"{rf}:by_prompt", "--max_steps", "1", "--per_device_train_batch_size",
+               "16", "--num_generations", "4", "--logging_steps", "1", "--eval_steps", "0",
+               "--log_completions_steps", "1", "--num_completions_to_log", "16", "--output_dir", str(out))
+    last = read_metrics(out)[-1]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    scored = [x["by_prompt"] for x in samples if x["by_prompt"] is not None]
+    assert last["frac_reward_zero_std"] == 1.0 and all(x["advantage"] == 0.0 for x in samples)
+    assert len(scored) == 8 and last["reward"] == pytest.approx(sum(scored) / 8)
+    before, after = load_params(toy_policy), load_params(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # A = 0 everywhere: no update
 
-    multiprocess_matches_single(tmp_path, "gmpo.py", ["--num_iterations", "2", "--gradient_accumulation_steps", "2"])
+
+def test_detail_1_two_processes_with_accumulation_match_one_process(tmp_path, toy_policy):
+    """1 process x 16 completions == 2 processes x 4 micro-batches of 2 (processes and accumulation at once)."""
+    multiprocess_matches_single(tmp_path, "gmpo.py", ["--num_iterations", "2"], batch_two=2,
+                                extra_two=["--gradient_accumulation_steps", "4"])
 
 
 @pytest.mark.slow

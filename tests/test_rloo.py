@@ -1,4 +1,5 @@
-"""RLOO: leave-one-out baseline identities, the KL-shaped reward, the sequence-level clip, runs."""
+"""RLOO: leave-one-out baseline identities, the KL-shaped reward, the sequence-level clip, runs.
+Test names point at the numbered implementation details of algos/rloo.py's docstring."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import pytest
 import torch
 
-from conftest import read_metrics, run_script
+import json
+
+from conftest import load_params, multiprocess_matches_single, read_metrics, run_script
 
 import rloo
 
@@ -30,7 +33,7 @@ def test_two_samples_give_the_difference():
     torch.testing.assert_close(a, torch.tensor([0.75, -0.75, 0.0, 0.0]))
 
 
-def test_unscored_samples_are_left_out():
+def test_detail_2_unscored_samples_are_left_out_of_the_baselines():
     r = torch.tensor([1.0, float("nan"), 0.0, 0.5, float("nan"), float("nan"), 2.0, 1.0])
     a = rloo.leave_one_out_advantages(r, 4)
     torch.testing.assert_close(a[:4], torch.tensor([1.0 - 0.25, 0.0, 0.0 - 0.75, 0.5 - 0.5]))
@@ -38,12 +41,22 @@ def test_unscored_samples_are_left_out():
     assert not torch.isnan(rloo.leave_one_out_advantages(torch.full((4,), float("nan")), 4)).any()
 
 
-def test_normalized_advantages():
+def test_detail_4_normalized_advantages():
     a = rloo.leave_one_out_advantages(torch.tensor([1.0, 0.0, 0.0, 2.0]), 2, normalize=True)
     assert a.mean().abs() < 1e-6 and a.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
-def test_kl_shaped_reward_is_a_k1_sequence_sum():
+def test_detail_4_normalization_leaves_unscored_samples_out():
+    """The z-score is over the samples that have a baseline: they get mean 0 and std 1, the others keep A = 0."""
+    r = torch.tensor([1.0, float("nan"), 0.0, 4.0, 5.0, float("nan"), float("nan"), float("nan")])
+    a = rloo.leave_one_out_advantages(r, 4, normalize=True)
+    has = torch.tensor([True, False, True, True, False, False, False, False])  # group 2: one scored sample
+    raw = rloo.leave_one_out_advantages(r, 4)[has]
+    torch.testing.assert_close(a[has], (raw - raw.mean()) / (raw.std() + 1e-4))
+    assert a[has].std().item() == pytest.approx(1.0, abs=1e-3) and torch.equal(a[~has], torch.zeros(5))
+
+
+def test_detail_3_kl_shaped_reward_is_a_k1_sequence_sum():
     old = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -0.5, -0.5]])
     ref = torch.tensor([[-1.5, -1.0, -9.0], [-0.5, -1.0, -0.5]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -54,7 +67,7 @@ def test_kl_shaped_reward_is_a_k1_sequence_sum():
     assert torch.equal(same, torch.tensor([1.0, 0.0])) and torch.equal(zero, torch.zeros(2))
 
 
-def test_sequence_ratio_is_a_sum_and_clip():
+def test_detail_5_sequence_ratio_is_a_sum_and_clip():
     lp = torch.tensor([[-1.0, -1.0, -3.0]])
     old = torch.tensor([[-1.2, -1.1, 0.0]])
     m = torch.tensor([[1.0, 1.0, 0.0]])
@@ -65,7 +78,7 @@ def test_sequence_ratio_is_a_sum_and_clip():
     assert loss.item() == pytest.approx(math.exp(0.3) * 2.0)  # A < 0: the unclipped term is the min
 
 
-def test_on_policy_gradient_is_reinforce():
+def test_detail_5_on_policy_gradient_is_reinforce():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 4, 6, generator=g, requires_grad=True)
     targets = torch.randint(0, 6, (3, 4), generator=g)
@@ -82,8 +95,6 @@ def test_on_policy_gradient_is_reinforce():
 
 # ----------------------------------------------------------------------------- tier 2: runs
 def test_run_with_kl_and_reuse(tmp_path, toy_policy):
-    from safetensors.torch import load_file
-
     rf = tmp_path / "chars.py"  # a reward that varies within a group, so the update cannot be zero
     rf.write_text("def chars(completions, **kw):\n    return [float(sum(map(ord, c)) % 5) for c in completions]\n")
     out = tmp_path / "run"
@@ -97,7 +108,7 @@ def test_run_with_kl_and_reuse(tmp_path, toy_policy):
               "clip_ratio/region_mean", "num_tokens", "learning_rate", "eval/gold_reward"):
         assert k in last and last[k] is not None and math.isfinite(last[k]), k
     assert abs(last["kl"]) < 1e-6  # the first batch is sampled from the reference itself
-    before, after = load_file(str(toy_policy / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = load_params(toy_policy), load_params(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -107,10 +118,28 @@ def test_bad_batch_fails_early(tmp_path):
     assert proc.returncode != 0 and "num_generations" in proc.stderr and "Loading weights" not in proc.stderr
 
 
-def test_two_processes_match_one_process(tmp_path, toy_policy):
-    from test_grpo import multiprocess_matches_single
+def test_detail_4_unscored_samples_left_out_of_the_normalization_in_a_run(tmp_path, toy_policy):
+    """A run where every other sample is unscored: the logged advantages of the scored samples have mean 0 and
+    std 1, the unscored ones are exactly 0."""
+    rf = tmp_path / "half.py"
+    rf.write_text("def half(completions, **kw):\n"
+                  "    return [None if i % 2 else float(sum(map(ord, c)) % 7) for i, c in enumerate(completions)]\n")
+    out = tmp_path / "run"
+    run_script("rloo.py", "--reward_funcs", f"{rf}:half", "--max_steps", "1", "--per_device_train_batch_size", "16",
+               "--num_generations", "4", "--beta", "0", "--normalize_advantages", "True", "--logging_steps", "1",
+               "--eval_steps", "0", "--log_completions_steps", "1", "--num_completions_to_log", "16",
+               "--output_dir", str(out))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16
+    assert all(x["advantage"] == 0.0 for x in samples if x["half"] is None)
+    adv = torch.tensor([x["advantage"] for x in samples if x["half"] is not None])
+    assert adv.abs().sum() > 0 and adv.mean().abs() < 1e-5 and adv.std().item() == pytest.approx(1.0, abs=1e-3)
 
-    multiprocess_matches_single(tmp_path, "rloo.py", ["--normalize_advantages", "True"])
+
+def test_detail_1_two_processes_with_accumulation_match_one_process(tmp_path, toy_policy):
+    """1 process x 16 completions == 2 processes x 4 micro-batches of 2 (processes and accumulation at once)."""
+    multiprocess_matches_single(tmp_path, "rloo.py", ["--normalize_advantages", "True"], batch_two=2,
+                                extra_two=["--gradient_accumulation_steps", "4"])
 
 
 @pytest.mark.slow
