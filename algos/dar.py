@@ -33,6 +33,9 @@ V-MPO, nenuadrian/trl, `DARTrainer`):
  7. `--per_device_train_batch_size` counts completions (TRL's meaning), K = `--k` per prompt, so a micro-batch holds
     per_device_train_batch_size / K prompts (it must divide); the fork's counts prompts. Offline, K is the number of
     completions per row of the data.
+ 8. Non-finite safety: a reward source returning NaN or inf stops the run at that step, before its update (naming the
+    source and a sample); a non-finite gradient norm skips the optimizer step and is counted in `train/skipped_steps`;
+    non-finite weights are never saved.
 
 Toy defaults (the benchmark's): toy-sft policy on toy:add, 64 completions (32 prompts x K = 2) per step, lr 1e-4,
 150 steps, α = β = 0.1 (the fork's), w_clip = 50 (the fork's).
@@ -99,6 +102,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -320,6 +325,7 @@ def main(args: Args):
     sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
                                                                     args.dataset_name),
                                          args.reward_weights, args.dataset_name, device) if online else None
+    resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -330,10 +336,9 @@ def main(args: Args):
     generator = build_generator(args, tokenizer, accelerator, model) if online else None
 
     start_step, elapsed, skipped = 0, 0.0, 0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
     if resume is not None:
         saved = checkpoint.load_checkpoint(accelerator, resume)
-        start_step, elapsed, skipped = saved["step"], saved["elapsed"], saved.get("skipped_steps", 0)
+        start_step, elapsed, skipped = saved["step"], saved["elapsed"], saved["skipped_steps"]
         accelerator.print(f"resumed from {resume} at step {start_step}")
     if generator is not None:
         generator.sync_weights(model)
@@ -408,12 +413,10 @@ def main(args: Args):
                 s_pol, _ = sequence_logps(model, batch, args.temperature)
                 loss = dar_loss(w, s_pol, num_scored)
                 accelerator.backward(loss * GA * W)  # undo accelerate's 1/GA and DDP's 1/W: the global mean (note 1)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                if accelerator.sync_gradients:  # a non-finite gradient norm skips the step (note 8)
+                    grad_norm, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                                    args.max_grad_norm)
+                    skipped += not stepped
             scored = ~torch.isnan(log_adv)
             for key, v in (("loss", loss.detach()), ("w", w), ("clip", (w >= args.wclip * (1 - 1e-6)).float()),
                            ("log_reg", log_reg), ("log_adv", log_adv[scored]), ("s_policy", s_pol.detach()),
@@ -450,7 +453,7 @@ def main(args: Args):
             "dar/kl_from_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
             "dar/logps_policy": tot["s_policy"] / num_global,
             "dar/logps_ref": tot["s_ref"] / num_global, "dar/logps_behavior": tot["s_beh"] / num_global,
-            "dar/loss": tot["loss"],
+            "dar/loss": tot["loss"], "grad_norm": grad_norm,
         })
         if done % args.logging_steps == 0 or done == args.max_steps:
             if online and first_rpf is not None:  # one loud warning when no reward varied at all
@@ -470,7 +473,7 @@ def main(args: Args):
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
                                        {"elapsed": tracker.elapsed(), "skipped_steps": skipped}, args.save_total_limit)
 
-    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir, args.max_steps)
     if args.save_steps:
         checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
                                    {"elapsed": tracker.elapsed(), "skipped_steps": skipped}, args.save_total_limit)

@@ -60,6 +60,9 @@ shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
 10. `--per_device_train_batch_size` counts completions (TRL's meaning, as in grpo.py), K = `--k` per prompt, so a
     micro-batch holds per_device_train_batch_size / K prompts (it must divide); the fork's counts prompts. Offline,
     K is the number of completions per row of the data.
+11. Non-finite safety: a reward source returning NaN or inf stops the run at that step, before its update (naming
+    the source and a sample); a non-finite gradient norm skips the optimizer step, the dual step with it (the duals
+    stay as they were), and is counted in `train/skipped_steps`; non-finite weights are never saved.
 
 Defaults are the toy benchmark's (why these values: benchmarks/results/vmpo/README.md): toy-sft policy on toy:add,
 64 completions (32 prompts x K = 2) per step, lr 3e-5, ε_η = 1.0, ε_α = 0.05, batch baseline and scale. The fork's
@@ -134,6 +137,8 @@ class Args:
     """keep at most this many checkpoints"""
     resume_from: str | None = None
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start a new run in an output_dir that holds another run's files (they are deleted first)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -529,6 +534,7 @@ def main(args: Args):
     sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
                                                                     args.dataset_name),
                                          args.reward_weights, args.dataset_name, device) if online else None
+    resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -545,14 +551,10 @@ def main(args: Args):
 
     state = {"ema": None, "streak": 0, "warned": False, "syncs": 0, "skipped": 0}
     start_step, elapsed = 0, 0.0
-    resume = checkpoint.resolve_resume(args.resume_from, args.output_dir)
-    if resume is not None:
-        saved = checkpoint.load_checkpoint(accelerator, resume)
+    saved_models = {"duals": duals, **({"old_policy": old_model} if old_model is not None else {})}
+    if resume is not None:  # duals, their Adam, the old policy and the counters come back with the rest
+        saved = checkpoint.load_checkpoint(accelerator, resume, models=saved_models, optimizers={"duals": dual_opt})
         start_step, elapsed, state = saved["step"], saved["elapsed"], {**state, **saved["vmpo_state"]}
-        duals.load_state_dict(saved["duals"])
-        dual_opt.load_state_dict(saved["dual_opt"])
-        if old_model is not None:
-            old_model.load_state_dict(saved["old_policy"])
         accelerator.print(f"resumed from {resume} at step {start_step}")
     if generator is not None:
         generator.sync_weights(sampler)
@@ -561,6 +563,11 @@ def main(args: Args):
     accelerator.print(f"vmpo: {mode} mode, {len(rows)} prompts, K = {k}, {num_global} samples per step "
                       f"({num_selected(num_global, args.topk_fraction)} selected), kl {args.kl_estimator}, "
                       f"{args.max_steps} steps -> {args.output_dir}")
+
+    def save(step: int):  # everything --resume_from needs: duals and their Adam, EMA, counters, old policy
+        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args,
+                                   {"elapsed": tracker.elapsed(), "vmpo_state": dict(state)}, args.save_total_limit,
+                                   models=saved_models, optimizers={"duals": dual_opt})
 
     def evaluate() -> dict:
         return evaluation.heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
@@ -635,12 +642,10 @@ def main(args: Args):
                 # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
                 # summed micro-batch losses give exactly the gradient of the whole step's loss
                 accelerator.backward(loss * GA * W)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                if accelerator.sync_gradients:  # a non-finite gradient norm skips the step (choice 11)
+                    st["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                                          args.max_grad_norm)
+                    state["skipped"] += not stepped
             with torch.no_grad():
                 cm = batch["completion_mask"].float()
                 for key, v in parts.items():
@@ -650,16 +655,17 @@ def main(args: Args):
                                ("s_old", sampler_s), ("len", cm), ("neg_logp", -(tok * cm))):
                     st[key] += v.sum().item() if v is not None else 0.0
                 m["trainer_tok"] = m["old_tok"] if m["old_tok"] is not None else tok.detach()  # the sampler's, here
-        tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items()}
+        tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items() if key != "grad_norm"}
 
         # duals: one step on L_η + L_α from the global batch (choices 3, 8)
         kl_mean = tot["kl"] / num_global
         dual_opt.zero_grad()
         eta_loss = eta_dual_loss(duals.eta(), adv, selected, args.eps_eta) if selected.any() else None
         alpha_loss = alpha_dual_loss(duals.alpha(), kl_mean, args.eps_alpha)
-        (alpha_loss + eta_loss if eta_loss is not None else alpha_loss).backward()
-        dual_opt.step()
-        duals.clamp_(args.min_eta, args.max_eta, args.min_alpha, args.max_alpha)
+        if stepped:  # a skipped step leaves the duals as they were too (choice 11)
+            (alpha_loss + eta_loss if eta_loss is not None else alpha_loss).backward()
+            dual_opt.step()
+            duals.clamp_(args.min_eta, args.max_eta, args.min_alpha, args.max_alpha)
         state["streak"] = state["streak"] + 1 if abs(kl_mean) <= args.kl_zero_tol else 0
         if state["streak"] >= args.kl_warning_patience and not state["warned"]:
             state["warned"] = True
@@ -700,7 +706,7 @@ def main(args: Args):
             "vmpo/loss": tot["policy_loss"] + tot["kl_loss"] + tot["ref_anchor_loss"],
             "vmpo/reward_ema_baseline": state["ema"] if state["ema"] is not None else torch.nanmean(all_r).item(),
             "kl_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
-            "entropy": tot["neg_logp"] / max(tot["len"], 1),
+            "entropy": tot["neg_logp"] / max(tot["len"], 1), "grad_norm": st["grad_norm"],
         })
         if done % args.logging_steps == 0 or done == args.max_steps:
             if online and first_rpf is not None:  # one loud warning when no reward varied at all
@@ -719,11 +725,11 @@ def main(args: Args):
             tracker.log_samples(done, [{"prompt": str(rows[m["mb"][j // k]]["prompt"]), "completion": m["texts"][j],
                                         "reward": m["rewards"][j].item()} for j in range(min(4, len(m["texts"])))])
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
-            save(accelerator, args, done, model, tokenizer, tracker, state, duals, dual_opt, old_model)
+            save(done)
 
-    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir, args.max_steps)
     if args.save_steps:
-        save(accelerator, args, args.max_steps, model, tokenizer, tracker, state, duals, dual_opt, old_model)
+        save(args.max_steps)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()
@@ -734,13 +740,6 @@ def window_add(window: dict, metrics: dict):
     for key, v in metrics.items():
         if not math.isnan(v):
             window[key].append(v)
-
-
-def save(accelerator, args, step, model, tokenizer, tracker, state, duals, dual_opt, old_model):
-    """A checkpoint with everything `--resume_from` needs: duals and their optimizer, EMA, counters, old policy."""
-    extra = {"elapsed": tracker.elapsed(), "vmpo_state": dict(state), "duals": duals.state_dict(),
-             "dual_opt": dual_opt.state_dict(), "old_policy": old_model.state_dict() if old_model is not None else None}
-    checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args, extra, args.save_total_limit)
 
 
 if __name__ == "__main__":

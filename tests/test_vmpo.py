@@ -320,6 +320,7 @@ def _check_metrics(out_dir, steps=3, toy=True):
         for m in SEED_METRICS:
             assert m in r and r[m] is not None and math.isfinite(r[m]), m
         assert r["vmpo/selected_fraction"] == pytest.approx(0.5)
+        assert r["train/skipped_steps"] == 0 and math.isfinite(r["grad_norm"])  # choice 11: no step was skipped
     return train
 
 
@@ -396,6 +397,9 @@ def test_resume_continues_exactly(tmp_path):
     args = [*FAST, "--max_steps", "4", "--save_steps", "2", "--baseline", "ema", "--old_policy_sync_steps", "3",
             "--learning_rate", "1e-3"]
     run_script("vmpo.py", *args, "--output_dir", str(full))
+    # one run per folder: the same command again refuses to mix with the finished run (before loading a model)
+    again = run_script("vmpo.py", *args, "--output_dir", str(full), check=False)
+    assert again.returncode != 0 and "already holds a run" in again.stderr and "--overwrite_output_dir" in again.stderr
     import shutil
 
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
