@@ -14,6 +14,7 @@ Default: the toy addition task's pairs (chosen correct, rejected a plausible wro
 Run:
     python algos/reward.py                                  # toy reward model, well under a minute on 2 CPU cores
     accelerate launch --multi_gpu --num_processes 2 algos/reward.py
+    python algos/reward.py --dataset_name pairs.jsonl --eval_fraction 0.1   # eval/accuracy on 10% held-out pairs
     python algos/reward.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
         --dataset_name trl-lib/ultrafeedback_binarized --learning_rate 1e-5 --max_length 1024
 """
@@ -59,7 +60,11 @@ class Args:
     dataset_split: str = "train"
     """split to train on"""
     eval_split: str | None = "test"
-    """held-out split for pairwise accuracy (None to skip)"""
+    """held-out split for pairwise accuracy: of a toy dataset, or of --eval_dataset_name when it is a hub name"""
+    eval_dataset_name: str | None = None
+    """held-out data: a file, a save_to_disk folder or a hub name (split eval_split)"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the training rows for evaluation (deterministic; never overlaps training)"""
     logging_steps: int = 10
     """log metrics every this many optimizer steps"""
     save_steps: int = 100
@@ -125,11 +130,6 @@ def tokenize_pairs(ds, tokenizer, max_length: int):
     return [(c[-max_length:], r[-max_length:], m) for c, r, m in zip(chosen, rejected, margins)]
 
 
-def load_preference(name: str, split: str, n: int | None = None):
-    ds = data.load_data(name, split, toy_kind="preference", n=n)
-    return data.convert(ds, "preference", script="reward.py")
-
-
 def score_pairs(model, rows, pad_id, device, score_head=None):
     """Scores (2B,) for the chosen rows then the rejected rows, in one left-padded forward."""
     ids, mask = data.pad([r[0] for r in rows] + [r[1] for r in rows], pad_id, "left")
@@ -159,10 +159,11 @@ def main(args: Args):
     accelerator = distributed.make_accelerator(args)
 
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
-    train = tokenize_pairs(load_preference(args.dataset_name, args.dataset_split), tokenizer, args.max_length)
-    eval_rows = (tokenize_pairs(load_preference(args.dataset_name, args.eval_split, args.num_eval_pairs), tokenizer,
-                                args.max_length) if args.eval_split else [])
+    train_ds, eval_ds = data.load_splits(args, "preference", "reward.py", toy_n=args.num_eval_pairs)
+    train = tokenize_pairs(train_ds, tokenizer, args.max_length)
+    eval_rows = tokenize_pairs(eval_ds, tokenizer, args.max_length) if eval_ds is not None else []  # never train rows
     global_bs = distributed.global_batch_size(args, accelerator)
+    data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     if args.model_name_or_path == "toy":

@@ -15,6 +15,7 @@ Run:
     python algos/sft.py                                   # toy model on toy:add, about two minutes on 2 CPU cores
     python algos/sft.py --max_steps 475 --lr_decay_steps 1000   # the RL scripts' start policy (toy-sft)
     python algos/sft.py --dataset_name toy:reverse:conversational
+    python algos/sft.py --dataset_name my_data.jsonl --eval_fraction 0.05   # eval/loss on 5% held-out rows
     accelerate launch --multi_gpu --num_processes 2 algos/sft.py   # same global batch, same result (--multi_gpu: also on CPU)
     python algos/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \
         --learning_rate 2e-5 --max_length 1024 --per_device_train_batch_size 4 --gradient_accumulation_steps 8
@@ -60,7 +61,11 @@ class Args:
     dataset_split: str = "train"
     """split to train on"""
     eval_split: str | None = "test"
-    """held-out split for evaluation (None to skip)"""
+    """held-out split: of a toy dataset, or of --eval_dataset_name when it is a hub name (None: no toy evaluation)"""
+    eval_dataset_name: str | None = None
+    """held-out data: a file, a save_to_disk folder or a hub name (split eval_split)"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the training rows for evaluation (deterministic; never overlaps training)"""
     logging_steps: int = 10
     """log metrics every this many optimizer steps"""
     save_steps: int = 100
@@ -144,24 +149,34 @@ def tokenize_rows(ds, tokenizer, completion_only: bool, max_length: int):
     return out
 
 
-def load_sft_data(name: str, split: str):
-    ds = data.load_data(name, split, toy_kind="prompt_completion")
-    kind = data.detect_type(ds.column_names)
-    if kind not in ("lm", "prompt_completion"):
-        raise data.DatasetFormatError(
-            f"sft.py needs a language-modelling dataset (columns {{text}} or {{messages}}) or a prompt-completion one "
-            f"({{prompt, completion}}); found columns {sorted(ds.column_names)} (detected type: {kind or 'unknown'})")
-    return ds
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, args, accelerator) -> dict:
-    """Held-out greedy exact match on toy tasks (nothing for other datasets, which have no known answers)."""
-    if not args.eval_split:
-        return {}
-    out = heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, max_new_tokens=16,
-                              accelerator=accelerator, split=args.eval_split)
-    return {"eval/accuracy": out["eval/gold_reward"], "eval/terminated": out["eval/terminated"]} if out else {}
+def evaluate(model, tokenizer, args, accelerator, eval_rows) -> dict:
+    """Loss and token accuracy on the eval rows (the training loss's masking, token means over all eval rows; every
+    process evaluates all of them), and on toy tasks the held-out greedy exact match."""
+    out = {}
+    if eval_rows:
+        was_training = model.training
+        model.eval()
+        nll, correct, tokens = 0.0, 0.0, 0.0
+        for s in range(0, len(eval_rows), args.per_device_train_batch_size):
+            chunk = eval_rows[s:s + args.per_device_train_batch_size]
+            batch = data.batch_prompt_completion([r[0] for r in chunk], [r[1] for r in chunk], tokenizer.pad_token_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            T = batch["completion_mask"].shape[1]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]),
+                           logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+            targets, mask = batch["input_ids"][:, -T:], batch["completion_mask"].float()
+            nll += -(model_utils.selective_log_softmax(logits, targets) * mask).sum().item()
+            correct += ((logits.argmax(-1) == targets) * mask).sum().item()
+            tokens += mask.sum().item()
+        model.train(was_training)
+        out = {"eval/loss": nll / tokens, "eval/mean_token_accuracy": correct / tokens}
+    if args.eval_split and data.toy_task(args.dataset_name):
+        gold = heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, max_new_tokens=16,
+                                   accelerator=accelerator, split=args.eval_split)
+        out.update({"eval/accuracy": gold["eval/gold_reward"], "eval/terminated": gold["eval/terminated"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -176,9 +191,11 @@ def main(args: Args):
 
     # data first: a bad dataset fails before any model is built
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
-    train = tokenize_rows(load_sft_data(args.dataset_name, args.dataset_split), tokenizer, args.completion_only_loss,
-                          args.max_length)
+    train_ds, eval_ds = data.load_splits(args, "prompt_completion|lm", "sft.py", toy_n=args.num_eval_prompts)
+    train = tokenize_rows(train_ds, tokenizer, args.completion_only_loss, args.max_length)
+    eval_rows = tokenize_rows(eval_ds, tokenizer, args.completion_only_loss, args.max_length) if eval_ds is not None else []
     global_bs = distributed.global_batch_size(args, accelerator)
+    data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
@@ -203,7 +220,7 @@ def main(args: Args):
         start_step, elapsed, skipped_steps = state["step"], state["elapsed"], state.get("skipped_steps", 0)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
-                               show=("loss", "mean_token_accuracy", "eval/accuracy"))
+                               show=("loss", "mean_token_accuracy", "eval/loss", "eval/accuracy"))
     if accelerator.is_main_process:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"sft: {len(train)} rows, {n_params / 1e6:.2f}M parameters, global batch {global_bs}, "
@@ -256,7 +273,7 @@ def main(args: Args):
                        "learning_rate": scheduler.get_last_lr()[0], "train/skipped_steps": skipped_steps}
             stats = dict.fromkeys(stats, 0.0)
             if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
-                metrics.update(evaluate(model, tokenizer, args, accelerator))
+                metrics.update(evaluate(model, tokenizer, args, accelerator, eval_rows))
             tracker.log(metrics, done, args.max_steps)
         if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
             checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,

@@ -10,6 +10,12 @@ Types (by columns; "standard" rows hold strings, "conversational" rows hold list
   stepwise                  prompt, completions, labels
 Extra columns are kept: reward functions receive them as keyword arguments.
 
+Scripts call `load_splits` (training rows + held-out rows, converted to the script's type, every bad-input error
+raised before a model loads) and `check_batch_fits` (data smaller than one global batch) at start-up.
+Text columns hold strings: a CSV's cells are read as text as written (only label/reward/margin are parsed), and
+numbers in a JSON/parquet text column (prompt, completion, chosen, rejected, text, message contents) become strings;
+other JSON/parquet columns keep the types the file gives them.
+
 Layout of a tokenised batch: [left-padded prompt | right-padded completion], with an explicit completion mask
 (never inferred from pad_token_id, which is often the EOS id). Completions keep their EOS token.
 """
@@ -17,6 +23,8 @@ Layout of a tokenised batch: [left-padded prompt | right-padded completion], wit
 from __future__ import annotations
 
 import os
+import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -38,12 +46,25 @@ class DatasetFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_data(name: str, split: str = "train", toy_kind: str = "prompt", n: int | None = None):
-    """Load a dataset by name.
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# columns that hold text (strings, or lists of {"role", "content"} messages); numbers there are cast to strings
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text", "messages")
+# columns a CSV file holds as numbers (every other CSV cell is read as text, as written: "007" stays "007")
+CSV_NUMBER_COLUMNS = {"label": bool, "reward": float, "margin": float}
+
+
+def load_data(name: str, split: str = "train", toy_kind: str = "prompt", n: int | None = None,
+              flag: str = "--dataset_name"):
+    """Load a dataset by name (`flag` is the command-line flag that named it, for error messages).
 
     - `toy:<task>` or `toy:<task>:conversational`: the built-in toy task, made as `toy_kind` (see common/toy.py).
-    - a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or a folder written by `Dataset.save_to_disk`.
+    - a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or a folder written by `Dataset.save_to_disk`. A file is one
+      split, 'train' (slices such as 'train[:100]' work); asking it for another split is an error, never a silent
+      reuse of the training rows. CSV cells are read as text, except the columns in CSV_NUMBER_COLUMNS.
     - anything else: `datasets.load_dataset(name, split=split)` (a hub name or a local loading script/folder).
+    Text columns hold strings or message lists in every row (numbers are cast to strings); an empty dataset, a
+    malformed JSON line, a message without 'role', or standard and conversational rows mixed raise a
+    DatasetFormatError naming the row and the fix.
     """
     import datasets
 
@@ -53,32 +74,263 @@ def load_data(name: str, split: str = "train", toy_kind: str = "prompt", n: int 
         parts = name.split(":")
         task, conv = parts[1], "conversational" in parts[2:]
         return toy.make_dataset(task, toy_kind, split=split, conversational=conv, n=n)
-    path = Path(name)
-    suffix = path.suffix.lower()
+    path = Path(name).expanduser()
+    what = f"{flag} {name}"
     if path.is_file():
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+        builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise DatasetFormatError(f"--dataset_name {name}: unsupported file type '{suffix}'; "
-                                     "use .jsonl, .json, .parquet or .csv, or a folder from Dataset.save_to_disk")
-        ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+            raise DatasetFormatError(f"{what}: unsupported file type '{path.suffix.lower()}'; use .jsonl, .json, "
+                                     ".parquet or .csv, or a folder from Dataset.save_to_disk")
+        _check_one_split(split, what)
+        ds = _load_file(path, builder, split, what)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DatasetFormatError(f"--dataset_name {name}: no split '{split}'; it has {list(ds)}")
+                raise DatasetFormatError(f"{what}: no split '{split}'; it has {list(ds)}")
             ds = ds[split]
+        else:
+            _check_one_split(split, what)
     elif path.exists() and not path.is_dir():
-        raise DatasetFormatError(f"--dataset_name {name}: cannot read this path")
+        raise DatasetFormatError(f"{what}: cannot read this path")
+    elif not path.exists() and looks_like_path(name):
+        raise DatasetFormatError(f"{what}: file not found (looked for {path.resolve()}). Give an existing .jsonl, "
+                                 ".json, .parquet or .csv file, a folder from Dataset.save_to_disk, or a hub name")
     else:
         ds = datasets.load_dataset(name, split=split)
+    if len(ds) == 0:
+        raise DatasetFormatError(f"{what}: the dataset has no rows; give a file with at least one example")
+    ds = text_columns_as_strings(ds)
+    check_rows(ds, what)
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
     return ds
 
 
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local path (not a hub id): starts with '.', '/' or '~', or ends in a data-file suffix."""
+    return name.startswith((".", "/", "~", "\\")) or Path(name).suffix.lower() in (*FILE_BUILDERS, ".arrow")
+
+
+def _check_one_split(split: str, what: str):
+    if split.split("[")[0] != "train":
+        raise DatasetFormatError(f"{what}: a local file holds one split, 'train', not '{split}'. For held-out rows "
+                                 "pass --eval_dataset_name FILE (a separate file) or --eval_fraction F")
+
+
+def _load_file(path: Path, builder: str, split: str, what: str):
+    import datasets
+
+    if builder in ("json", "csv") and not path.read_bytes().strip():
+        raise DatasetFormatError(f"{what}: the file is empty; give a file with at least one example")
+    kwargs = {}
+    if builder == "csv":  # every cell as text (datasets would guess ints); the known number columns are parsed below
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}), "na_filter": False}
+    if builder == "json" and path.suffix.lower() == ".jsonl":
+        _check_json_lines(path, what)  # a malformed line: name its number (datasets' own error does not)
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split=split, **kwargs)
+    except (StopIteration, ValueError) as e:
+        if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
+            raise DatasetFormatError(f"{what}: the dataset has no rows; give a file with at least one example") from e
+        raise
+    if builder == "csv":
+        ds = _parse_csv_numbers(ds, what)
+    return ds
+
+
+def _check_json_lines(path: Path, what: str):
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetFormatError(f"{what}: line {i} is not valid JSON ({e.msg} at column {e.colno}): "
+                                         f"{line.strip()[:120]!r}. Fix or remove that line (one JSON object per line)")
+            if not isinstance(row, dict):
+                raise DatasetFormatError(f"{what}: line {i} is a JSON {type(row).__name__}, not an object "
+                                         "({\"column\": value, ...}); one JSON object per line")
+
+
+def _parse_csv_numbers(ds, what: str):
+    def parse(col, typ, v, i):
+        s = v.strip()
+        if typ is bool and s.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return s.lower() in ("true", "1", "yes")
+        try:
+            if typ is float:
+                return float(s)
+        except ValueError:
+            pass
+        want = "True/False" if typ is bool else "a number"
+        raise DatasetFormatError(f"{what}: row {i}, column '{col}' is {v!r}, not {want}")
+
+    for col, typ in CSV_NUMBER_COLUMNS.items():
+        if col in ds.column_names:
+            vals = [parse(col, typ, v, i) for i, v in enumerate(ds[col])]
+            ds = ds.remove_columns(col).add_column(col, vals)
+    return ds
+
+
+def text_columns_as_strings(ds):
+    """Cast number/bool values of the text columns (and of message contents) to strings."""
+    import datasets
+
+    def fix(feature, in_message=False):
+        if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+            return datasets.Value("string")
+        if isinstance(feature, dict) and "role" in feature:
+            return {k: fix(v) if k == "content" else v for k, v in feature.items()}
+        for seq in ("List", "LargeList", "Sequence"):
+            if type(feature).__name__ == seq and isinstance(feature.feature, dict):
+                return type(feature)(fix(feature.feature))
+        return feature
+
+    feats = ds.features.copy()
+    changed = False
+    for col in TEXT_COLUMNS:
+        if col in feats:
+            new = fix(feats[col])
+            if repr(new) != repr(feats[col]):
+                feats[col], changed = new, True
+    return ds.cast(feats) if changed else ds
+
+
+def _value_kind(v) -> str:
+    if isinstance(v, str):
+        return "standard"
+    if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
+        return "conversational"
+    return "none" if v is None else type(v).__name__
+
+
+def check_rows(ds, what: str):
+    """Every row of every text column is of one kind, all standard (strings) or all conversational (message
+    lists), and every message has 'role' and 'content'; else a DatasetFormatError naming the first offending row."""
+    first = None  # (kind, row, column) of the first value seen: every other must match it
+    for col in TEXT_COLUMNS:
+        if col not in ds.column_names:
+            continue
+        for i, v in enumerate(ds[col]):
+            kind = _value_kind(v)
+            if kind not in ("standard", "conversational"):
+                raise DatasetFormatError(
+                    f"{what}: row {i}, column '{col}' holds "
+                    f"{'nothing (null)' if v is None else f'{repr(v)[:80]} (type {type(v).__name__})'}, not a "
+                    "string or a list of {'role', 'content'} messages. Fill it in or drop the row; a file holds one "
+                    "kind of example per column")
+            if kind == "conversational":
+                for j, m in enumerate(v):
+                    missing = [k for k in ("role", "content") if k not in m]
+                    if missing:
+                        raise DatasetFormatError(
+                            f"{what}: row {i}, column '{col}', message {j} has no "
+                            f"{' or '.join(repr(k) for k in missing)} key (its keys: {sorted(m)}); every message is "
+                            '{"role": ..., "content": ...}')
+            if first is None:
+                first = (kind, i, col)
+            elif kind != first[0]:
+                raise DatasetFormatError(
+                    f"{what}: row {i}, column '{col}' is {kind} but row {first[1]}, column '{first[2]}' is {first[0]}; "
+                    "standard rows (strings) and conversational rows (lists of messages) cannot be mixed in one "
+                    "dataset. Convert them to one format")
+
+
 def toy_task(dataset_name: str) -> str | None:
     """The toy task named by `toy:<task>[:...]`, else None."""
     return dataset_name.split(":")[1] if dataset_name.startswith("toy:") else None
+
+
+def load_splits(args, kind: str, script: str, toy_n: int | None = None):
+    """(train, eval) datasets of a run, both converted to `kind` (a data.convert type; 'a|b' accepts either type,
+    and toy datasets are made as the first). The eval rows, first match wins:
+      --eval_dataset_name: a file or save_to_disk folder (all its rows) or a hub name (split --eval_split, default
+                           'test'); never the training data itself;
+      --eval_fraction F:   that fraction of the training rows, held out by `holdout` (deterministic, disjoint);
+      a toy dataset:       the toy task's test split (--eval_split; first `toy_n` rows);
+      else None, and one start-up line says there is no evaluation set.
+    Reads args.dataset_name, dataset_split and, where the script has them, eval_dataset_name, eval_fraction and
+    eval_split. Every error names the flag and happens here, before any model is loaded."""
+    name, split = args.dataset_name, getattr(args, "dataset_split", "train")
+    eval_name = getattr(args, "eval_dataset_name", None)
+    fraction = float(getattr(args, "eval_fraction", 0.0) or 0.0)
+    eval_split = getattr(args, "eval_split", "test")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--eval_fraction {fraction}: give a fraction in [0, 1) of the training rows to hold out")
+    if eval_name and fraction:
+        raise ValueError("pass --eval_dataset_name or --eval_fraction, not both")
+    kinds = kind.split("|")
+    train = load_data(name, split, toy_kind=kinds[0])
+    eval_ds = None
+    if eval_name:
+        local = not eval_name.startswith("toy:") and Path(eval_name).expanduser().exists()
+        e_split = "train" if local else (eval_split or "test")
+        if _same_source(name, split, eval_name, e_split):
+            raise ValueError(f"--eval_dataset_name {eval_name} is the training data itself ({args.dataset_name}, "
+                             f"split {split}); held-out rows must not be trained on: give another file or split, or "
+                             "use --eval_fraction F")
+        eval_ds = load_data(eval_name, e_split, toy_kind=kinds[0], n=toy_n if eval_name.startswith("toy:") else None,
+                            flag="--eval_dataset_name")
+    elif fraction:
+        train, eval_ds = holdout(train, fraction)
+    elif toy_task(name) is not None and eval_split:
+        eval_ds = load_data(name, eval_split, toy_kind=kinds[0], n=toy_n)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(f"{script}: no evaluation set: pass --eval_dataset_name or --eval_fraction", file=sys.stderr, flush=True)
+    train = convert_any(train, kinds, script)
+    if eval_ds is not None:
+        eval_ds = convert_any(eval_ds, kinds, f"{script} (--eval_dataset_name)" if eval_name else script)
+    return train, eval_ds
+
+
+def _same_source(name: str, split: str, eval_name: str, eval_split: str) -> bool:
+    a, b = Path(name).expanduser(), Path(eval_name).expanduser()
+    if a.exists() and b.exists():
+        return a.resolve() == b.resolve()
+    return name == eval_name and split == eval_split
+
+
+def holdout(ds, fraction: float, key_columns=("prompt", "text", "messages", "chosen")):
+    """(train, eval) rows: about `fraction` of the rows held out, chosen by a hash of the prompt (of the text for
+    language-modelling rows), so the choice is a pure function of the data (no seed), the two parts never share a
+    row, and rows with the same prompt (several pairs per prompt) land on the same side."""
+    n = len(ds)
+    col = next((c for c in key_columns if c in ds.column_names), None)
+    import json
+
+    keys = [json.dumps(v, sort_keys=True, default=str) for v in (ds[col] if col else ds.to_list())]
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    want, held = round(n * fraction), []
+    for k in sorted(groups, key=lambda k: (zlib.crc32(k.encode()), k)):
+        if len(held) >= want:
+            break
+        held += groups[k]
+    if not held or len(held) >= n:
+        raise ValueError(f"--eval_fraction {fraction} of {n} rows ({len(groups)} distinct prompts) leaves "
+                         f"{'no evaluation rows' if not held else 'no training rows'}; pick a fraction that leaves "
+                         "rows on both sides, or pass --eval_dataset_name")
+    held_set = set(held)
+    return ds.select([i for i in range(n) if i not in held_set]), ds.select(sorted(held))
+
+
+def check_batch_fits(n_rows: int, global_batch: int, flag_names: str | list[str] | tuple[str, ...]):
+    """Call at start-up: a ValueError (naming the batch flags) when the data is smaller than one global batch,
+    instead of failing at the first step, after the model loaded. flag_names: the flags whose product is the
+    global batch, e.g. ['--per_device_train_batch_size', '--gradient_accumulation_steps']."""
+    if n_rows < global_batch:
+        flags = flag_names if isinstance(flag_names, str) else " x ".join(flag_names)
+        raise ValueError(f"the training data has {n_rows} rows, fewer than one global batch of {global_batch} "
+                         f"({flags} x processes); lower those flags or use more data")
 
 
 # ----------------------------------------------------------------------------- types and conversion
@@ -111,6 +363,23 @@ def _extract_prompt(example):
     while i > 0 and chosen[i - 1] not in " \n=:":
         i -= 1
     return {"prompt": chosen[:i], "chosen": chosen[i:], "rejected": rejected[i:]}
+
+
+def convert_any(ds, kinds: list[str], script: str = "this script"):
+    """`convert` to the first of `kinds` the data is already of (so nothing is converted), else to kinds[0]; the
+    error names every accepted type's columns."""
+    have = detect_type(ds.column_names)
+    if have in kinds:
+        return convert(ds, have, script)
+    if len(kinds) == 1:
+        return convert(ds, kinds[0], script)
+    order = ["prompt", "completion", "completions", "chosen", "rejected", "label", "labels", "rewards", "reward",
+             "text", "messages"]
+    expected = "; or ".join(f"{k}: " + " or ".join("{" + ", ".join(sorted(o, key=order.index)) + "}"
+                                                   for o in TYPE_COLUMNS[k]) for k in kinds)
+    raise DatasetFormatError(f"{script} needs a dataset with columns {expected}; found columns "
+                             f"{sorted(ds.column_names)} (detected type: {have or 'unknown'}). Rename the columns or "
+                             "pick a dataset of one of those types.")
 
 
 def convert(ds, want: str, script: str = "this script"):

@@ -30,7 +30,34 @@ def resolve(name: str, dataset_name: str = "toy:add") -> str:
     return name
 
 
-def load_tokenizer(name: str, dataset_name: str = "toy:add"):
+def check_model_folder(name: str, flag: str = "--model_name_or_path"):
+    """A local folder (or a path-like name) must hold a saved model: config.json and tokenizer files. Errors name the
+    flag and what is missing, before transformers reports something about tokenizers or hub ids."""
+    from pathlib import Path
+
+    from common.data import looks_like_path
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_like_path(name) and not name.startswith("toy"):
+            raise ValueError(f"{flag} {name}: folder not found (looked for {path.resolve()}); give a folder written by "
+                             "save_pretrained (e.g. a run's output_dir) or a hub name")
+        return
+    if not path.is_dir():
+        raise ValueError(f"{flag} {name}: a file, not a model folder; give the folder that holds config.json")
+    has_config = (path / "config.json").exists()
+    has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                 "vocab.json"))
+    if not (has_config and has_tok):
+        missing = " and ".join(m for m, ok in (("config.json", has_config), ("tokenizer files (tokenizer.json / "
+                                               "tokenizer_config.json)", has_tok)) if not ok)
+        inside = sorted(p.name for p in path.iterdir())[:8]
+        raise ValueError(f"{flag} {name}: the folder has no {missing} (it holds {inside or 'nothing'}). Give a "
+                         "folder written by save_pretrained with its tokenizer, e.g. a finished run's output_dir or "
+                         "one of its checkpoint-N folders")
+
+
+def load_tokenizer(name: str, dataset_name: str = "toy:add", flag: str = "--model_name_or_path"):
     from transformers import AutoTokenizer
 
     from common import toy
@@ -39,6 +66,7 @@ def load_tokenizer(name: str, dataset_name: str = "toy:add"):
     if name == "toy":
         return toy.make_tokenizer()
     path = resolve(name, dataset_name)
+    check_model_folder(path, flag)
     tok = AutoTokenizer.from_pretrained(path)
     check_pad_token(tok, name)
     return tok
@@ -62,6 +90,7 @@ def load_reward_model(name: str, dataset_name: str = "toy:add", dtype: str = "fl
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve(name, dataset_name)
+    check_model_folder(path, "reward model")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
     tok = AutoTokenizer.from_pretrained(path)
     if model.config.pad_token_id is None:

@@ -180,3 +180,141 @@ def test_accelerate_config_files_load():
         cfg = load_config_from_file(str(f))
         kinds[f.stem] = getattr(cfg.distributed_type, "value", cfg.distributed_type)
     assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+
+
+# ----------------------------------------------------------------------------- train/eval splits
+def _args(**kw):
+    from types import SimpleNamespace
+
+    base = dict(dataset_name="toy:add", dataset_split="train", eval_split="test", eval_dataset_name=None,
+                eval_fraction=0.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_fraction_holds_out_disjoint_rows_deterministically_and_keeps_prompts_together(tmp_path):
+    # 60 prompts, 3 preference pairs each: pairs of one prompt must never straddle train and eval
+    rows = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + k + 1)} for i in range(60)
+            for k in range(3)]
+    f = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    train, ev = data.load_splits(_args(dataset_name=f, eval_fraction=0.2), "preference", "reward.py")
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
+    tr, evr = {key(r) for r in train}, {key(r) for r in ev}
+    assert not tr & evr and len(tr | evr) == len(rows) == len(train) + len(ev)
+    assert len(ev) == 36  # 20% of 180 rows, whole prompts
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in ev}
+    # a pure function of the data: the same rows in another order give the same eval rows, and a second call too
+    f2 = _write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    _, ev2 = data.load_splits(_args(dataset_name=f2, eval_fraction=0.2), "preference", "reward.py")
+    assert {key(r) for r in ev2} == evr
+    _, ev3 = data.load_splits(_args(dataset_name=f, eval_fraction=0.2), "preference", "reward.py")
+    assert ev3.to_list() == ev.to_list()
+
+
+def test_toy_eval_is_the_test_split_and_a_file_eval_is_that_file(tmp_path, capsys):
+    train, ev = data.load_splits(_args(), "prompt", "grpo.py", toy_n=32)
+    assert len(ev) == 32 and not set(train["prompt"]) & set(ev["prompt"])
+    f = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "completion": "2"}] * 4)
+    g = _write_jsonl(tmp_path / "eval.jsonl", [{"text": "2+2=4"}, {"text": "3+3=6"}])
+    train, ev = data.load_splits(_args(dataset_name=f, eval_dataset_name=g), "prompt_completion|lm", "sft.py")
+    assert len(train) == 4 and ev["text"] == ["2+2=4", "3+3=6"]
+    train, ev = data.load_splits(_args(dataset_name=f), "prompt_completion|lm", "sft.py")
+    assert ev is None and capsys.readouterr().err.count("no evaluation set: pass --eval_dataset_name or "
+                                                        "--eval_fraction") == 1
+
+
+def test_eval_flags_are_checked(tmp_path):
+    f = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{i}=", "completion": "x"} for i in range(10)])
+    with pytest.raises(ValueError, match="is the training data itself"):
+        data.load_splits(_args(dataset_name=f, eval_dataset_name=str(tmp_path / "." / "train.jsonl")), "prompt", "x")
+    with pytest.raises(ValueError, match="not both"):
+        data.load_splits(_args(dataset_name=f, eval_dataset_name=f, eval_fraction=0.1), "prompt", "x")
+    with pytest.raises(ValueError, match=r"--eval_fraction 1.5"):
+        data.load_splits(_args(dataset_name=f, eval_fraction=1.5), "prompt", "x")
+    with pytest.raises(ValueError, match="leaves no evaluation rows"):
+        data.load_splits(_args(dataset_name=f, eval_fraction=0.01), "prompt", "x")
+
+
+def test_a_local_file_has_no_other_split_than_its_rows(tmp_path):
+    """Asking a single file for a 'test' split used to return the training rows, labelled held-out."""
+    f = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3)
+    with pytest.raises(data.DatasetFormatError, match="one split, 'train', not 'test'.*--eval_fraction"):
+        data.load_data(f, "test")
+    assert len(data.load_data(f, "train[:2]")) == 2
+
+
+# ----------------------------------------------------------------------------- CSV numbers, bad files
+def test_csv_cells_are_text_except_number_columns(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("prompt,completion,answer,label,margin\n1+1=,2,2,True,0.5\n2+2=,4,007,false,1\n3+3=,,NA,0,2\n")
+    ds = data.load_data(str(p))
+    assert ds["completion"] == ["2", "4", ""] and ds["answer"] == ["2", "007", "NA"]
+    assert ds["label"] == [True, False, False] and ds["margin"] == [0.5, 1.0, 2.0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,completion,label\na,b,maybe\n")
+    with pytest.raises(data.DatasetFormatError, match=r"row 0, column 'label' is 'maybe', not True/False"):
+        data.load_data(str(bad))
+
+
+def test_numbers_in_json_text_columns_become_strings(tmp_path):
+    f = _write_jsonl(tmp_path / "n.jsonl", [{"prompt": 12, "completion": 3}, {"prompt": 7, "completion": 40}])
+    ds = data.load_data(f)
+    assert ds["prompt"] == ["12", "7"] and ds["completion"] == ["3", "40"]
+    mixed = _write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "completion": 2.5},
+                                                {"prompt": "b", "completion": True}])
+    with pytest.raises(data.DatasetFormatError, match=r"row 0, column 'completion' holds 2.5 \(type float\)"):
+        data.load_data(mixed)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "the file is empty"),
+    ("header_only", "has no rows"),
+    ("missing", r"file not found \(looked for .*nope\.jsonl\)"),
+    ("no_role", r"row 1, column 'messages', message 0 has no 'role' key \(its keys: \['content', 'speaker'\]\)"),
+    ("mixed", r"row 2, column 'prompt' is conversational but row 0, column 'prompt' is standard"),
+    ("mixed_lm", r"row 1, column 'text' holds nothing \(null\)"),
+    ("bad_line", r"line 3 is not valid JSON"),
+])
+def test_bad_files_name_the_problem(tmp_path, case, match):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    files = {
+        "empty": ("d.jsonl", ""),
+        "header_only": ("d.csv", "prompt,completion\n"),
+        "missing": ("./nope.jsonl", None),
+        "no_role": ("d.jsonl", json.dumps({"messages": msgs}) + "\n"
+                    + json.dumps({"messages": [{"speaker": "user", "content": "q"}]}) + "\n"),
+        "mixed": ("d.jsonl", "".join(json.dumps(r) + "\n" for r in [
+            {"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"},
+            {"prompt": msgs[:1], "completion": msgs[1:]}])),
+        "mixed_lm": ("d.jsonl", json.dumps({"text": "1+1=2"}) + "\n" + json.dumps({"messages": msgs}) + "\n"),
+        "bad_line": ("d.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",}\n{"prompt": "d"}\n'),
+    }
+    name, text = files[case]
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(data.DatasetFormatError, match=match) as e:
+        data.load_data(str(path) if case != "missing" else "./nope.jsonl")
+    assert "--dataset_name" in str(e.value)
+
+
+def test_check_batch_fits_names_the_batch_flags():
+    data.check_batch_fits(16, 16, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+    with pytest.raises(ValueError, match=r"8 rows, fewer than one global batch of 16 \(--per_device_train_batch_size "
+                                         r"x --gradient_accumulation_steps"):
+        data.check_batch_fits(8, 16, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+
+
+def test_an_empty_model_folder_is_named(tmp_path):
+    from common import model as mu
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"--model_name_or_path .*empty: the folder has no config.json and "
+                                         r"tokenizer files .*it holds nothing"):
+        mu.load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="folder not found"):
+        mu.load_tokenizer("./no_such_model")
