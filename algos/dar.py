@@ -288,12 +288,15 @@ def load_rows(args: Args, tokenizer):
         texts = [data.completion_text(row["prompt"], c, tokenizer) for c in comps]
         row["completion_ids"] = [c[:args.max_new_tokens] for c in data.tokenize(tokenizer, texts)]
         row["completion_texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in comps]
-        row["rewards"] = [float("nan") if r is None else float(r) for r in ds["rewards"][i]]
+        row["rewards"] = [float("nan") if r is None else float(r) for r in ds["rewards"][i]]  # null, NaN: not scored
         if any(math.isinf(r) for r in row["rewards"]):
-            raise data.DatasetFormatError(f"{args.dataset_name}: column 'rewards' of row {i} holds a non-finite "
+            raise data.DatasetFormatError(f"{args.dataset_name}: column 'rewards' of row {i} holds an infinite "
                                           f"value {ds['rewards'][i]}; use finite numbers (null = not scored)")
         if "behavior_logps" in ds.column_names:
-            row["behavior_logps"] = [float(b) for b in ds["behavior_logps"][i]]
+            row["behavior_logps"] = [float("nan") if b is None else float(b) for b in ds["behavior_logps"][i]]
+            if not all(math.isfinite(b) for b in row["behavior_logps"]):
+                raise data.DatasetFormatError(f"{args.dataset_name}: column 'behavior_logps' of row {i} holds "
+                                              f"{ds['behavior_logps'][i]}; every completion needs a finite log-prob")
     return mode, k, rows
 
 

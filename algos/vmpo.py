@@ -275,9 +275,8 @@ def compute_advantages(rewards: torch.Tensor, baseline: str, norm: str, ema: flo
         adv = rewards - torch.nanmean(rewards, 1, keepdim=True)
     elif baseline == "batch":
         adv = rewards - torch.nanmean(rewards)
-    elif baseline == "ema":
-        assert ema is not None
-        adv = rewards - ema
+    elif baseline == "ema":  # None: no scored sample yet, so every reward is NaN too
+        adv = rewards - (ema if ema is not None else float("nan"))
     else:
         raise ValueError(f"unknown baseline '{baseline}'")
     if norm == "per_prompt":
@@ -464,12 +463,6 @@ def check_batch(args: Args, k: int, online: bool):
                          + (" or change --k" if online else ""))
 
 
-def resolve_mode(args: Args, ds_type: str | None) -> str:
-    if args.data_mode != "auto":
-        return args.data_mode
-    return ds_type if ds_type in ("preference", "prompt_completion_reward") else "online"
-
-
 def load_rows(args: Args, tokenizer):
     """Rows of the training data: (mode, K, rows). Online rows: {prompt, prompt_ids, columns}; offline rows also
     carry completion token lists (ending with EOS), rewards (None -> NaN, not scored: choice 8) and optional
@@ -477,7 +470,9 @@ def load_rows(args: Args, tokenizer):
     toy = data.toy_task(args.dataset_name) is not None
     mode = args.data_mode if args.data_mode != "auto" else "online"
     ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt" if mode == "online" else mode)
-    mode = resolve_mode(args, None if toy else data.detect_type(ds.column_names))
+    if args.data_mode == "auto" and not toy:
+        kind = data.detect_type(ds.column_names)
+        mode = kind if kind in ("preference", "prompt_completion_reward") else "online"
     ds = data.convert(ds, "prompt" if mode == "online" else "prompt_completion_reward", script="vmpo.py")
     prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
     extra = [c for c in ds.column_names if c not in ("prompt", "completions", "rewards", "behavior_logps")]
@@ -495,12 +490,15 @@ def load_rows(args: Args, tokenizer):
         texts = [data.completion_text(row["prompt"], c, tokenizer) for c in comps]
         row["completion_ids"] = [c[:args.max_new_tokens] for c in data.tokenize(tokenizer, texts)]
         row["completion_texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in comps]
-        row["rewards"] = [float("nan") if r is None else float(r) for r in ds["rewards"][i]]
+        row["rewards"] = [float("nan") if r is None else float(r) for r in ds["rewards"][i]]  # null, NaN: not scored
         if any(math.isinf(r) for r in row["rewards"]):
-            raise data.DatasetFormatError(f"{args.dataset_name}: column 'rewards' of row {i} holds a non-finite "
+            raise data.DatasetFormatError(f"{args.dataset_name}: column 'rewards' of row {i} holds an infinite "
                                           f"value {ds['rewards'][i]}; use finite numbers (null = not scored)")
         if "behavior_logps" in ds.column_names:
-            row["behavior_logps"] = [float(b) for b in ds["behavior_logps"][i]]
+            row["behavior_logps"] = [float("nan") if b is None else float(b) for b in ds["behavior_logps"][i]]
+            if not all(math.isfinite(b) for b in row["behavior_logps"]):
+                raise data.DatasetFormatError(f"{args.dataset_name}: column 'behavior_logps' of row {i} holds "
+                                              f"{ds['behavior_logps'][i]}; every completion needs a finite log-prob")
     return mode, k, rows
 
 
