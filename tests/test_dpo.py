@@ -1,0 +1,403 @@
+"""dpo.py: every loss type against hand computations and invariants, the sequence log-prob plumbing, start-up errors,
+and short runs through the real entry point (accumulation, two processes, exact resume, TR-DPO, precomputed
+reference log-probs, reload)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import accelerate_launcher, assert_fails_at_startup, read_metrics, run_script
+from dpo import (LOSS_TYPES, Args, PairLogps, check_args, combined_loss, f_divergence_scores, forward_pairs,
+                 ld_sequence_logps, mix_reference, pair_batch, pair_loss, running_mean_update, token_statistics,
+                 tokenize_pairs, wpo_weights)
+
+TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+# ----------------------------------------------------------------------------- math: hand computations
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def ls(x):  # log σ(x)
+    return math.log(sig(x))
+
+
+# two pairs: (S^θ_w, S^θ_l, S^ref_w, S^ref_l, |y_w|, |y_l|, NLL_w)
+PAIRS = [(-2.0, -5.0, -3.0, -4.0, 2.0, 3.0, 2.0), (-1.0, -1.5, -0.5, -2.5, 4.0, 1.0, 1.0)]
+BETA, EPS, TAU, DELTA, TPP = 0.5, 0.1, 0.05, 0.3, 2.5
+
+
+def _q(pairs=PAIRS) -> PairLogps:
+    cols = list(zip(*pairs))
+    return PairLogps(*[torch.tensor(c, dtype=torch.float64) for c in cols])
+
+
+def _hand(loss_type: str, c, r, rc, rr, lw, ll, nll) -> float:
+    b, e = BETA, EPS
+    dw, dl = c - rc, r - rr
+    h, hn = dw - dl, dw / lw - dl / ll
+    return {
+        "sigmoid": lambda: -ls(b * h),
+        "hinge": lambda: max(0.0, 1 - b * h),
+        "ipo": lambda: (hn - 1 / (2 * b)) ** 2,
+        "exo_pair": lambda: sig(b * h) * (ls(b * h) - math.log(1 - e)) + sig(-b * h) * (ls(-b * h) - math.log(e)),
+        "nca_pair": lambda: -ls(b * dw) - 0.5 * ls(-b * dw) - 0.5 * ls(-b * dl),
+        "robust": lambda: (-(1 - e) * ls(b * h) + e * ls(-b * h)) / (1 - 2 * e),
+        "bco_pair": lambda: -ls(b * dw - DELTA) - ls(-(b * dl - DELTA)),
+        "sppo_hard": lambda: (dw - 1 / (2 * b)) ** 2 + (dl + 1 / (2 * b)) ** 2,
+        "apo_zero": lambda: 1 - sig(b * dw) + sig(b * dl),
+        "apo_down": lambda: sig(b * dw) + 1 - sig(b * (dw - dl)),
+        "discopop": lambda: (1 - sig(b * h / TAU)) * -ls(b * h) + sig(b * h / TAU) * math.exp(-b * h),
+        "sft": lambda: nll / TPP,
+        "sigmoid_norm": lambda: -ls(b * hn),
+    }[loss_type]()
+
+
+def _loss(loss_type, q=None, **kw):
+    opts = dict(label_smoothing=EPS, discopop_tau=TAU, bco_delta=DELTA, tokens_per_pair=TPP)
+    opts.update(kw)
+    return pair_loss(loss_type, q if q is not None else _q(), BETA, **opts)
+
+
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if not t.startswith("aot")])
+def test_each_loss_type_matches_hand_computation(loss_type):
+    got = _loss(loss_type).tolist()
+    want = [_hand(loss_type, *p) for p in PAIRS]
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_aot_losses_sort_over_the_batch_hand_example():
+    # policy margins S^θ_w - S^θ_l = [3, 0.5] -> sorted [0.5, 3]; reference margins [1, 2] -> [1, 2]: d = [-0.5, 1]
+    d = [-0.5, 1.0]
+    want = [-(1 - EPS) * ls(BETA * x) - EPS * ls(-BETA * x) for x in d]
+    assert _loss("aot").tolist() == pytest.approx(want, rel=1e-9)
+    # Δ_w = [1, -0.5] -> [-0.5, 1]; Δ_l = [-1, 1] -> [-1, 1]: d = [0.5, 0]
+    d = [0.5, 0.0]
+    want = [-(1 - EPS) * ls(BETA * x) - EPS * ls(-BETA * x) for x in d]
+    assert _loss("aot_unpaired").tolist() == pytest.approx(want, rel=1e-9)
+    # sorting pairs the k-th smallest with the k-th smallest: a batch permutation permutes nothing in the result
+    swapped = _q(PAIRS[::-1])
+    assert _loss("aot", swapped).tolist() == pytest.approx(_loss("aot").tolist())
+
+
+def test_losses_at_policy_equal_reference():
+    """θ = ref gives Δ = 0, h = 0 (ALGORITHMS.md 7, test 1)."""
+    q = _q([(-3.0, -7.5, -3.0, -7.5, 2.0, 5.0, 3.0), (-1.2, -4.0, -1.2, -4.0, 1.0, 3.0, 1.2)])
+    b, log2, e = 0.1, math.log(2), 1e-3
+    expected = {
+        "sigmoid": log2, "robust": log2, "sigmoid_norm": log2, "aot": log2, "aot_unpaired": log2,
+        "hinge": 1.0, "ipo": 1 / (4 * b * b), "sppo_hard": 2 * (1 / (2 * b)) ** 2,
+        "nca_pair": 2 * log2, "bco_pair": 2 * log2, "apo_zero": 1.0, "apo_down": 1.0,
+        "discopop": (log2 + 1) / 2,  # the gate is 1/2: half logistic (log 2), half exponential (1)
+        "exo_pair": -log2 - 0.5 * math.log(e * (1 - e)),
+    }
+    for loss_type, v in expected.items():
+        ls_ = 0.1 if loss_type == "robust" else (e if loss_type == "exo_pair" else 0.0)
+        got = pair_loss(loss_type, q, b, label_smoothing=ls_)
+        assert got.tolist() == pytest.approx([v, v], rel=1e-9), loss_type
+    # robust is unbiased, not smoothed: at h = 0 it is log 2 for every flip rate ε < 1/2
+    assert pair_loss("robust", q, b, label_smoothing=0.3).tolist() == pytest.approx([log2, log2])
+
+
+def test_sigmoid_gradient_and_robust_at_zero_flip_rate():
+    h = torch.tensor([-3.0, 0.0, 0.7, 4.0], dtype=torch.float64, requires_grad=True)
+    zeros = torch.zeros(4, dtype=torch.float64)
+    q = PairLogps(h, zeros, zeros, zeros, zeros + 1, zeros + 1, zeros)  # Δ_w = h, Δ_l = 0
+    beta = 0.3
+    pair_loss("sigmoid", q, beta).sum().backward()
+    assert h.grad.tolist() == pytest.approx([-beta * sig(-beta * x) for x in (-3.0, 0.0, 0.7, 4.0)], rel=1e-9)
+    qd = PairLogps(*[t.detach() for t in q])
+    assert torch.allclose(pair_loss("robust", qd, beta, label_smoothing=0.0), pair_loss("sigmoid", qd, beta))
+
+
+def test_weighted_multi_loss_is_weighted_sum_of_single_losses():
+    q = _q()
+    types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]  # MPO
+    pw = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    total, parts = combined_loss(q, types, weights, BETA, pw, rpo_alpha=0.7, tokens_per_pair=TPP, bco_delta=DELTA)
+    want = sum(w * pw * pair_loss(t, q, BETA, bco_delta=DELTA, tokens_per_pair=TPP) for t, w in zip(types, weights))
+    want = want + 0.7 * q.chosen_nll / TPP  # RPO: never WPO-weighted
+    assert torch.allclose(total, want)
+    assert set(parts) == {"sigmoid", "bco_pair", "sft", "rpo"}
+    assert torch.allclose(sum(parts.values()), total)
+
+
+def test_sft_term_is_global_token_mean():
+    """Detail 7: per-pair NLL / (mean chosen length of the step): its mean over pairs is Σ NLL / Σ tokens."""
+    q = _q()
+    tokens = float(q.chosen_len.sum())
+    tpp = tokens / 2
+    assert pair_loss("sft", q, BETA, tokens_per_pair=tpp).mean().item() == pytest.approx(3.0 / tokens)
+
+
+def test_f_divergence_scores():
+    d = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    assert torch.equal(f_divergence_scores(d, "reverse_kl"), d)
+    assert f_divergence_scores(d, "forward_kl").tolist() == pytest.approx([1 - math.exp(-x) for x in d.tolist()])
+    assert f_divergence_scores(d, "js_divergence").tolist() == pytest.approx(
+        [math.log(2) + ls(x) for x in d.tolist()])
+    # α = 0.5: (e^{-Δ/2} - 1) / (-1/2)
+    assert f_divergence_scores(d, "alpha_divergence", 0.5).tolist() == pytest.approx(
+        [(math.exp(-0.5 * x) - 1) / -0.5 for x in d.tolist()])
+    assert torch.allclose(f_divergence_scores(d, "alpha_divergence", 1.0), d)  # the limit is the reverse KL
+    # every f-score is 0 at Δ = 0, so policy = reference still gives log 2 for sigmoid
+    for kind in ("forward_kl", "js_divergence", "alpha_divergence"):
+        assert f_divergence_scores(torch.zeros(1), kind).item() == pytest.approx(0.0, abs=1e-7)
+    q = _q()
+    got = pair_loss("sigmoid", q, BETA, f_divergence_type="forward_kl")
+    want = [-ls(BETA * ((1 - math.exp(-(c - rc))) - (1 - math.exp(-(r - rr))))) for c, r, rc, rr, *_ in PAIRS]
+    assert got.tolist() == pytest.approx(want)
+
+
+def test_ld_sequence_logps_hand_example():
+    lp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0],  # chosen: 3 and 1 tokens
+                       [-4.0, -1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])  # rejected: 2 and 4 tokens
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    assert ld_sequence_logps(lp, mask, None).tolist() == [-6.0, -0.5, -5.0, -4.0]
+    assert ld_sequence_logps(lp, mask, 1.0).tolist() == [-6.0, -0.5, -5.0, -4.0]
+    # shared lengths: pair 0 min(3, 2) = 2, pair 1 min(1, 4) = 1; the tail counts at α = 0.5
+    assert ld_sequence_logps(lp, mask, 0.5).tolist() == [-3.0 - 1.5, -0.5, -5.0, -1.0 - 1.5]
+    assert ld_sequence_logps(lp, mask, 0.0).tolist() == [-3.0, -0.5, -5.0, -1.0]
+
+
+def test_wpo_weights_hand_example():
+    # one-token completions; distribution p = (0.5, 0.25, 0.25): Σ p² = 0.375
+    lss = torch.full((2, 1), math.log(0.375))
+    lp = torch.tensor([[math.log(0.5)], [math.log(0.25)]])
+    w = wpo_weights(lp, lss, torch.ones(2, 1))
+    assert w.tolist() == pytest.approx([(0.5 / 0.375) * (0.25 / 0.375)])
+
+
+def test_token_statistics_match_full_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11)
+    st = token_statistics(logits, True, True, chunk=2)
+    lp = torch.log_softmax(logits, -1)
+    assert torch.allclose(st["mean_logits"], logits.mean(-1))
+    assert torch.equal(st["argmax"], logits.argmax(-1))
+    assert torch.allclose(st["log_sum_sq"], torch.log((lp.exp() ** 2).sum(-1)), atol=1e-6)
+    assert torch.allclose(st["entropy"], -(lp.exp() * lp).sum(-1), atol=1e-6)
+
+
+def test_running_mean_and_reference_mix():
+    mean, count = 0.0, 0
+    for v in (1.0, 4.0, -2.0, 5.0):
+        mean, count = running_mean_update(mean, count, v)
+    assert (mean, count) == (pytest.approx(2.0), 4)
+    torch.manual_seed(0)
+    ref, pol = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    old = [p.detach().clone() for p in ref.parameters()]
+    mix_reference(ref, pol, 0.6)
+    for p_ref, p_old, p in zip(ref.parameters(), old, pol.parameters()):
+        assert torch.allclose(p_ref, 0.6 * p + 0.4 * p_old)
+
+
+# ----------------------------------------------------------------------------- data and forwards
+def test_tokenize_pairs_truncation_sides():
+    from datasets import Dataset
+
+    from common import toy
+
+    tok = toy.make_tokenizer()
+    ds = Dataset.from_list([{"prompt": "12+34=", "chosen": "46", "rejected": "47"}])
+    (p, c, r), = tokenize_pairs(ds, tok, None, None)[0]
+    assert tok.decode(p) == "<bos>12+34=" and tok.decode(c) == "46<eos>" and tok.decode(r) == "47<eos>"
+    # the prompt keeps its last tokens; the completions keep their first tokens
+    (p, c, r), = tokenize_pairs(ds, tok, 6, 4)[0]
+    assert tok.decode(p) == "+34=" and tok.decode(c) == "46" and tok.decode(r) == "47"
+    # a prompt that fills max_length leaves no completion: the pair is dropped
+    rows, dropped = tokenize_pairs(ds, tok, 7, None)
+    assert rows == [] and dropped == 1
+    # implicit prompt: the shared start of chosen and rejected becomes the prompt
+    from common import data
+
+    implicit = data.convert(Dataset.from_list([{"chosen": "12+34=46", "rejected": "12+34=47"}]), "preference")
+    (p, c, r), = tokenize_pairs(implicit, tok, None, None)[0]
+    assert tok.decode(p) == "<bos>12+34=" and tok.decode(c) == "46<eos>"
+
+
+def test_concatenated_forward_equals_separate_forwards():
+    from common import model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    torch.manual_seed(0)
+    model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    rows = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22], [34, 35, 36, 37, 2], [38, 2])]
+    batch = pair_batch(rows, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, _ = forward_pairs(model, batch)
+        seq = ld_sequence_logps(lp, batch["completion_mask"].float(), None)
+        for i, (p, c, r) in enumerate(rows):
+            for j, comp in ((i, c), (i + 2, r)):
+                ids = torch.tensor([p + comp])
+                alone = model_utils.completion_logps(model, ids, torch.ones_like(ids), len(comp)).sum()
+                assert seq[j].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("flags,match", [
+    ({"loss_type": ["sigmoid", "dpop"]}, "unknown loss type 'dpop'"),
+    ({"loss_type": ["aot_pair"]}, "aot_unpaired"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "--loss_weights has 1 values for 2"),
+    ({"loss_type": ["ipo"], "label_smoothing": 0.1}, "--label_smoothing"),
+    ({"loss_type": ["sigmoid"], "label_smoothing": 0.1}, "robust"),
+    ({"loss_type": ["robust"], "label_smoothing": 0.5}, "[0, 0.5)"),
+    ({"loss_type": ["exo_pair"]}, "exo_pair needs"),
+    ({"loss_type": ["bco_pair"], "f_divergence_type": "js_divergence"}, "bco_pair"),
+    ({"f_divergence_type": "kl"}, "--f_divergence_type"),
+    ({"loss_type": ["aot"], "use_weighting": True}, "--use_weighting"),
+    ({"loss_type": ["sft"], "rpo_alpha": 1.0}, "--rpo_alpha"),
+    ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "stale"),
+    ({"reference_free": True, "precompute_ref_log_probs": True}, "--reference_free"),
+    ({"ld_alpha": 1.5}, "--ld_alpha"),
+    ({"max_length": 8, "max_prompt_length": 8}, "--max_prompt_length"),
+])
+def test_bad_configurations_raise(flags, match):
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        check_args(Args(**flags))
+
+
+def test_bad_input_fails_before_any_model_loads(tmp_path):
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) + "\n" for _ in range(4)))
+    # a non-existent model name shows the data check comes first
+    assert_fails_at_startup("dpo.py", tmp_path, ["--dataset_name", str(path), "--model_name_or_path", "toy"],
+                            "kto.py")
+    assert_fails_at_startup("dpo.py", tmp_path, ["--loss_type", "sigmoid", "nope"], "unknown loss type")
+
+
+# ----------------------------------------------------------------------------- runs through the entry point
+FAST = ["--logging_steps", "1", "--eval_steps", "0", "--learning_rate", "1e-3"]
+MPO = ["--loss_type", "sigmoid", "bco_pair", "sft", "--loss_weights", "0.8", "0.2", "1.0", "--bco_running_mean", "True"]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _close(a: dict, b: dict, tol=1e-5):
+    return all(torch.allclose(a[k], b[k], atol=tol, rtol=0) for k in a)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, toy_policy):
+    """1 process x 8 pairs, 3 steps of MPO with the running δ: shared by several tests."""
+    out = tmp_path_factory.mktemp("dpo") / "base"
+    run_script("dpo.py", *FAST, *MPO, "--max_steps", "3", "--output_dir", str(out), "--eval_steps", "3",
+               "--per_device_train_batch_size", "8",
+               "--num_eval_pairs", "16", "--num_eval_prompts", "8")
+    return out
+
+
+def test_run_logs_trl_metrics_and_saves_a_reloadable_model(base_run, toy_policy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recs = read_metrics(base_run)
+    assert recs[0]["step"] == 0 and recs[0]["eval/loss"] is not None
+    train = [r for r in recs if r["step"] > 0]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for name in TRL_METRICS + ["loss/sigmoid", "loss/bco_pair", "loss/sft", "bco/delta", "mean_token_accuracy"]:
+        assert all(math.isfinite(r[name]) for r in train), name
+    for name in TRL_METRICS + ["gold_reward"]:
+        assert math.isfinite(train[-1]["eval/" + name]), name
+    first = train[0]
+    # step 1: policy = reference, so every implicit reward is exactly 0 (detail 10: deterministic log-probs)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
+    assert first["bco/delta"] == 0.0  # δ is updated after the step from that step's rewards (detail 5)
+    assert train[1]["bco/delta"] == pytest.approx(0.0, abs=1e-9)  # step 1's rewards were all 0
+    assert train[2]["bco/delta"] != 0.0  # ... and step 2's were not
+    assert first["loss/sigmoid"] == pytest.approx(0.8 * math.log(2), rel=1e-6)
+    assert first["loss/bco_pair"] == pytest.approx(0.2 * 2 * math.log(2), rel=1e-6)
+    # the sft term is the chosen tokens' NLL: -logps/chosen / mean chosen length, positive
+    assert first["loss/sft"] > 0
+    assert first["loss"] == pytest.approx(first["loss/sigmoid"] + first["loss/bco_pair"] + first["loss/sft"])
+    model = AutoModelForCausalLM.from_pretrained(base_run)
+    tok = AutoTokenizer.from_pretrained(base_run)
+    before = _weights(toy_policy)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    ids = tok("12+34=", return_tensors="pt", add_special_tokens=True).input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_accumulation_and_two_processes_match_one_batch(base_run, tmp_path):
+    """1 x 8 = 4 x 2 (accumulation) = 2 processes x 4: same losses, same running δ, same weights."""
+    acc, ddp = tmp_path / "acc", tmp_path / "ddp"
+    run_script("dpo.py", *FAST, *MPO, "--max_steps", "3", "--output_dir", str(acc),
+               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4")
+    run_script("dpo.py", *FAST, *MPO, "--max_steps", "3", "--output_dir", str(ddp),
+               "--per_device_train_batch_size", "4", launcher=accelerate_launcher(2), timeout=900)
+    ref = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
+    for out in (acc, ddp):
+        got = {r["step"]: r for r in read_metrics(out)}
+        for step in (1, 2, 3):
+            for k in ("loss", "loss/sft", "rewards/margins", "logps/chosen", "bco/delta", "logits/chosen"):
+                assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (out.name, step, k)
+        assert _close(_weights(out), _weights(base_run), 1e-5), out.name
+
+
+def test_resume_is_exact_with_tr_dpo_reference_and_running_delta(tmp_path, toy_policy):
+    """Detail 4: after each sync θ_ref = α θ + (1 - α) θ_ref_prev; the moved reference and δ come back on resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*FAST, *MPO, "--per_device_train_batch_size", "8", "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5",
+              "--sync_ref_model", "True", "--ref_model_sync_steps", "1", "--ref_model_mixup_alpha", "0.6"]
+    run_script("dpo.py", *common, "--output_dir", str(a))
+    run_script("dpo.py", *common, "--output_dir", str(b), "--resume_from", str(a / "checkpoint-2"))
+    ra = {r["step"]: r for r in read_metrics(a)}
+    rb = {r["step"]: r for r in read_metrics(b)}
+    assert sorted(s for s in rb if s > 0) == [3, 4]
+    for step in (3, 4):
+        for k in ("loss", "rewards/margins", "logps/chosen", "bco/delta", "ref_model_syncs"):
+            assert rb[step][k] == pytest.approx(ra[step][k], rel=1e-6, abs=1e-9), (step, k)
+    assert _close(_weights(a), _weights(b), 0.0)
+    # TR-DPO by hand: the reference saved at step 4 mixes the step-4 policy into the step-3 reference
+    from safetensors.torch import load_file
+
+    s3 = load_file(str(a / "checkpoint-3" / "state" / "model_ref.safetensors"))
+    s4 = load_file(str(a / "checkpoint-4" / "state" / "model_ref.safetensors"))
+    pol4 = _weights(a / "checkpoint-4")
+    shared = set(s4) & set(pol4)  # tied embeddings: the two files may name the shared matrix differently
+    assert len(shared) >= len(pol4) - 1
+    for k in shared:
+        assert torch.allclose(s4[k], 0.6 * pol4[k] + 0.4 * s3[k], atol=1e-6), k
+    # and the reference did move away from the starting policy (it is used: step 2's margin is measured against it)
+    start = _weights(toy_policy)
+    assert any(not torch.allclose(s4[k], start[k]) for k in shared)
+
+
+def test_precomputed_reference_gives_the_live_first_step(tmp_path, toy_policy):
+    """Detail 3: with a reference unlike the policy (a fresh toy init), precomputed and live log-probs give the same
+    losses; the cache lands in output_dir and the reference is not kept."""
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    common = [*FAST, "--per_device_train_batch_size", "8", "--max_steps", "2", "--ref_model_name_or_path", "toy", "--loss_type", "sigmoid", "ipo",
+              "--num_eval_pairs", "16", "--num_eval_prompts", "0", "--eval_steps", "2"]
+    run_script("dpo.py", *common, "--output_dir", str(live))
+    run_script("dpo.py", *common, "--output_dir", str(pre), "--precompute_ref_log_probs", "True")
+    rl = {r["step"]: r for r in read_metrics(live)}
+    rp = {r["step"]: r for r in read_metrics(pre)}
+    assert abs(rl[1]["loss"] - (math.log(2) + 1 / (4 * 0.1 ** 2))) > 1.0  # far from the policy = reference value
+    for step in (0, 1, 2):
+        for k in (["eval/loss", "eval/rewards/margins"] if step == 0 else ["loss", "rewards/chosen", "rewards/margins"]):
+            assert rp[step][k] == pytest.approx(rl[step][k], rel=1e-5), (step, k)
+    from safetensors.torch import load_file
+
+    cache = load_file(str(pre / "ref_logps" / "ref_logps.safetensors"))
+    assert cache["train_chosen"].shape == cache["train_rejected"].shape and cache["eval_chosen"].shape == (16,)
+
+
+@pytest.mark.slow
+def test_learning_raises_heldout_gold_reward(tmp_path, toy_policy):
+    """The default run: DPO on toy:add pairs raises the greedy held-out exact match of the toy SFT policy and the
+    held-out reward accuracy."""
+    out = tmp_path / "learn"
+    run_script("dpo.py", "--output_dir", str(out), timeout=3600)
+    evals = [r for r in read_metrics(out) if "eval/gold_reward" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
+    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.15, evals
+    assert evals[-1]["eval/rewards/accuracies"] > 0.8
