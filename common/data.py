@@ -100,10 +100,10 @@ def load_data(name: str, split: str = "train", toy_kind: str = "prompt", n: int 
         ds = datasets.load_dataset(name, split=split)
     if len(ds) == 0:
         raise DatasetFormatError(f"{what}: the dataset has no rows; give a file with at least one example")
-    ds = text_columns_as_strings(ds)
-    check_rows(ds, what)
     if n is not None:
         ds = ds.select(range(min(n, len(ds))))
+    ds = text_columns_as_strings(ds)
+    check_rows(ds, what)
     return ds
 
 
