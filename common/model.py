@@ -2,6 +2,7 @@
 
 Model names understood everywhere:
   toy       a freshly initialised toy Llama (common/toy.py), seeded
+  toy-small a freshly initialised smaller toy Llama (2 layers, hidden 64; the default GKD student), seeded
   toy-sft   the default RL starting policy: the toy model after algos/sft.py on the dataset's toy task (cached)
   toy-sft-full  the toy model after a longer SFT run (near-perfect): the toy reward model's backbone (cached)
   toy-rm    the default toy reward model: algos/reward.py on the dataset's toy task (cached)
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOY_CONFIGS = {"toy": {}, "toy-small": {"hidden_size": 64, "num_layers": 2}}  # freshly initialised toy models
 
 
 def resolve(name: str, dataset_name: str = "toy:add") -> str:
@@ -63,7 +65,7 @@ def load_tokenizer(name: str, dataset_name: str = "toy:add", flag: str = "--mode
     from common import toy
     from common.data import check_pad_token
 
-    if name == "toy":
+    if name in TOY_CONFIGS:
         return toy.make_tokenizer()
     path = resolve(name, dataset_name)
     check_model_folder(path, flag)
@@ -78,9 +80,10 @@ def load_causal_lm(name: str, tokenizer=None, dataset_name: str = "toy:add", dty
 
     from common import toy
 
-    if name == "toy":
+    if name in TOY_CONFIGS:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(toy.make_config(tokenizer or toy.make_tokenizer()))
+        config = toy.make_config(tokenizer or toy.make_tokenizer(), **TOY_CONFIGS[name])
+        model = AutoModelForCausalLM.from_config(config)
         return model.to(DTYPES[dtype])
     return AutoModelForCausalLM.from_pretrained(resolve(name, dataset_name), dtype=DTYPES[dtype])
 
