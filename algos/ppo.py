@@ -493,32 +493,35 @@ def main(args: Args):
     M = B * W * GA  # completions per mini-batch (one optimizer step)
     prompts_per_process = N // W // G
 
-    # data, rewards and tokenizers first: bad input fails before any model is loaded
+    # data, rewards and tokenizers first: bad input fails before the policy is loaded
+    rm_name = None if args.reward_funcs else (args.reward_model_name_or_path or "toy-rm")
+    specs = list(args.reward_funcs) if args.reward_funcs else [f"model:{rm_name}"]
+    reward_utils.check_weights(specs, args.reward_weights)
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     stop_id = tokenizer.eos_token_id if args.stop_token_id is None else args.stop_token_id
-    ds, _eval_ds = data.load_splits(args, "prompt", "ppo.py", toy_n=args.num_eval_prompts)
+    ds, eval_ds = data.load_splits(args, "prompt", "ppo.py", toy_n=args.num_eval_prompts)
+    data.check_batch_fits(len(ds), N // G, "--per_device_train_batch_size x --gradient_accumulation_steps x "
+                          "--num_mini_batches / --num_generations (prompts per rollout)")
     all_prompts = ds["prompt"]
     prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in all_prompts])
     if args.max_prompt_length:
         prompt_ids = [s[-args.max_prompt_length:] for s in prompt_ids]
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
-    rm_name = None if args.reward_funcs else (args.reward_model_name_or_path or "toy-rm")
-    sources = (reward_utils.RewardSources(args.reward_funcs, args.reward_weights, args.dataset_name, device)
-               if args.reward_funcs else None)
     if rm_name is not None:
         check_tokenizer(tokenizer, rm_name, "--reward_model_name_or_path", args.dataset_name)
     value_name = args.value_model_name_or_path or rm_name or args.model_name_or_path
     if args.value_model_name_or_path is not None:
         check_tokenizer(tokenizer, value_name, "--value_model_name_or_path", args.dataset_name)
+    # the reward functions, or the reward model: PPO scores the policy's ids with it (detail 5); the held-out
+    # evaluation scores decoded text through the same object
+    sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
+    reward_model = sources.funcs[0].model if rm_name is not None else None
     resume = checkpoint.prepare_output_dir(args)
 
     policy = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     ref_model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name).to(device)
     value_model = load_value_model(value_name, args.dataset_name,
                                    fresh_head=args.value_model_name_or_path is None and rm_name is None)
-    reward_model = None
-    if rm_name is not None:
-        reward_model = model_utils.load_reward_model(rm_name, args.dataset_name)[0].to(device)
     for frozen in (ref_model, reward_model):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
@@ -542,17 +545,18 @@ def main(args: Args):
         accelerator.print(f"resumed from {resume} at rollout {start} (beta {beta:.4g})")
         generator.sync_weights(policy)
     tracker = tracking.Tracker(args, accelerator.is_main_process, start, elapsed,
-                               show=("objective/scores", "objective/kl", "loss/value_avg", "eval/gold_reward"))
+                               show=("objective/scores", "objective/kl", "loss/value_avg", "eval/reward", "eval/gold_reward"))
     accelerator.print(f"ppo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completion(s) "
                       f"per rollout, {args.num_ppo_epochs} epochs x {nmb} mini-batches of {M} completions, "
-                      f"{args.max_steps} rollouts; reward: {rm_name or sources.names}; value model from {value_name} "
+                      f"{args.max_steps} rollouts; reward: {', '.join(sources.names)}; value model from {value_name} "
                       f"-> {args.output_dir}")
 
-    def evaluate() -> dict:
-        return evaluation.heldout_gold_reward(accelerator.unwrap_model(policy), tokenizer, args.dataset_name,
-                                              args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
+    def evaluate() -> dict:  # greedy completions of the held-out prompts, scored by the same reward sources
+        return evaluation.heldout_reward(accelerator.unwrap_model(policy), tokenizer, eval_ds, sources,
+                                         args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
+                                         accelerator=accelerator)
 
-    if start == 0 and args.eval_steps:
+    if start == 0 and args.eval_steps and eval_ds is not None:
         tracker.log(evaluate(), 0, args.max_steps)
 
     task = data.toy_task(args.dataset_name)
@@ -573,7 +577,7 @@ def main(args: Args):
         prompts, columns = rollout.repeat_rows(local, all_prompts, extra_columns, G)
         completions = rollout.as_completions(prompts, texts)
         comp_lists = rollout.completion_id_lists(c_ids, c_mask)
-        rpf = sources(prompts, completions, comp_lists, columns) if sources is not None else None  # (n, F), checked
+        rpf = sources(prompts, completions, comp_lists, columns) if rm_name is None else None  # (n, F), checked
         rows_global = [i for i in indices for _ in range(G)]
         p_ids, p_mask = data.pad([prompt_ids[i] for i in rows_global], pad_id, "left")
         batch = {"prompt_ids": p_ids.to(device), "prompt_mask": p_mask.to(device),
@@ -684,12 +688,9 @@ def main(args: Args):
                    "tokens_per_second/generation": cmask.sum().item() / max(gen_time, 1e-9),
                    "tokens_per_second/training": args.num_ppo_epochs * cmask.sum().item() / max(train_time, 1e-9)}
         metrics.update(rollout.completion_metrics(accelerator, c_mask, terminated))
-        if sources is not None:
-            metrics.update(sources.metrics(rpf_all))
-            if step == start:
-                sources.check_varies(rpf_all, accelerator.is_main_process)
-        else:
-            metrics[f"rewards/{os.path.basename(str(rm_name))}/mean"] = rm_scores.mean().item()
+        metrics.update(sources.metrics(rpf_all))  # rewards/{name}/mean|std, before the missing-EOS penalty
+        if step == start:
+            sources.check_varies(rpf_all, accelerator.is_main_process)
         if gold is not None:
             all_texts = texts if W == 1 else gather_object(texts)  # every process's, in process order
             g = [x for x in gold([all_prompts[i] for i in rows_global], all_texts) if x is not None]
@@ -716,7 +717,7 @@ def main(args: Args):
             logged.update({"num_tokens": num_tokens, "episode": done * N, "learning_rate": sched_p.get_last_lr()[0],
                            "train/skipped_steps": skipped})
             window = defaultdict(list)
-            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+            if args.eval_steps and eval_ds is not None and (done % args.eval_steps == 0 or done == args.max_steps):
                 logged.update(evaluate())
             tracker.log(logged, done, args.max_steps)
         state = {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "kl_coef": beta, "skipped_steps": skipped}

@@ -208,7 +208,7 @@ def test_d14_first_minibatch_ratio_is_exactly_one_and_beta_zero_gives_rlhf_rewar
     recs = read_metrics(out)
     assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
     r = recs[-1]
-    for k in TRL_NAMES + ("eval/gold_reward", "rewards/toy-rm/mean", "completions/mean_length", "episode",
+    for k in TRL_NAMES + ("eval/gold_reward", "eval/reward", "rewards/toy-rm/mean", "completions/mean_length", "episode",
                           "train/skipped_steps", "grad_norm", "value_grad_norm"):
         assert r.get(k) is not None and math.isfinite(r[k]), k
     assert r["val/ratio"] == 1.0 and r["val/ratio_var"] == 0.0
