@@ -47,7 +47,8 @@ Implementation details (numbered; the tests name the one they check):
     minus rejected score), objective/rlhf_reward = scores + non_score_reward, rewards/chosen|rejected = β Δ of the
     chosen|rejected sample, rewards/margins = β h, rewards/accuracies = fraction with h > 0, logps/chosen|rejected =
     S^θ, val/contain_eos_token. objective/model_kl and objective/model_scores repeat kl and scores under the names
-    xpo.py and nash_md.py use for their policy samples, so the three scripts plot together. Means are over every
+    xpo.py and nash_md.py use for their policy samples, so the three scripts plot together. kl and entropy sum over
+    completion tokens only (TRL 1.16 sums them over the padding positions after EOS too). Means are over every
     sample of the logging window on every process; unscored entries are left out (NaN-aware).
 
 Data: prompt-only (`prompt`), standard or conversational; other dataset types are reduced to their prompts.
@@ -74,8 +75,8 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, rewards as reward_utils, rollout, tracking
-from common.evaluation import heldout_gold_reward
+from common import (checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout,
+                    tracking)
 from common.generation import build_generator
 from common.judges import check_ranks, load_judge
 
@@ -186,9 +187,11 @@ class Args:
     loss_type: str = "sigmoid"
     """'sigmoid' (DPO) or 'ipo'"""
     eval_steps: int = 25
-    """held-out greedy gold-reward evaluation every this many steps (toy tasks), plus at step 0 and at the end"""
+    """held-out evaluation every this many steps, at step 0 and at the end (0: never): greedy completions scored by
+    the run's reward source (eval/reward) and, on the toy tasks, by the gold reward (eval/gold_reward; with a judge
+    only that one)"""
     num_eval_prompts: int = 256
-    """held-out prompts for that evaluation"""
+    """held-out prompts per evaluation"""
 
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -278,11 +281,6 @@ def check_args(args: Args):
                          "per micro-batch)")
 
 
-def load_prompts(args: Args):
-    ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt")
-    return data.convert(ds, "prompt", "online_dpo.py")
-
-
 def prompt_micro_batches(indices: list[int], prompts_per_micro_batch: int, accumulation: int, accelerator) -> list:
     """This process's micro-batches (prompt rows) of one optimizer step: micro-batch m of rank r holds global rows
     [(m·W + r)·b, (m·W + r + 1)·b), so the union over processes and micro-batches is the global batch."""
@@ -325,14 +323,13 @@ def main(args: Args):
     prompts_per_step = pairs_per_micro_batch * W * A
 
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
-    train = load_prompts(args)
+    train, eval_ds = data.load_splits(args, "prompt", "online_dpo.py", toy_n=args.num_eval_prompts)
     columns = {c: train[c] for c in train.column_names if c != "prompt"}  # passed on to reward functions
     all_prompts = train["prompt"]
     prompt_ids_all = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in all_prompts])
     prompt_ids_all = [p[-args.max_prompt_length:] for p in prompt_ids_all]
-    if prompts_per_step > len(train):
-        raise ValueError(f"the dataset has {len(train)} prompts, fewer than one optimizer step's {prompts_per_step} "
-                         f"(per_device_train_batch_size / 2 x processes x gradient_accumulation_steps)")
+    data.check_batch_fits(len(train), prompts_per_step, "--per_device_train_batch_size / 2 (prompts per micro-batch) "
+                          "x --gradient_accumulation_steps")
     rewards = judge = None
     if args.judge:
         judge, source = load_judge(args.judge, args.dataset_name, device), f"judge '{args.judge}'"
@@ -340,10 +337,13 @@ def main(args: Args):
         specs = reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name)
         rewards = reward_utils.RewardSources(specs, None, args.dataset_name, device)
         source = f"{specs[0]} ({rewards.names[0]})"
-    gold = None
+    gold, eval_sources = None, rewards
     if data.toy_task(args.dataset_name):
-        from common import toy
-        gold = toy.gold_reward(data.toy_task(args.dataset_name))
+        task = data.toy_task(args.dataset_name)
+        gold = reward_utils.load_function(task)  # train/gold_reward: never used for the preferences
+        eval_sources = rewards or reward_utils.RewardSources([task], None, args.dataset_name, device)
+    elif judge is not None:
+        eval_ds = None  # a judge scores no single completion: nothing to evaluate on non-toy data
     resume = checkpoint.prepare_output_dir(args)  # one run per folder, before any model loads
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
@@ -368,13 +368,12 @@ def main(args: Args):
                       f"{pairs_per_micro_batch} pairs = {prompts_per_step} pairs per step, {args.max_steps} steps, "
                       f"preferences from {source} -> {args.output_dir}")
 
-    def evaluate() -> dict:
-        if not args.eval_split:
-            return {}
-        return heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
-                                   accelerator=accelerator, split=args.eval_split)
+    def evaluate() -> dict:  # greedy completions of the held-out prompts, scored by the run's reward source
+        out = evaluation.heldout_reward(model, tokenizer, eval_ds, eval_sources, args.dataset_name,
+                                        args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
+        return out if rewards is not None else {k: out[k] for k in ("eval/gold_reward", "eval/terminated") if k in out}
 
-    if start_step == 0 and args.eval_steps:
+    if start_step == 0 and args.eval_steps and eval_ds is not None:
         tracker.log({**evaluate(), "beta": scheduled(args.beta, 0)}, 0, args.max_steps)
 
     pad_id = tokenizer.pad_token_id
@@ -491,7 +490,7 @@ def main(args: Args):
             window = {k: [] for k in window}
             metrics.update({"beta": beta, "learning_rate": scheduler.get_last_lr()[0],
                             "train/skipped_steps": skipped_steps})
-            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+            if args.eval_steps and eval_ds is not None and (done % args.eval_steps == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)
         if args.log_completions_steps and (done % args.log_completions_steps == 0 or done == args.max_steps):

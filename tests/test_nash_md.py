@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, assert_params_moved,
-                      check_online_run, run_script)
+                      check_online_run, read_metrics, run_script)
 from nash_md import (apply_missing_eos_penalty, filter_logits, mixture_logits, nash_md_loss, preference_probability,
                      sample_mixture)
 
@@ -189,6 +189,8 @@ def test_run_reward_model(tmp_path, toy_policy, toy_rm):
     train = _check_run(out)
     assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # first step: policy = reference
     assert all(r["mixture_coef"] == 0.3 for r in train)
+    step0 = read_metrics(out)[0]  # held-out: the run's reward source and the toy gold reward
+    assert "eval/reward" in step0 and "eval/gold_reward" in step0 and "eval/reward" in train[-1]
     assert_params_moved(toy_policy, out)
 
 
@@ -215,13 +217,22 @@ def test_run_judge(tmp_path, toy_policy):
     assert all("rewards/chosen" not in r for r in train)
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--reward_model_name_or_path", "None"], "exactly one preference source"),
-    (["--mixture_coef", "1.5"], "--mixture_coef"),
-    (["--per_device_train_batch_size", "3"], "--per_device_train_batch_size 3 is odd"),  # detail 1
+def test_odd_batch_fails_at_startup(tmp_path):
+    """Detail 1: the batch counts completions, two per prompt."""
+    assert_fails_at_startup("nash_md.py", tmp_path, ["--per_device_train_batch_size", "3"],
+                            "--per_device_train_batch_size 3 is odd")
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"reward_model_name_or_path": None}, "exactly one preference source"),
+    ({"mixture_coef": [0.5, 1.5]}, "--mixture_coef"),
+    ({"reward_model_name_or_path": None, "judge": "fn:add", "missing_eos_penalty": 1.0}, "missing_eos_penalty"),
 ])
-def test_bad_config_fails_at_startup(tmp_path, extra, match):
-    assert_fails_at_startup("nash_md.py", tmp_path, extra, match)
+def test_bad_config_checks(fields, match):
+    from nash_md import Args, check_args
+
+    with pytest.raises(ValueError, match=match):
+        check_args(Args(**fields))
 
 
 @pytest.mark.slow

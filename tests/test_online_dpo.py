@@ -130,6 +130,9 @@ def nothing(prompts, completions, **kw):
 
 def not_finite(prompts, completions, **kw):
     return [float("inf")] + [0.0] * (len(completions) - 1)
+
+def answer_match(prompts, completions, answer, **kw):
+    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
 """
 
 
@@ -151,7 +154,30 @@ def test_run_reward_model_moves_params(tmp_path, toy_policy, toy_rm):
     assert all(r["beta"] == 0.1 for r in train)  # still epoch 0
     assert all(r["objective/unscored_rate"] == 0.0 for r in train)  # a reward model scores everything
     assert "rewards/toy-rm/mean" in train[0] and "eval/gold_reward" in train[-1]
+    # held-out: scored by the run's reward source (eval/reward) and by the toy gold reward
+    step0 = read_metrics(out)[0]
+    assert "eval/reward" in step0 and "eval/rewards/toy-rm/mean" in step0 and "eval/reward" in train[-1]
     assert_params_moved(toy_policy, out)
+
+
+def test_run_user_data_held_out_fraction(tmp_path, toy_policy):
+    """A user file with --eval_fraction: eval/reward from the same reward source (which reads the file's answer
+    column), no gold reward outside the toy tasks."""
+    import json
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(10)]
+    data_file = tmp_path / "sums.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "user"
+    run_script("online_dpo.py", "--max_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+               "--eval_steps", "2", "--num_eval_prompts", "16", "--log_completions_steps", "0",
+               "--dataset_name", str(data_file), "--eval_fraction", "0.25", "--reward_model_name_or_path", "None",
+               "--reward_funcs", f"{_reward_file(tmp_path)}:answer_match", "--output_dir", str(out))
+    recs = read_metrics(out)
+    evals = [r for r in recs if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all(0.0 <= r["eval/reward"] <= 1.0 and "eval/rewards/answer_match/mean" in r for r in evals)
+    assert all("eval/gold_reward" not in r and "train/gold_reward" not in r for r in recs)
 
 
 def test_run_partly_unscored_reward_conversational(tmp_path, toy_policy):
@@ -188,11 +214,13 @@ def test_run_non_finite_reward_stops_before_any_update(tmp_path, toy_policy):
     """Detail 4: a reward function returning inf stops the run at step 1, naming the source, before any update:
     no step is logged and no model is written."""
     out = tmp_path / "inf"
-    proc = run_script("online_dpo.py", *FAST, "--output_dir", str(out), "--reward_model_name_or_path", "None",
-                      "--reward_funcs", f"{_reward_file(tmp_path)}:not_finite", check=False)
+    proc = run_script("online_dpo.py", *FAST, "--eval_steps", "0", "--output_dir", str(out),
+                      "--reward_model_name_or_path", "None", "--reward_funcs", f"{_reward_file(tmp_path)}:not_finite",
+                      check=False)
     assert proc.returncode != 0
     assert "reward function 'not_finite'" in proc.stderr and "inf" in proc.stderr, proc.stderr[-2000:]
-    assert not [r for r in read_metrics(out) if r["step"] > 0]
+    assert "rpf = rewards(prompts2" in proc.stderr  # it stopped at the scoring of the first training step
+    assert not (out / "metrics.jsonl").exists() or not read_metrics(out)
     assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
 
 
@@ -207,14 +235,25 @@ def test_run_judge(tmp_path, toy_policy, toy_rm):
 
 @pytest.mark.parametrize("extra,match", [
     (["--reward_model_name_or_path", "None"], "exactly one preference source"),
-    (["--reward_funcs", "add"], "exactly one preference source"),
-    (["--loss_type", "hinge"], "loss_type"),
-    (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--missing_eos_penalty", "1"], "missing_eos_penalty"),
-    (["--reward_model_name_or_path", "None", "--judge", "fn:add", "--drop_ties", "True"], "--drop_ties"),
     (["--per_device_train_batch_size", "7"], "--per_device_train_batch_size 7 is odd"),  # detail 1
 ])
 def test_bad_config_fails_at_startup(tmp_path, extra, match):
     assert_fails_at_startup("online_dpo.py", tmp_path, extra, match)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"reward_funcs": ["add"]}, "exactly one preference source"),
+    ({"loss_type": "hinge"}, "loss_type"),
+    ({"reward_model_name_or_path": None, "judge": "fn:add", "missing_eos_penalty": 1.0}, "missing_eos_penalty"),
+    ({"reward_model_name_or_path": None, "judge": "fn:add", "drop_ties": True}, "--drop_ties"),  # detail 5
+    ({"beta": [0.1, -0.1]}, "--beta"),
+])
+def test_bad_config_checks(fields, match):
+    """The start-up checks that run before anything loads (the subprocess test above shows they stop the run)."""
+    from online_dpo import Args, check_args
+
+    with pytest.raises(ValueError, match=match):
+        check_args(Args(**fields))
 
 
 @pytest.mark.slow

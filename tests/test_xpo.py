@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import (assert_default_run_raises_sampled_gold_reward, assert_fails_at_startup, assert_params_moved,
-                      check_online_run, run_script)
+                      check_online_run, read_metrics, run_script)
 from online_dpo import dpo_loss as online_dpo_loss
 from xpo import first_is_chosen, interleave, pair_weights, xpo_loss
 
@@ -152,6 +152,8 @@ def test_run_reward_model(tmp_path, toy_policy, toy_rm):
     assert train[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)  # first step: policy = reference
     assert train[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
     assert all(r["alpha"] == 1e-3 for r in train)  # still epoch 0
+    step0 = read_metrics(out)[0]  # held-out: the run's reward source and the toy gold reward
+    assert "eval/reward" in step0 and "eval/gold_reward" in step0 and "eval/reward" in train[-1]
     assert_params_moved(toy_policy, out)
 
 
@@ -176,13 +178,22 @@ def test_run_judge(tmp_path, toy_policy):
     _check_run(out, scored=False)
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--reward_model_name_or_path", "None"], "exactly one preference source"),
-    (["--alpha", "-1"], "--alpha"),
-    (["--per_device_train_batch_size", "5"], "--per_device_train_batch_size 5 is odd"),  # detail 1
+def test_odd_batch_fails_at_startup(tmp_path):
+    """Detail 1: the batch counts completions, two per prompt."""
+    assert_fails_at_startup("xpo.py", tmp_path, ["--per_device_train_batch_size", "5"],
+                            "--per_device_train_batch_size 5 is odd")
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"reward_model_name_or_path": None}, "exactly one preference source"),
+    ({"alpha": [-1.0]}, "--alpha"),
+    ({"reward_model_name_or_path": None, "judge": "fn:add", "drop_ties": True}, "--drop_ties"),  # detail 5
 ])
-def test_bad_config_fails_at_startup(tmp_path, extra, match):
-    assert_fails_at_startup("xpo.py", tmp_path, extra, match)
+def test_bad_config_checks(fields, match):
+    from xpo import Args, check_args
+
+    with pytest.raises(ValueError, match=match):
+        check_args(Args(**fields))
 
 
 @pytest.mark.slow
