@@ -83,6 +83,9 @@ Implementation details (numbered so tests and the README can point at them; "tes
     val/ratio_var, val/clipfrac_avg: token-weighted over every epoch and mini-batch of the update (all processes);
     val/ratio_var is the variance of ρ over those tokens (TRL: over per-micro-batch means); val/num_eos_tokens counts
     the stop tokens in the rollout's truncated completions, all processes.
+20. Held-out evaluation (eval/reward, eval/rewards/*, and eval/gold_reward on the toy tasks): greedy completions of
+    the eval prompts (--eval_dataset_name, --eval_fraction, or the toy test split) scored by the same reward sources
+    as training; there the reward model reads decoded text re-tokenised with its own (identical) tokenizer.
 
 Batch arithmetic (TRL's): per_device_train_batch_size completions per micro-batch per process; one optimizer step per
 mini-batch of per_device_train_batch_size * processes * gradient_accumulation_steps completions; a rollout holds
@@ -544,8 +547,8 @@ def main(args: Args):
         beta, skipped = state["kl_coef"], state["skipped_steps"]
         accelerator.print(f"resumed from {resume} at rollout {start} (beta {beta:.4g})")
         generator.sync_weights(policy)
-    tracker = tracking.Tracker(args, accelerator.is_main_process, start, elapsed,
-                               show=("objective/scores", "objective/kl", "loss/value_avg", "eval/reward", "eval/gold_reward"))
+    tracker = tracking.Tracker(args, accelerator.is_main_process, start, elapsed, show=(
+        "objective/scores", "objective/kl", "loss/value_avg", "eval/reward", "eval/gold_reward"))
     accelerator.print(f"ppo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completion(s) "
                       f"per rollout, {args.num_ppo_epochs} epochs x {nmb} mini-batches of {M} completions, "
                       f"{args.max_steps} rollouts; reward: {', '.join(sources.names)}; value model from {value_name} "

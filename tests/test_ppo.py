@@ -195,21 +195,23 @@ def test_bad_flags_are_rejected(flags, message):
 
 
 # ----------------------------------------------------------------------------- tier 2: runs
-def test_d14_first_minibatch_ratio_is_exactly_one_and_beta_zero_gives_rlhf_reward_equal_score(tmp_path, toy_policy):
-    """One epoch, one mini-batch of 2 micro-batches: every trained log-prob is the rollout's own, bitwise. With β = 0
-    and the policy = the reference (first rollout) the non-score reward is 0 and rlhf_reward = score. The run also
-    logs every TRL metric, evaluates, and writes a policy that reloads and generates."""
+def test_d3_d14_first_minibatch_ratio_is_exactly_one_and_beta_zero_gives_rlhf_reward_equal_score(tmp_path,
+                                                                                                   toy_policy):
+    """One epoch, one mini-batch of 2 micro-batches, temperature 0.7: every trained log-prob is the rollout's own,
+    bitwise (so the update uses the rollout's temperature too). With β = 0 and the policy = the reference (first
+    rollout) the non-score reward is 0 and rlhf_reward = score. The run also logs every TRL metric, evaluates, and
+    writes a policy that reloads and generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
     run_script("ppo.py", "--max_steps", "1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-               "--num_ppo_epochs", "1", "--beta", "0", "--eval_steps", "1", "--num_eval_prompts", "8",
-               "--logging_steps", "1", "--output_dir", str(out))
+               "--num_ppo_epochs", "1", "--beta", "0", "--temperature", "0.7", "--eval_steps", "1",
+               "--num_eval_prompts", "8", "--logging_steps", "1", "--output_dir", str(out))
     recs = read_metrics(out)
     assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
     r = recs[-1]
-    for k in TRL_NAMES + ("eval/gold_reward", "eval/reward", "rewards/toy-rm/mean", "completions/mean_length", "episode",
-                          "train/skipped_steps", "grad_norm", "value_grad_norm"):
+    for k in TRL_NAMES + ("eval/gold_reward", "eval/reward", "rewards/toy-rm/mean", "completions/mean_length",
+                          "episode", "train/skipped_steps", "grad_norm", "value_grad_norm"):
         assert r.get(k) is not None and math.isfinite(r[k]), k
     assert r["val/ratio"] == 1.0 and r["val/ratio_var"] == 0.0
     assert r["policy/clipfrac_avg"] == 0.0 and r["policy/approxkl_avg"] == 0.0 and r["val/clipfrac_avg"] == 0.0
