@@ -8,6 +8,19 @@ processes): a global token mean, so gradient accumulation and multi-process runs
 batch. By default the loss covers completion tokens only (prompt-completion data) or every token (language-modelling
 data); `--completion_only_loss False` trains on prompt tokens too. Completions keep their EOS token.
 
+Implementation details (numbered; tests name the detail they check):
+  1. Loss aggregation: a global token mean over the optimizer step (above), for both loss types.
+  2. `--assistant_only_loss` (multi-turn `messages`): only the tokens of assistant turns are trained (their content
+     and the token that ends the turn). The mask comes from the chat template's `{% generation %}` markers when the
+     template has them (transformers' `return_assistant_tokens_mask`), otherwise from rendering the conversation turn
+     by turn: the tokens an assistant turn adds to the rendered prefix are its tokens (the template must render each
+     prefix of the conversation as a prefix of the whole; if not, the run stops at start-up naming the row).
+  3. `--loss_type dft` (Dynamic Fine-Tuning, Wu et al., arXiv 2508.05629, Eq. 9): per token -sg(p_t) log p_t, with
+     p_t = exp(log π_θ(y_t|.)) detached; the same global token mean as NLL (TRL's SFT `loss_type="dft"`).
+  4. NEFTune (Jain et al., arXiv 2310.05914, Alg. 1): in training only, the input embeddings get
+     ε ~ Uniform(-1, 1) · α / sqrt(L · d) (L the padded sequence length of the micro-batch, d the hidden size), added
+     by a forward hook on the input embedding layer; evaluation and the saved model are untouched.
+
 Data: language modelling (`text` / `messages`) or prompt-completion (`prompt`, `completion`), standard or
 conversational. Default: the built-in toy addition task and a freshly initialised toy Llama (no network).
 
@@ -103,6 +116,14 @@ class Args:
     """longest tokenised sequence kept (prompt tokens are cut from the left first)"""
     completion_only_loss: bool = True
     """prompt-completion data: loss on completion tokens only (False: on every token)"""
+    assistant_only_loss: bool = False
+    """conversational `messages` data: loss on the assistant turns' tokens only (detail 2)"""
+    loss_type: str = "nll"
+    """'nll' (maximum likelihood) or 'dft' (Dynamic Fine-Tuning, arXiv 2508.05629: each token's NLL weighted by its
+    detached probability)"""
+    neftune_noise_alpha: float | None = None
+    """NEFTune (arXiv 2310.05914): uniform noise of scale alpha/sqrt(L*d) added to the input embeddings in training
+    (the paper uses 5); None: off"""
     eval_steps: int = 100
     """evaluate every this many steps (at logging steps: make it a multiple of --logging_steps)"""
     num_eval_prompts: int = 256
@@ -118,35 +139,108 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_items: float) -> torch
     return -(logps * mask).sum() / num_items
 
 
+def dft_loss(logps: torch.Tensor, mask: torch.Tensor, num_items: float) -> torch.Tensor:
+    """Dynamic Fine-Tuning (detail 3): Σ m · (-sg(p) log p) / num_items with p = exp(logps). logps, mask: (B, T)."""
+    assert logps.shape == mask.shape
+    return -(logps * logps.detach().exp() * mask).sum() / num_items
+
+
+def neftune_noise(embeddings: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """NEFTune (detail 4): embeddings (B, L, d) + Uniform(-1, 1) · alpha / sqrt(L · d)."""
+    assert embeddings.dim() == 3
+    scale = alpha / (embeddings.shape[1] * embeddings.shape[2]) ** 0.5
+    noise = torch.rand(embeddings.shape, generator=generator, dtype=embeddings.dtype, device=embeddings.device)
+    return embeddings + (2 * noise - 1) * scale
+
+
+def add_neftune_hook(model, alpha: float):
+    """Register NEFTune on the input embedding layer (active only while the model is in training mode)."""
+    def hook(module, inputs, output):
+        return neftune_noise(output, alpha) if module.training else output
+
+    return model.get_input_embeddings().register_forward_hook(hook)
+
+
 def token_accuracy(logits_argmax: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
     return ((logits_argmax == targets) * mask).sum().item() / max(mask.sum().item(), 1)
 
 
 # ----------------------------------------------------------------------------- data
-def tokenize_rows(ds, tokenizer, completion_only: bool, max_length: int):
-    """(prefix ids, target ids) per row: the loss covers the targets. For language-modelling rows the prefix is the
-    first token; with completion_only=False the prompt's tokens after the first become targets too."""
+def assistant_token_mask(messages: list, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation: mask 1 on the tokens of assistant turns (detail 2)."""
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids, mask, done = [], [], ""
+    for i, m in enumerate(messages):
+        text = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False) if i + 1 < len(messages) else full
+        if m["role"] == "assistant":  # the generation prompt belongs to the context, the reply to the assistant
+            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            pieces = [(head, 0), (text, 1)]
+        else:
+            pieces = [(text, 0)]
+        for piece, flag in pieces:
+            if not piece.startswith(done):
+                raise data.DatasetFormatError(
+                    "--assistant_only_loss: the chat template does not render this conversation turn by turn as "
+                    "prefixes of the whole (so assistant tokens cannot be located); add {% generation %} markers to "
+                    "the template or train without --assistant_only_loss")
+            new = data.tokenize(tokenizer, [piece[len(done):]])[0] if piece != done else []
+            ids += new
+            mask += [flag] * len(new)
+            done = piece
+    if data.tokenize(tokenizer, [full])[0] != ids:
+        raise data.DatasetFormatError("--assistant_only_loss: tokenising the conversation turn by turn gives other "
+                                      "ids than tokenising it whole; add {% generation %} markers to the chat template")
+    return ids, mask
+
+
+def tokenize_rows(ds, tokenizer, completion_only: bool, max_length: int, assistant_only: bool = False):
+    """(prefix ids, target ids, target weights) per row: the loss covers the targets whose weight is 1. For
+    language-modelling rows the prefix is the first token; with completion_only=False the prompt's tokens after the
+    first become targets too; with assistant_only (conversational `messages`) only assistant tokens weigh 1."""
     kind = data.detect_type(ds.column_names)
-    if kind == "lm":
+    if assistant_only and not (kind == "lm" and "messages" in ds.column_names):
+        raise data.DatasetFormatError("--assistant_only_loss needs conversational language-modelling rows (a "
+                                      f"`messages` column); this dataset has {ds.column_names}")
+    if kind == "lm" and assistant_only:
+        rows = []
+        for r, ex in enumerate(ds):
+            ids, mask = assistant_token_mask(ex["messages"], tokenizer)
+            if sum(mask) == 0:
+                raise data.DatasetFormatError(f"--assistant_only_loss: row {r} has no assistant turn to train on")
+            rows.append((ids[:1], ids[1:], mask[1:]))
+    elif kind == "lm":
         texts = [data.lm_text(ex, tokenizer) for ex in ds]
-        ids = data.tokenize(tokenizer, texts)
-        pairs = [(s[:1], s[1:]) for s in ids]
+        rows = [(s[:1], s[1:], [1] * (len(s) - 1)) for s in data.tokenize(tokenizer, texts)]
     else:
         p_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
         c_ids = data.tokenize(tokenizer, [data.completion_text(p, c, tokenizer)
                                           for p, c in zip(ds["prompt"], ds["completion"])])
         if completion_only:
-            pairs = list(zip(p_ids, c_ids))
+            rows = [(p, c, [1] * len(c)) for p, c in zip(p_ids, c_ids)]
         else:
-            pairs = [((p + c)[:1], (p + c)[1:]) for p, c in zip(p_ids, c_ids)]
+            rows = [((p + c)[:1], (p + c)[1:], [1] * (len(p) + len(c) - 1)) for p, c in zip(p_ids, c_ids)]
     out = []
-    for prefix, target in pairs:
+    for prefix, target, weights in rows:
         over = len(prefix) + len(target) - max_length
         if over > 0:  # cut the prompt from the left first, then the target from the right
             cut = min(over, max(len(prefix) - 1, 0))
-            prefix, target = prefix[cut:], target[: len(target) - (over - cut)]
-        out.append((prefix, target))
+            keep = len(target) - (over - cut)
+            prefix, target, weights = prefix[cut:], target[:keep], weights[:keep]
+        out.append((prefix, target, weights))
     return out
+
+
+def weight_mask(rows: list, T: int, device) -> torch.Tensor:
+    """(B, T) 0/1 loss mask from the rows' target weights, right-padded like the completions."""
+    mask = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        mask[i, :len(r[2])] = torch.tensor(r[2], dtype=torch.float)
+    return mask.to(device)
 
 
 @torch.no_grad()
@@ -166,7 +260,7 @@ def evaluate(model, tokenizer, args, accelerator, eval_rows) -> dict:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]),
                            logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-            targets, mask = batch["input_ids"][:, -T:], batch["completion_mask"].float()
+            targets, mask = batch["input_ids"][:, -T:], weight_mask(chunk, T, accelerator.device)
             nll += -(model_utils.selective_log_softmax(logits, targets) * mask).sum().item()
             correct += ((logits.argmax(-1) == targets) * mask).sum().item()
             tokens += mask.sum().item()
@@ -185,6 +279,10 @@ def main(args: Args):
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     if args.lr_scheduler not in ("constant", "linear"):
         raise ValueError(f"--lr_scheduler {args.lr_scheduler!r}: choose 'constant' or 'linear'")
+    if args.loss_type not in ("nll", "dft"):
+        raise ValueError(f"--loss_type {args.loss_type!r}: choose 'nll' or 'dft'")
+    if args.neftune_noise_alpha is not None and args.neftune_noise_alpha <= 0:
+        raise ValueError(f"--neftune_noise_alpha {args.neftune_noise_alpha}: must be > 0 (None turns NEFTune off)")
     accelerator = distributed.make_accelerator(args)
     if args.max_steps <= 0 or args.per_device_train_batch_size <= 0:
         raise ValueError("--max_steps and --per_device_train_batch_size must be positive")
@@ -192,13 +290,16 @@ def main(args: Args):
     # data first: a bad dataset fails before any model is built
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     train_ds, eval_ds = data.load_splits(args, "prompt_completion|lm", "sft.py", toy_n=args.num_eval_prompts)
-    train = tokenize_rows(train_ds, tokenizer, args.completion_only_loss, args.max_length)
-    eval_rows = tokenize_rows(eval_ds, tokenizer, args.completion_only_loss, args.max_length) if eval_ds is not None else []
+    train = tokenize_rows(train_ds, tokenizer, args.completion_only_loss, args.max_length, args.assistant_only_loss)
+    eval_rows = (tokenize_rows(eval_ds, tokenizer, args.completion_only_loss, args.max_length, args.assistant_only_loss)
+                 if eval_ds is not None else [])
     global_bs = distributed.global_batch_size(args, accelerator)
     data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    if args.neftune_noise_alpha is not None:
+        add_neftune_hook(model, args.neftune_noise_alpha)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_lambda(step):  # linear warm-up, then constant or linear decay to 0
@@ -234,10 +335,11 @@ def main(args: Args):
         log_step = (step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps
         indices = data.batch_indices(len(train), global_bs, step, args.seed)
         micro = distributed.micro_batches(indices, args, accelerator)
-        local_tokens = sum(len(train[i][1]) for mb in micro for i in mb)
+        local_tokens = sum(sum(train[i][2]) for mb in micro for i in mb)
         num_items = distributed.gather_sum(accelerator, local_tokens)  # label tokens in the whole step
         for mb in micro:
-            batch = data.batch_prompt_completion([train[i][0] for i in mb], [train[i][1] for i in mb], pad_id)
+            rows = [train[i] for i in mb]
+            batch = data.batch_prompt_completion([r[0] for r in rows], [r[1] for r in rows], pad_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 T = batch["completion_mask"].shape[1]
@@ -247,8 +349,8 @@ def main(args: Args):
                 logits = out.logits[:, :-1]
                 targets = batch["input_ids"][:, -T:]
                 logps = model_utils.selective_log_softmax(logits, targets)
-                mask = batch["completion_mask"].float()
-                loss = sft_loss(logps, mask, num_items)
+                mask = weight_mask(rows, T, accelerator.device)
+                loss = (dft_loss if args.loss_type == "dft" else sft_loss)(logps, mask, num_items)
                 # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
                 # gradient is exactly that of the global token mean
                 accelerator.backward(loss * args.gradient_accumulation_steps * accelerator.num_processes)
@@ -257,7 +359,7 @@ def main(args: Args):
                                                             args.max_grad_norm)
                     skipped_steps += not stepped
             with torch.no_grad():
-                stats["loss"] += -(logps * mask).sum().item()
+                stats["loss"] += loss.item() * num_items  # the trained loss (NLL or DFT) summed over tokens
                 stats["correct"] += ((logits.argmax(-1) == targets) * mask).sum().item()
                 stats["tokens"] += mask.sum().item()
                 if log_step:

@@ -191,10 +191,10 @@ def test_a_saved_toy_tokenizer_gives_the_ids_training_used(tmp_path, tok):
         assert trained[0] == tok.bos_token_id and trained.count(tok.bos_token_id) == 1
         assert again(prompt)["input_ids"] == trained
     pc = Dataset.from_list([{"prompt": "12+34=", "completion": "46"}])
-    (prefix, target), = sft_script.tokenize_rows(pc, tok, completion_only=True, max_length=64)
+    (prefix, target, _), = sft_script.tokenize_rows(pc, tok, completion_only=True, max_length=64)
     assert prefix + target == again("12+34=46")["input_ids"] + [tok.eos_token_id]
     lm = Dataset.from_list([{"text": "1+2=3"}])
-    (prefix, target), = sft_script.tokenize_rows(lm, tok, completion_only=True, max_length=64)
+    (prefix, target, _), = sft_script.tokenize_rows(lm, tok, completion_only=True, max_length=64)
     assert prefix + target == again("1+2=3")["input_ids"] + [tok.eos_token_id]
 
 
