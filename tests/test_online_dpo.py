@@ -279,11 +279,12 @@ def test_resume_continues_exactly(tmp_path, toy_policy):
 
 
 def test_two_processes_match_one(tmp_path, toy_policy):
-    """Details 1 and 6: 2 processes x 8 completions (4 pairs each) give the update of 1 process x 16 completions,
-    on identical samples (metrics and final weights)."""
+    """Details 1 and 6: 2 processes x 2 accumulation micro-batches x 4 completions (2 pairs each) give the update of
+    1 process x 16 completions (8 pairs), on identical samples (metrics and final weights)."""
     base = ["--max_steps", "2", "--eval_steps", "0", "--log_completions_steps", "0", "--logging_steps", "1",
             "--reward_model_name_or_path", "None", "--reward_funcs", "{length_reward}", "--learning_rate", "1e-3"]
-    m1, _ = multiprocess_matches_single(tmp_path, "online_dpo.py", [], base=base, batch_one=16, batch_two=8,
+    m1, _ = multiprocess_matches_single(tmp_path, "online_dpo.py", [], base=base, batch_one=16, batch_two=4,
+                                        extra_two=["--gradient_accumulation_steps", "2"],
                                         keys=("loss/dpo", "objective/kl", "logps/chosen", "rewards/margins",
                                               "objective/scores", "completions/mean_length"), atol=1e-5)
     assert m1[-1]["loss/dpo"] != pytest.approx(math.log(2))  # the policy moved between the two steps
