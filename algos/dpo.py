@@ -8,18 +8,19 @@ Paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward
     h      = u_w - u_l,  h̄ = u_w/|y_w| - u_l/|y_l|  (|y| = completion tokens)
 Per-pair losses (σ the logistic function, ε = --label_smoothing, δ the bco running mean):
     sigmoid       -log σ(βh)                                       DPO, 2305.18290 Eq. 7
-    hinge         max(0, 1 - βh)                                   SLiC / RSO, 2309.06657
+    hinge         max(0, 1 - βh)                                   SLiC 2305.10425 / RSO 2309.06657
     ipo           (h̄ - 1/(2β))²                                    IPO, 2310.12036 Eq. 17, length-normalised as TRL
     exo_pair      σ(βh)(log σ(βh) - log(1-ε)) + σ(-βh)(log σ(-βh) - log ε)        EXO, 2402.00856 Eq. 16
     nca_pair      -log σ(βΔ_w) - ½ log σ(-βΔ_w) - ½ log σ(-βΔ_l)   NCA, 2402.05369
     robust        [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε)       rDPO, 2403.00409 Eq. 8 (ε = flip rate)
     bco_pair      -log σ(βΔ_w - δ) - log σ(-(βΔ_l - δ))            BCO, 2404.04656 (δ = 0 as TRL 1.16; see 5)
     sppo_hard     (Δ_w - 1/(2β))² + (Δ_l + 1/(2β))²                SPPO, 2405.00675 Eq. 4.7 with P ∈ {0, 1}
-    aot           -(1-ε) log σ(βd_k) - ε log σ(-βd_k), d = sort(S^θ_w - S^θ_l) - sort(S^ref_w - S^ref_l)   AOT, 2406.05882
+    aot           -(1-ε) log σ(βd_k) - ε log σ(-βd_k),             AOT, 2406.05882
+                  d = sort(S^θ_w - S^θ_l) - sort(S^ref_w - S^ref_l) over the batch
     aot_unpaired  the same with d = sort(Δ_w) - sort(Δ_l)
     apo_zero      1 - σ(βΔ_w) + σ(βΔ_l)                            APO, 2408.06266 Eq. 7
     apo_down      σ(βΔ_w) + 1 - σ(β(Δ_w - Δ_l))                    APO, 2408.06266 Eq. 8
-    discopop      (1 - s)(-log σ(βh)) + s·exp(-βh),  s = σ(βh/τ)   DiscoPOP, 2406.08414 Eq. 5 (τ = --discopop_tau)
+    discopop      (1 - s)(-log σ(βh)) + s·exp(-βh), s = σ(βh/τ)    DiscoPOP, 2406.08414 Eq. 5 (--discopop_tau)
     sft           NLL of the chosen completion (token mean)        the SFT part of MPO, 2411.10442
     sigmoid_norm  -log σ(βh̄)                                       length-normalised DPO
 Several at once: L = Σ_k w_k L_k (`--loss_type sigmoid bco_pair sft --loss_weights 0.8 0.2 1.0` is MPO). Every loss
@@ -44,11 +45,10 @@ Implementation details (numbered so the tests and the README can point at them):
  3. --precompute_ref_log_probs: one pass of the reference model over the training and evaluation pairs before training,
     stored in output_dir/ref_logps/ref_logps.safetensors with a fingerprint of the tokenised data, the reference and
     the options that change S^ref (a resumed run with the same fingerprint reuses it; a new run recomputes it); the
-    reference model is then freed. Incompatible with
-    TR-DPO (its reference moves) and with --reference_free (there is no reference).
- 4. TR-DPO (2404.09656): after every --ref_model_sync_steps-th optimizer step, θ_ref ← α θ + (1 - α) θ_ref with α =
-    --ref_model_mixup_alpha (soft update; α = 1 is a hard copy). The reference weights are saved with each checkpoint,
-    so a resumed run continues with the same reference.
+    reference model is then freed. Incompatible with TR-DPO (its reference moves) and --reference_free (none).
+ 4. TR-DPO (2404.09656): after every --ref_model_sync_steps-th optimizer step, θ_ref ← α θ + (1 - α) θ_ref with
+    α = --ref_model_mixup_alpha (soft update; α = 1 is a hard copy). The reference weights are saved with each
+    checkpoint, so a resumed run continues with the same reference.
  5. bco_pair: TRL 1.16's bco_pair has no reward shift (δ = 0). --bco_running_mean True restores the BCO paper's δ (as
     older TRL releases had it): the running mean of the mean implicit reward β(Δ_w + Δ_l)/2 of each optimizer step's
     global batch, one observation per step. DEVIATION(older TRL): δ is updated after the step (TRL updated it with
@@ -62,10 +62,12 @@ Implementation details (numbered so the tests and the README can point at them):
     With --use_weighting each pair's NLL is weighted by its own WPO weight (TRL weights the batch mean by the mean
     weight); the RPO term is never weighted (as in older TRL).
  8. WPO (--use_weighting, 2406.11827 Eq. 2): each pair's loss is multiplied by w_w·w_l, w = exp(mean_t [log p_t -
-    log Σ_v p_v²]) from the policy, without gradient. LD-DPO (--ld_alpha, 2409.06411): S = S_shared + α·S_tail, where
-    the shared part is the first min(|y_w|, |y_l|) completion tokens of each pair; applied to policy and reference.
+    log Σ_v p_v²]) from the policy, without gradient. LD-DPO (--ld_alpha, 2409.06411): S = S_shared + α·S_tail,
+    where the shared part is the first min(|y_w|, |y_l|) completion tokens of each pair (policy and reference).
  9. --reference_free: S^ref = 0 (no reference model is loaded).
-10. Dropout is off in the policy and the reference (TRL's disable_dropout default): log-probs are deterministic.
+10. Dropout is off in the policy and the reference (TRL's disable_dropout default), and the reference's weights keep
+    requires_grad (it runs under no_grad): on CPU frozen weights take a matmul path with other rounding. So at the
+    first step (policy = reference) every Δ is exactly 0 and rewards/accuracies is 0, not a coin flip on noise.
 11. Metrics follow TRL: rewards/chosen = mean βΔ_w, rewards/rejected, rewards/margins = mean β(Δ_w - Δ_l),
     rewards/accuracies = mean [Δ_w > Δ_l], logps/chosen|rejected = mean S^θ, logits/chosen|rejected = mean over
     completion tokens of the mean logit over the vocabulary, loss, plus entropy (on logging steps) and
@@ -143,7 +145,7 @@ class Args:
     dataset_split: str = "train"
     """split to train on"""
     eval_dataset_name: str | None = None
-    """held-out data: a file, a save_to_disk folder or a hub name (split eval_split); toy datasets use their test split"""
+    """held-out data: a file, a save_to_disk folder or a hub name (split eval_split); toy data: its test split"""
     eval_split: str = "test"
     """split of the evaluation data"""
     eval_fraction: float = 0.0
@@ -579,27 +581,31 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None) -> tuple[list, int]:
-    """(prompt ids, chosen ids, rejected ids) per pair (detail 2), and the number of pairs dropped."""
-    prompts = [data.prompt_text(p, tokenizer) for p in ds["prompt"]]
-    p_ids = data.tokenize(tokenizer, prompts)
-    c_full = data.tokenize(tokenizer, [t + data.completion_text(p, c, tokenizer)
-                                       for t, p, c in zip(prompts, ds["prompt"], ds["chosen"])])
-    r_full = data.tokenize(tokenizer, [t + data.completion_text(p, r, tokenizer)
-                                       for t, p, r in zip(prompts, ds["prompt"], ds["rejected"])])
+def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None,
+                   chunk: int = 512) -> tuple[list, int]:
+    """(prompt ids, chosen ids, rejected ids) per pair (detail 2), and the number of pairs dropped. Tokenised `chunk`
+    rows at a time: the tokenizer's per-text encodings of a whole dataset would briefly cost more than the ids."""
     rows, dropped = [], 0
-    for p, c, r in zip(p_ids, c_full, r_full):
-        k = min(_common_prefix(p, c), _common_prefix(p, r))
-        prompt, chosen, rejected = p[:k], c[k:], r[k:]
-        if max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
-        if max_length:
-            room = max_length - len(prompt)
-            if room <= 0:
-                dropped += 1
-                continue
-            chosen, rejected = chosen[:room], rejected[:room]
-        rows.append((prompt, chosen, rejected))
+    for s in range(0, len(ds), chunk):
+        part = ds[s:s + chunk]
+        prompts = [data.prompt_text(p, tokenizer) for p in part["prompt"]]
+        p_ids = data.tokenize(tokenizer, prompts)
+        c_full = data.tokenize(tokenizer, [t + data.completion_text(p, c, tokenizer)
+                                           for t, p, c in zip(prompts, part["prompt"], part["chosen"])])
+        r_full = data.tokenize(tokenizer, [t + data.completion_text(p, r, tokenizer)
+                                           for t, p, r in zip(prompts, part["prompt"], part["rejected"])])
+        for p, c, r in zip(p_ids, c_full, r_full):
+            k = min(_common_prefix(p, c), _common_prefix(p, r))
+            prompt, chosen, rejected = p[:k], c[k:], r[k:]
+            if max_prompt_length:
+                prompt = prompt[-max_prompt_length:]
+            if max_length:
+                room = max_length - len(prompt)
+                if room <= 0:
+                    dropped += 1
+                    continue
+                chosen, rejected = chosen[:room], rejected[:room]
+            rows.append((prompt, chosen, rejected))
     return rows, dropped
 
 
@@ -653,7 +659,8 @@ def load_or_precompute(args, ref_model, train, eval_rows, pad_id, accelerator, r
         save_file(cache, path + ".tmp", metadata={"fingerprint": h})
         os.replace(path + ".tmp", path)
     accelerator.wait_for_everyone()
-    accelerator.print(f"reference log-probs of {len(train) + len(eval_rows)} pairs in {time.time() - t0:.1f}s -> {path}")
+    accelerator.print(f"reference log-probs of {len(train) + len(eval_rows)} pairs in {time.time() - t0:.1f}s "
+                      f"-> {path}")
     return cache
 
 
@@ -666,7 +673,8 @@ def disable_dropout(model):
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
     check_args(args)
-    args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
+    dataset = args.dataset_name.replace('/', '_').replace(':', '_')
+    args.run_name = args.run_name or f"{args.exp_name}__{dataset}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     weights = list(args.loss_weights or [1.0] * len(args.loss_type))
     accelerator = distributed.make_accelerator(args)
@@ -695,9 +703,7 @@ def main(args: Args):
         ref_model = (model_utils.load_causal_lm(args.ref_model_name_or_path, tokenizer, args.dataset_name,
                                                 seed=args.seed) if args.ref_model_name_or_path
                      else copy.deepcopy(model))
-        # no requires_grad_(False): the reference only runs under no_grad, and on CPU frozen weights take another
-        # matmul path whose rounding differs, so policy = reference would not give exactly Δ = 0
-        ref_model.to(device).eval()
+        ref_model.to(device).eval()  # no requires_grad_(False): detail 10
     if args.disable_dropout:
         disable_dropout(model)
         if ref_model is not None:
@@ -724,7 +730,8 @@ def main(args: Args):
     state = {"bco_delta": 0.0, "bco_count": 0, "ref_syncs": 0, "num_tokens": 0, "skipped_steps": 0}
     start_step, elapsed = 0, 0.0
     if resume is not None:  # detail 4: a TR-DPO reference comes back with the checkpoint
-        saved = checkpoint.load_checkpoint(accelerator, resume, models={"ref": ref_model} if args.sync_ref_model else None)
+        saved = checkpoint.load_checkpoint(accelerator, resume,
+                                           models={"ref": ref_model} if args.sync_ref_model else None)
         start_step, elapsed, state = saved["step"], saved["elapsed"], {**state, **saved["dpo_state"]}
         accelerator.print(f"resumed from {resume} at step {start_step}")
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
@@ -732,7 +739,8 @@ def main(args: Args):
                                      "eval/gold_reward"))
     sorting = set(args.loss_type) & set(SORTING_LOSSES)
     accelerator.print(
-        f"dpo: {len(train)} pairs, {len(eval_rows)} eval pairs, loss {' + '.join(f'{w:g}·{t}' for t, w in zip(args.loss_type, weights))}"
+        f"dpo: {len(train)} pairs, {len(eval_rows)} eval pairs, "
+        f"loss {' + '.join(f'{w:g}·{t}' for t, w in zip(args.loss_type, weights))}"
         f"{f' + {args.rpo_alpha:g}·rpo' if args.rpo_alpha is not None else ''}, β {args.beta}, {global_bs} pairs per "
         f"step, {args.max_steps} steps -> {args.output_dir}"
         + (f"\n  note: {', '.join(sorted(sorting))} sort within each micro-batch of {args.per_device_train_batch_size} "
