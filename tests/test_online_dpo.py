@@ -86,6 +86,7 @@ def test_per_epoch_schedule():
 
 
 def test_reward_judge_ranks_and_probabilities():
+    """Detail 3: a judge built on a reward ranks like the score rule (ties -> the first completion)."""
     from common.judges import RewardJudge, check_ranks, load_judge
 
     def length_reward(prompts, completions, **kw):
@@ -263,6 +264,7 @@ def test_learning_raises_gold_reward(tmp_path, toy_policy, toy_rm):
 
 
 def test_resume_continues_exactly(tmp_path, toy_policy):
+    """A run resumed from its step-2 checkpoint logs exactly the steps 3-4 of the uninterrupted run."""
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "4",
               "--num_eval_prompts", "16", "--log_completions_steps", "0", "--learning_rate", "1e-3",
