@@ -1,0 +1,266 @@
+"""orpo.py: the log-odds and the ORPO loss against hand computations and invariants, the forward's SFT mask, the
+logged first step against an independent per-sequence computation, and short runs through the real entry point
+(accumulation with two processes, exact resume, reload), numbered by the implementation details of the docstring."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import accelerate_launcher, assert_fails_at_startup, read_metrics, run_script
+from orpo import (Args, check_args, forward_pairs, log1mexp, log_odds, odds_ratio_terms, orpo_loss, sft_token_mask)
+
+TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"]
+
+
+def ls(x):  # log σ(x)
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+def lo(x):  # log-odds of p = e^x, in float64
+    return x - math.log(-math.expm1(x))
+
+
+# ----------------------------------------------------------------------------- math
+def test_detail3_log1mexp_matches_float64_on_both_branches():
+    xs = [-1e-7, -1e-6, -1e-4, -0.01, -0.5, -0.6931, -0.6932, -1.0, -5.0, -20.0, -80.0]
+    got = log1mexp(torch.tensor(xs, dtype=torch.float32)).tolist()
+    want = [math.log(-math.expm1(x)) for x in xs]
+    assert got == pytest.approx(want, rel=2e-6, abs=1e-30)
+
+
+def test_detail3_log_odds_stable_near_zero():
+    """S̄ close to 0 (a near-certain completion): float32 log-odds agree with float64; the naive formula does not."""
+    xs = torch.tensor([-1e-6, -1e-5, -1e-3], dtype=torch.float32)
+    want = [lo(x) for x in xs.double().tolist()]  # about 13.8, 11.5, 6.9
+    assert log_odds(xs).tolist() == pytest.approx(want, rel=1e-5)
+    naive = (xs - torch.log(1 - torch.exp(xs))).tolist()
+    assert abs(naive[0] - want[0]) > 1e-3  # cancellation in 1 - e^x: why log1mexp
+    # S̄ = 0 exactly (float32 rounds a near-certain token to log-prob 0): finite value and finite, zero gradient
+    x = torch.tensor([0.0, -1e-9, -0.3], requires_grad=True)
+    y = log_odds(x)
+    assert torch.isfinite(y).all() and y[0].item() == pytest.approx(lo(-1e-7), rel=1e-5)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0] == 0 and x.grad[1] == 0
+    assert x.grad[2].item() == pytest.approx(1 / (1 - math.exp(-0.3)), rel=1e-5)  # d lo / dx = 1 / (1 - e^x)
+    # very unlikely completions: log-odds ≈ S̄
+    assert log_odds(torch.tensor([-60.0])).item() == pytest.approx(-60.0, abs=1e-6)
+    # the loss at S̄_w = S̄_l = 0 is finite, and so is its gradient
+    w, r = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    parts = orpo_loss(w, r, torch.ones(2), 1.0, 0.1)
+    parts["loss"].sum().backward()
+    assert torch.isfinite(parts["loss"]).all() and torch.isfinite(w.grad).all() and torch.isfinite(r.grad).all()
+
+
+# two pairs: (S̄_w, S̄_l, summed chosen NLL)
+PAIRS = [(-0.2, -1.5, 3.0), (-2.0, -0.05, 7.5)]
+
+
+def test_orpo_loss_matches_hand_computation():
+    w, r, nll = (torch.tensor(c, dtype=torch.float32) for c in zip(*PAIRS))
+    beta, tpp = 0.25, 2.5
+    parts = orpo_loss(w, r, nll, tpp, beta)
+    ratio = [lo(a) - lo(b) for a, b, _ in PAIRS]
+    assert parts["log_odds_chosen"].tolist() == pytest.approx(ratio, rel=1e-5)
+    assert parts["log_odds_ratio"].tolist() == pytest.approx([ls(z) for z in ratio], rel=1e-5)
+    assert parts["sft"].tolist() == pytest.approx([n / tpp for *_, n in PAIRS])
+    want = [n / tpp - beta * ls(z) for (_, _, n), z in zip(PAIRS, ratio)]
+    assert parts["loss"].tolist() == pytest.approx(want, rel=1e-5)
+    # the paper's L_OR = -log σ(log(odds_w / odds_l)) with odds = p / (1 - p), p = e^{S̄}
+    a, b, _ = PAIRS[0]
+    odds = lambda x: math.exp(x) / (1 - math.exp(x))  # noqa: E731
+    assert -parts["log_odds_ratio"][0].item() == pytest.approx(-math.log(1 / (1 + odds(b) / odds(a))), rel=1e-5)
+    # λ = 0 is plain SFT
+    assert torch.equal(orpo_loss(w, r, nll, tpp, 0.0)["loss"], parts["sft"])
+
+
+def test_log_odds_ratio_antisymmetric_under_swapping_chosen_and_rejected():
+    torch.manual_seed(0)
+    w, r = -torch.rand(16) * 3, -torch.rand(16) * 3
+    z, log_sig = odds_ratio_terms(w, r)
+    z_swapped, log_sig_swapped = odds_ratio_terms(r, w)
+    assert torch.allclose(z_swapped, -z, atol=1e-6)
+    assert torch.allclose(log_sig - log_sig_swapped, z, atol=1e-5)  # log σ(z) - log σ(-z) = z
+    assert torch.equal(odds_ratio_terms(w, w)[0], torch.zeros(16))  # equal completions: ratio 0, loss log 2
+
+
+def test_odds_ratio_gradient_matches_formula():
+    """∂(-log σ(z))/∂S̄_w = -σ(-z) / (1 - e^{S̄_w}) and ∂/∂S̄_l = +σ(-z) / (1 - e^{S̄_l}) (Eq. 8-10 of the paper)."""
+    w = torch.tensor([-0.4, -2.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([-1.1, -0.3], dtype=torch.float64, requires_grad=True)
+    z, log_sig = odds_ratio_terms(w, r)
+    (-log_sig).sum().backward()
+    sig_neg = torch.sigmoid(-z.detach().double())
+    assert torch.allclose(w.grad, -sig_neg / (1 - torch.exp(w.detach())), rtol=1e-5)
+    assert torch.allclose(r.grad, sig_neg / (1 - torch.exp(r.detach())), rtol=1e-5)
+
+
+def test_detail4_sft_mask_covers_prompt_after_its_first_token():
+    # 4 prompt columns then 3 completion columns; the targets are input_ids[:, 1:] (6 columns)
+    # row 0: one left pad, a prompt of 3, a completion of 2, one right pad; row 1: a prompt of 4, a completion of 1
+    am = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]])
+    cm = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    got = sft_token_mask(am, cm, True)
+    assert got.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
+    assert sft_token_mask(am, cm, False).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]]
+
+
+def test_detail1_forward_equals_separate_unpadded_forwards():
+    """The SFT NLL of each chosen sequence (prompt after its first token + completion) and the completion
+    log-probs of both rows equal those of each sequence run alone without padding."""
+    from common import model as model_utils, preference, toy
+
+    tok = toy.make_tokenizer()
+    torch.manual_seed(0)
+    model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    rows = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22, 23, 24, 25], [34, 35, 36, 37, 2], [38, 2])]
+    batch = preference.pair_batch(rows, tok.pad_token_id, "cpu")
+    mask = batch["completion_mask"].float()
+    with torch.no_grad():
+        for prompt_loss in (True, False):
+            lp, nll, _ = forward_pairs(model, batch, prompt_loss)
+            seq = (lp * mask).sum(1)
+            for i, (p, c, r) in enumerate(rows):
+                for j, comp in ((i, c), (i + 2, r)):
+                    ids = torch.tensor([p + comp])
+                    alone = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+                    token_lp = alone.gather(-1, ids[0, 1:, None]).squeeze(-1)  # targets 1..L-1
+                    assert seq[j].item() == pytest.approx(token_lp[-len(comp):].sum().item(), abs=1e-5)
+                    if j == i:
+                        want = -(token_lp.sum() if prompt_loss else token_lp[-len(comp):].sum()).item()
+                        assert nll[i].item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("flags,match", [
+    ({"beta": -0.1}, "--beta"),
+    ({"lr_scheduler": "cosine"}, "--lr_scheduler"),
+    ({"max_length": 8, "max_prompt_length": 8}, "--max_prompt_length"),
+    ({"eval_fraction": 1.0}, "--eval_fraction"),
+    ({"per_device_train_batch_size": 0}, "must be positive"),
+])
+def test_bad_configurations_raise(flags, match):
+    with pytest.raises(ValueError, match=match):
+        check_args(Args(**flags))
+
+
+def test_unpaired_data_fails_before_any_model_loads_naming_kto(tmp_path):
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) + "\n" for _ in range(4)))
+    assert_fails_at_startup("orpo.py", tmp_path, ["--dataset_name", str(path)], "kto.py or bco.py")
+
+
+# ----------------------------------------------------------------------------- runs through the entry point
+FAST = ["--logging_steps", "1", "--learning_rate", "1e-3", "--max_steps", "3"]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, toy_policy):
+    """1 process x 8 pairs, 3 steps, a checkpoint after every step, evaluation at steps 0 and 3."""
+    out = tmp_path_factory.mktemp("orpo") / "base"
+    run_script("orpo.py", *FAST, "--output_dir", str(out), "--eval_steps", "3", "--per_device_train_batch_size", "8",
+               "--save_steps", "1", "--save_total_limit", "3", "--num_eval_pairs", "16", "--num_eval_prompts", "8")
+    return out
+
+
+def test_detail7_run_logs_trl_metrics_with_their_meanings_and_reloads(base_run, toy_policy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recs = read_metrics(base_run)
+    assert recs[0]["step"] == 0 and math.isfinite(recs[0]["eval/loss"])
+    train = [r for r in recs if r["step"] > 0]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for r in train:
+        for name in TRL_METRICS + ["mean_token_accuracy", "entropy", "grad_norm"]:
+            assert math.isfinite(r[name]), name
+        assert r["train/skipped_steps"] == 0
+        # one step per record: the loss is exactly the SFT token mean minus λ times the mean log σ (details 4, 5)
+        assert r["loss"] == pytest.approx(r["nll_loss"] - 0.1 * r["log_odds_ratio"], rel=1e-5)
+        assert r["rewards/chosen"] == pytest.approx(0.1 * r["logps/chosen"], rel=1e-5)  # λ S̄, a mean log-prob
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-6)
+        assert r["log_odds_ratio"] < 0 and r["rewards/chosen"] < 0
+    for name in TRL_METRICS + ["gold_reward"]:
+        assert math.isfinite(train[-1]["eval/" + name]), name
+    model = AutoModelForCausalLM.from_pretrained(base_run)
+    tok = AutoTokenizer.from_pretrained(base_run)
+    before = _weights(toy_policy)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    ids = tok("12+34=", return_tensors="pt", add_special_tokens=True).input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_details1_4_first_step_equals_independent_computation(base_run, toy_policy):
+    """The logged step-1 loss, NLL and log-odds equal a per-sequence recomputation of the first batch with the
+    starting policy: each chosen sequence run alone, NLL over its prompt (after the first token) and completion."""
+    from common import data, model as model_utils, preference
+
+    args = Args(dataset_name="toy:add")
+    tok = model_utils.load_tokenizer("toy-sft", "toy:add")
+    train, _ = preference.tokenize_pairs(data.load_data("toy:add", "train", toy_kind="preference"), tok, 1024, None)
+    model = model_utils.load_causal_lm("toy-sft", tok, "toy:add").eval()
+    nll, tokens, ratios = 0.0, 0, []
+    with torch.no_grad():
+        for i in data.batch_indices(len(train), 8, 0, args.seed):
+            p, c, r = train[i]
+            means = []
+            for comp in (c, r):
+                ids = torch.tensor([p + comp])
+                lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])
+                means.append(lp[-len(comp):].mean().item())
+                if comp is c:
+                    nll, tokens = nll - lp.sum().item(), tokens + len(p) - 1 + len(c)
+            ratios.append(lo(means[0]) - lo(means[1]))
+    step1 = next(r for r in read_metrics(base_run) if r["step"] == 1)
+    assert step1["nll_loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert step1["log_odds_chosen"] == pytest.approx(sum(ratios) / 8, rel=1e-4)
+    assert step1["log_odds_ratio"] == pytest.approx(sum(ls(z) for z in ratios) / 8, rel=1e-4)
+
+
+def test_detail5_two_processes_with_accumulation_match_one_batch(base_run, tmp_path):
+    """1 process x 8 pairs = 2 processes x 2 accumulation micro-batches x 2 pairs: same metrics, same weights."""
+    out = tmp_path / "ddp"
+    run_script("orpo.py", *FAST, "--output_dir", str(out), "--eval_steps", "0", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "2", launcher=accelerate_launcher(2), timeout=900)
+    ref = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
+    got = {r["step"]: r for r in read_metrics(out)}
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for k in TRL_METRICS + ["grad_norm", "mean_token_accuracy"]:
+            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (step, k)
+    a, b = _weights(out), _weights(base_run)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+
+
+def test_detail8_resume_is_exact(base_run, tmp_path):
+    out = tmp_path / "resumed"
+    run_script("orpo.py", *FAST, "--output_dir", str(out), "--eval_steps", "3", "--per_device_train_batch_size", "8",
+               "--save_steps", "1", "--save_total_limit", "3", "--num_eval_pairs", "16", "--num_eval_prompts", "8",
+               "--resume_from", str(base_run / "checkpoint-2"))
+    ra = {r["step"]: r for r in read_metrics(base_run)}
+    rb = {r["step"]: r for r in read_metrics(out)}
+    assert sorted(rb) == [3]
+    for k in TRL_METRICS + ["grad_norm", "eval/loss", "eval/gold_reward"]:
+        assert rb[3][k] == pytest.approx(ra[3][k], rel=1e-6, abs=1e-9), k
+    a, b = _weights(base_run), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_learning_raises_heldout_gold_reward(tmp_path, toy_policy):
+    """The default run: ORPO on toy:add pairs raises the greedy held-out exact match of the toy SFT policy and the
+    held-out reward accuracy."""
+    out = tmp_path / "learn"
+    run_script("orpo.py", "--output_dir", str(out), timeout=3600)
+    evals = [r for r in read_metrics(out) if "eval/gold_reward" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
+    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.1, evals
+    assert evals[-1]["eval/rewards/accuracies"] > 0.8
