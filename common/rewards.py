@@ -10,6 +10,7 @@ Spec strings (`--reward_funcs`):
   path/to/file.py:fn            a function in a Python file
   package.module:fn             a function in an importable module
   model:<name or dir>           a one-output sequence classifier (e.g. model:toy-rm)
+  prm:[min:|prod:|last:]<dir>   a process reward model from algos/prm.py (common/prm_scoring.py; default min)
 
 `RewardSources` is what the scripts use: the sources of a spec list, their weights (checked once), scoring into an
 (N, F) tensor with every value checked (a NaN or inf, a non-number or a wrong count stops the run at that step,
@@ -123,7 +124,15 @@ class RewardModel:
 def load_reward_sources(specs: list[str], dataset_name: str = "toy:add", device="cpu") -> list:
     out = []
     for spec in specs:
-        if spec.startswith("model:"):
+        if spec.startswith("prm:"):  # process reward models: common/prm_scoring.py
+            from common.prm_scoring import ProcessRewardModel, parse_spec
+
+            name, how = parse_spec(spec)
+            out.append(ProcessRewardModel(name, dataset_name, device, aggregation=how))
+        elif spec.startswith("model:"):
+            from common.prm_scoring import refuse_token_classifier
+
+            refuse_token_classifier(spec[len("model:"):], dataset_name)
             out.append(RewardModel(spec[len("model:"):], dataset_name, device))
         else:
             out.append(load_function(spec))
