@@ -52,8 +52,8 @@ Implementation details (numbered so tests and the README can point at them; "tes
  9. Adaptive KL controller (Ziegler et al. 2019, Sec. 2.2), on with `--kl_target`: after each rollout
     β ← β · (1 + clip(KL / KL_target - 1, -0.2, 0.2) · n / horizon), KL = objective/kl of that rollout, n = its number
     of completions (all processes). β lives in the checkpoint, so a resumed run continues with the adapted value.
-10. `--whiten_rewards`: the per-token rewards are divided by their std over the valid tokens of the rollout (the mean
-    is kept: only the scale changes), as TRL's whiten_rewards.
+10. `--whiten_rewards`: the per-token rewards are rescaled to unit std over the valid tokens of the rollout, keeping
+    their mean, (r - mean) / std + mean, as TRL's whiten_rewards.
 11. GAE runs backwards over each completion with V = 0 after its last token; the value targets are G = Â + V_old,
     taken before the advantages are whitened.
 12. Advantage whitening: (Â - mean) / sqrt(var + 1e-8) over every valid token of the rollout (Bessel-corrected var),
@@ -101,7 +101,7 @@ Run:
     python algos/ppo.py --reward_funcs add                     # the gold reward; value model from the policy
     python algos/ppo.py --kl_target 0.5 --kl_horizon 2000      # adaptive β
     accelerate launch --multi_gpu --num_processes 2 algos/ppo.py --per_device_train_batch_size 32  # = 1 process x 64
-    python algos/ppo.py --use_vllm                             # sample with vLLM
+    python algos/ppo.py --use_vllm True                        # sample with vLLM
     bash benchmarks/ppo.sh                                     # 3 seeds, reward model and gold reward
 """
 
