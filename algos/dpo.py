@@ -635,8 +635,11 @@ def load_or_precompute(args, ref_model, train, eval_rows, pad_id, accelerator, r
     """Detail 3: reference log-probs from the run's cache when resuming with the same fingerprint, else one pass."""
     from safetensors.torch import load_file, save_file
 
-    h = hashlib.sha256(json.dumps([args.ref_model_name_or_path or args.model_name_or_path, args.dataset_name,
-                                   args.ld_alpha, train, eval_rows]).encode()).hexdigest()
+    fp = hashlib.sha256(json.dumps([args.ref_model_name_or_path or args.model_name_or_path, args.dataset_name,
+                                    args.ld_alpha, args.mixed_precision]).encode())
+    for row in train + eval_rows:
+        fp.update(json.dumps(row).encode())
+    h = fp.hexdigest()
     path = os.path.join(args.output_dir, "ref_logps", "ref_logps.safetensors")
     if resuming and os.path.exists(path):
         from safetensors import safe_open

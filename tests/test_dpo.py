@@ -240,6 +240,34 @@ def test_concatenated_forward_equals_separate_forwards():
                 assert seq[j].item() == pytest.approx(alone.item(), abs=1e-5)
 
 
+def test_precomputed_cache_reused_only_on_resume_with_the_same_fingerprint(tmp_path):
+    from types import SimpleNamespace
+
+    from common import model as model_utils, toy
+    from dpo import load_or_precompute
+
+    tok = toy.make_tokenizer()
+    ref = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    acc = SimpleNamespace(num_processes=1, process_index=0, device="cpu", is_main_process=True,
+                          wait_for_everyone=lambda: None, print=lambda *a: None)
+    args = Args(output_dir=str(tmp_path), precompute_ref_log_probs=True, per_device_eval_batch_size=2)
+    rows = [([1, 20, 21], [30, 2], [31, 32, 2]), ([1, 22], [34, 2], [38, 39, 40, 2]), ([1, 23], [33, 2], [35, 2])]
+    first = load_or_precompute(args, ref, rows, rows[:1], tok.pad_token_id, acc, resuming=False)
+    assert (tmp_path / "ref_logps" / "ref_logps.safetensors").exists()
+    batch = pair_batch(rows, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        live = ld_sequence_logps(forward_pairs(ref, batch)[0], batch["completion_mask"].float(), None)
+    assert torch.allclose(torch.cat([first["train_chosen"], first["train_rejected"]]), live, atol=1e-5)
+    # resuming with the same data and reference: read back, no reference needed
+    again = load_or_precompute(args, None, rows, rows[:1], tok.pad_token_id, acc, resuming=True)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    # other data (or a new run): computed again
+    with pytest.raises(TypeError):  # it tried to run the (absent) reference
+        load_or_precompute(args, None, rows[:2], rows[:1], tok.pad_token_id, acc, resuming=True)
+    with pytest.raises(TypeError):  # it tried to run the (absent) reference
+        load_or_precompute(args, None, rows, rows[:1], tok.pad_token_id, acc, resuming=False)
+
+
 @pytest.mark.parametrize("flags,match", [
     ({"loss_type": ["sigmoid", "dpop"]}, "unknown loss type 'dpop'"),
     ({"loss_type": ["aot_pair"]}, "aot_unpaired"),
@@ -323,6 +351,22 @@ def test_run_logs_trl_metrics_and_saves_a_reloadable_model(base_run, toy_policy)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
     ids = tok("12+34=", return_tensors="pt", add_special_tokens=True).input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_run_reference_free_with_options_on_conversational_data(tmp_path, toy_policy):
+    """Reference-free (S^ref = 0, detail 9), WPO, LD-DPO, an f-divergence and RPO together on chat-format pairs:
+    the implicit rewards are β·S^θ, and every option's term is logged."""
+    out = tmp_path / "opts"
+    run_script("dpo.py", *FAST, "--per_device_train_batch_size", "8", "--max_steps", "2", "--output_dir", str(out),
+               "--dataset_name", "toy:add:conversational", "--reference_free", "True", "--use_weighting", "True",
+               "--ld_alpha", "0.5", "--f_divergence_type", "js_divergence", "--rpo_alpha", "0.5",
+               "--loss_type", "sigmoid_norm", "discopop", "--loss_weights", "1.0", "0.5")
+    train = [r for r in read_metrics(out) if r["step"] > 0]
+    for r in train:
+        assert r["rewards/chosen"] == pytest.approx(0.1 * r["logps/chosen"], rel=1e-5)
+        assert r["rewards/rejected"] == pytest.approx(0.1 * r["logps/rejected"], rel=1e-5)
+        assert 0 < r["wpo/weights"] < float("inf")
+        assert r["loss"] == pytest.approx(r["loss/sigmoid_norm"] + r["loss/discopop"] + r["loss/rpo"], rel=1e-6)
 
 
 def test_accumulation_and_two_processes_match_one_batch(base_run, tmp_path):
