@@ -104,6 +104,13 @@ class Args:
     """a checkpoint folder, or 'auto' for the newest complete one in output_dir"""
     overwrite_output_dir: bool = False
     """start a new run in an output_dir that holds another run's files (they are deleted first)"""
+    eval_dataset_name: str | None = None
+    """held-out prompts (online mode): a file, a save_to_disk folder or a hub name (split eval_split); toy datasets
+    use the toy task's test split"""
+    eval_split: str = "test"
+    """split of eval_dataset_name (hub datasets) or of the toy task used for evaluation"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the training rows for evaluation (deterministic; never overlaps training)"""
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
@@ -174,9 +181,10 @@ class Args:
     """scale of the per-prompt-centred advantage: 'per_prompt' std (z-score), 'batch' std (over the step) or 'none'"""
     # --- evaluation and samples
     eval_steps: int = 25
-    """held-out gold reward (toy tasks) every this many steps, at step 0 and at the end (0: start and end only)"""
+    """held-out reward (eval/reward; eval/gold_reward on the toy tasks) every this many steps, at step 0 and at the
+    end (0: start and end only)"""
     num_eval_prompts: int = 256
-    """held-out prompts for the evaluation"""
+    """held-out prompts per evaluation (greedy decoding)"""
     log_completions_steps: int = 25
     """log a few sample completions every this many steps (0: never)"""
 
@@ -262,22 +270,25 @@ def check_batch(args: Args, k: int, online: bool):
 
 
 def load_rows(args: Args, tokenizer):
-    """Rows of the training data: (mode, K, rows). Online rows: {prompt, prompt_ids, columns}; offline rows also
-    carry completion token lists (ending with EOS), rewards (None -> NaN, not scored: note 5) and optional
-    behaviour log-probs."""
-    toy = data.toy_task(args.dataset_name) is not None
-    mode = args.data_mode if args.data_mode != "auto" else "online"
-    ds = data.load_data(args.dataset_name, args.dataset_split, toy_kind="prompt" if mode == "online" else mode)
-    if args.data_mode == "auto" and not toy:
-        kind = data.detect_type(ds.column_names)
-        mode = kind if kind in ("preference", "prompt_completion_reward") else "online"
-    ds = data.convert(ds, "prompt" if mode == "online" else "prompt_completion_reward", script="dar.py")
+    """Rows of the training data and the held-out rows: (mode, K, rows, eval_ds). Online rows: {prompt, prompt_ids,
+    columns}; offline rows also carry completion token lists (ending with EOS), rewards (None -> NaN, not scored:
+    note 5) and optional behaviour log-probs. eval_ds: held-out prompts (online; the toy task's test split by default),
+    None offline (no reward source to score them: offline toy runs report eval/gold_reward only)."""
+    kinds = {"auto": "prompt|preference|prompt_completion_reward", "online": "prompt", "preference": "preference",
+             "prompt_completion_reward": "prompt_completion_reward"}[args.data_mode]
+    ds, eval_ds = data.load_splits(args, kinds, "dar.py", toy_n=args.num_eval_prompts)
+    mode = {"prompt": "online"}.get(data.detect_type(ds.column_names), data.detect_type(ds.column_names))
+    if mode != "online" and (args.eval_dataset_name or args.eval_fraction):
+        raise ValueError(f"--data_mode {mode} trains on logged completions and has no reward source to score "
+                         "held-out completions: drop --eval_dataset_name / --eval_fraction, or train online")
+    if mode != "online":
+        ds, eval_ds = data.convert(ds, "prompt_completion_reward", script="dar.py"), None
     prompt_ids = data.tokenize(tokenizer, [data.prompt_text(p, tokenizer) for p in ds["prompt"]])
     extra = [c for c in ds.column_names if c not in ("prompt", "completions", "rewards", "behavior_logps")]
     rows = [{"prompt": p, "prompt_ids": ids[-args.max_prompt_length:], "columns": {c: ds[c][i] for c in extra}}
             for i, (p, ids) in enumerate(zip(ds["prompt"], prompt_ids))]
     if mode == "online":
-        return mode, args.k, rows
+        return mode, args.k, rows, eval_ds
     ks = {len(c) for c in ds["completions"]}
     if len(ks) != 1 or {len(r) for r in ds["rewards"]} != ks:
         raise data.DatasetFormatError(f"{args.dataset_name}: every row needs the same number K of completions and "
@@ -297,7 +308,7 @@ def load_rows(args: Args, tokenizer):
             if not all(math.isfinite(b) for b in row["behavior_logps"]):
                 raise data.DatasetFormatError(f"{args.dataset_name}: column 'behavior_logps' of row {i} holds "
                                               f"{ds['behavior_logps'][i]}; every completion needs a finite log-prob")
-    return mode, k, rows
+    return mode, k, rows, None
 
 
 def sequence_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,12 +330,14 @@ def main(args: Args):
     device, W, GA, rank = accelerator.device, accelerator.num_processes, args.gradient_accumulation_steps, \
         accelerator.process_index
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
-    mode, k, rows = load_rows(args, tokenizer)
+    mode, k, rows, eval_ds = load_rows(args, tokenizer)
     online = mode == "online"
     check_degenerate(k)
     check_batch(args, k, online)
     P = args.per_device_train_batch_size // k  # prompts per micro-batch (note 7)
     num_global = distributed.global_batch_size(args, accelerator)  # N: completions per optimizer step, all processes
+    data.check_batch_fits(len(rows), num_global // k, ["--per_device_train_batch_size / K (prompts)",
+                                                       "--gradient_accumulation_steps"])
     sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
                                                                     args.dataset_name),
                                          args.reward_weights, args.dataset_name, device) if online else None
@@ -346,11 +359,14 @@ def main(args: Args):
     if generator is not None:
         generator.sync_weights(model)
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
-                               show=("dar/rewards_mean", "dar/weights_mean", "dar/kl_from_ref", "eval/gold_reward"))
+                               show=("dar/rewards_mean", "dar/weights_mean", "dar/kl_from_ref", "eval/reward"))
     accelerator.print(f"dar: {mode} mode, {len(rows)} prompts, K = {k}, {num_global} samples per step, "
                       f"{args.max_steps} steps -> {args.output_dir}")
 
-    def evaluate() -> dict:
+    def evaluate() -> dict:  # greedy completions of held-out prompts, scored by the run's reward sources
+        if online:
+            return evaluation.heldout_reward(model, tokenizer, eval_ds, sources, args.dataset_name,
+                                             args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
         return evaluation.heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
                                               args.max_new_tokens, accelerator=accelerator)
 
@@ -369,7 +385,7 @@ def main(args: Args):
         for mb in micro:
             if online:
                 gen = generator.generate(model, [rows[i]["prompt_ids"] for i in mb], n=k)
-                c_ids = [c[m.bool()].tolist() for c, m in zip(gen.completion_ids, gen.completion_mask)]
+                c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)  # EOS kept (note 4)
                 texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
             else:
                 gen, c_ids = None, [c for i in mb for c in rows[i]["completion_ids"]]

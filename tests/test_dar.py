@@ -116,6 +116,8 @@ def test_runs(tmp_path, toy_policy, mode):
         assert train[0]["dar/rewards_mean"] == pytest.approx(0.5)
     else:  # online: the behaviour policy is the current policy, so the first step has S_beh = S_ref
         assert train[0]["dar/log_reg_weight_mean"] == pytest.approx(0.0, abs=1e-5)
+        # held-out evaluation scored by the run's reward source (the gold reward here, so both agree)
+        assert recs[0]["eval/reward"] == pytest.approx(recs[0]["eval/gold_reward"])
     assert _moved(out, toy_policy)
 
 

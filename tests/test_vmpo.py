@@ -268,11 +268,13 @@ def test_offline_rewards_null_is_not_scored_and_inf_is_refused(tmp_path):
     rows = [{"prompt": "1+2=", "completions": ["3", "4"], "rewards": [1.0, None]}]
     path = tmp_path / "pcr.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _, k, out = vmpo.load_rows(Args(dataset_name=str(path)), tok)
+    _, k, out, _ = vmpo.load_rows(Args(dataset_name=str(path)), tok)
     assert k == 2 and out[0]["rewards"][0] == 1.0 and math.isnan(out[0]["rewards"][1])
     path.write_text('{"prompt": "1+2=", "completions": ["3", "4"], "rewards": [1.0, Infinity]}\n')
     with pytest.raises(ValueError, match="'rewards' of row 0"):
         vmpo.load_rows(Args(dataset_name=str(path)), tok)
+    with pytest.raises(ValueError, match="--eval_fraction"):  # offline rows have no reward source for held-out rows
+        vmpo.load_rows(Args(dataset_name="toy:add", data_mode="preference", eval_fraction=0.1), tok)
 
 
 def test_eos_stays_in_the_completion_mask_when_pad_is_eos(tmp_path):
@@ -283,7 +285,7 @@ def test_eos_stays_in_the_completion_mask_when_pad_is_eos(tmp_path):
     tok.pad_token = tok.eos_token  # pad == eos
     path = tmp_path / "pcr.jsonl"
     toy.make_dataset("add", "prompt_completion_reward", n=4, k=2).to_json(str(path))
-    mode, k, rows = vmpo.load_rows(Args(dataset_name=str(path)), tok)
+    mode, k, rows, _ = vmpo.load_rows(Args(dataset_name=str(path)), tok)
     assert mode == "prompt_completion_reward" and k == 2
     comp = [c for r in rows for c in r["completion_ids"]]
     batch = vmpo.data.batch_prompt_completion([r["prompt_ids"] for r in rows for _ in range(k)], comp,
@@ -342,6 +344,9 @@ def test_online_run_with_a_reward_model(tmp_path, toy_rm):
     run_script("vmpo.py", *FAST, "--max_steps", "2", "--reward_model_name_or_path", str(toy_rm), "--output_dir",
                str(out))
     train = _check_metrics(out, steps=2)
+    first = read_metrics(out)[0]  # the held-out evaluation scores with the reward model, and the gold reward
+    per_source = [v for key, v in first.items() if key.startswith("eval/rewards/")]
+    assert per_source == [first["eval/reward"]] and first["eval/reward"] != first["eval/gold_reward"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert any(s["reward"] not in (0.0, 1.0) for s in samples)  # continuous scores, not the gold exact match
     assert train[0]["vmpo/rewards_std"] > 0
@@ -351,26 +356,36 @@ PARTLY_SCORED = """
 calls = 0
 
 
-def partly(prompts, completions, **kwargs):
-    # every other sample not scored (None); on the second call a NaN-free but infinite reward for sample 0
+def partly(prompts, completions, answer, **kwargs):
+    # every other sample not scored (None), the others exact match; call 1 is the held-out evaluation at step 0,
+    # call 2 step 1, call 3 step 2: there sample 0 gets an infinite reward
     global calls
     calls += 1
-    out = [None if i % 2 else float(len(c) % 2) for i, c in enumerate(completions)]
-    if calls == 2:
+    out = [None if i % 2 else float(c.strip() == a) for i, (c, a) in enumerate(zip(completions, answer))]
+    if calls == 3:
         out[0] = float("inf")
     return out
 """
 
 
 def test_not_scored_samples_in_a_run_and_an_inf_reward_stops_it(tmp_path):
-    """Choice 8 through the entry point: step 1 has half its samples unscored (left out of the E-step); the inf
-    returned at step 2 stops the run there, before that step's update: no checkpoint-2, no final model."""
+    """Choice 8 through the entry point, on a prompt file with --eval_fraction: the held-out evaluation scores with the
+    run's reward source (eval/reward, no gold reward off the toy datasets); step 1 has half its samples unscored (left
+    out of the E-step); the inf returned at step 2 stops the run there (choice 11), before that step's update: no
+    checkpoint-2, no final model."""
+    from common import toy
+
     (tmp_path / "partly.py").write_text(PARTLY_SCORED)
+    toy.make_dataset("add", "prompt", n=200).to_json(str(tmp_path / "prompts.jsonl"))
     out = tmp_path / "run"
     proc = run_script("vmpo.py", *FAST, "--reward_funcs", f"{tmp_path}/partly.py:partly", "--save_steps", "1",
-                      "--dataset_name", "toy:add", "--output_dir", str(out), check=False)
+                      "--dataset_name", str(tmp_path / "prompts.jsonl"), "--eval_fraction", "0.25",
+                      "--num_eval_prompts", "8", "--output_dir", str(out), check=False)
     assert proc.returncode != 0 and "reward function 'partly' returned inf" in proc.stderr, proc.stderr[-2000:]
-    train = [r for r in read_metrics(out) if r["step"] > 0]
+    recs = read_metrics(out)
+    assert recs[0]["step"] == 0 and 0 <= recs[0]["eval/reward"] <= 1 and "eval/gold_reward" not in recs[0]
+    assert "eval/rewards/partly/mean" in recs[0]
+    train = [r for r in recs if r["step"] > 0]
     assert [r["step"] for r in train] == [1]
     assert train[0]["vmpo/scored_fraction"] == 0.5  # 8 of the 16 samples
     assert train[0]["vmpo/selected_fraction"] == pytest.approx(4 / 16)  # ceil(0.5 * 8 scored) of 16
