@@ -9,7 +9,7 @@ gives a weighted maximum likelihood (the paper's weighted objective, here at seq
   A_{b,k}  = r_{b,k} - mean_k r_{b,k}, then scaled by `--adv_norm` (per-prompt std by default: a per-prompt z-score)
   log w_i  = (α/(α+β)) (S^ref_i - S^beh_i) + A_i/(α+β)          (the regularisation and advantage parts)
   w_i      = min(exp(log w_i), w_clip)                            stop-gradient (from frozen quantities)
-  L        = - mean_i w_i S^θ_i                                   mean over the N = B·K samples of the optimizer step
+  L        = - mean_i w_i S^θ_i                                   mean over the N = B·K (scored) samples of the step
 S = sum of completion-token log-probs (EOS kept). S^beh is the dataset's `behavior_logps` when given, otherwise the
 sampling policy's log-prob, which online is the current policy itself (samples are drawn from π_θ each step), so
 S^beh = sg(S^θ). Weights are not normalised (unlike V-MPO's E-step); the clip bounds the largest.
@@ -451,7 +451,7 @@ def main(args: Args):
         lens = torch.tensor([len(c) for m in mbs for c in m["ids"]])
         window_add(window, rollout.completion_metrics(accelerator, torch.arange(int(lens.max()))[None] < lens[:, None],
                                                       torch.cat([m["terminated"] for m in mbs])))
-        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: its gap to the trainer
+        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: gap to the trainer
             window_add(window, rollout.sampler_gap_metrics(accelerator, [m["tok_beh"] for m in mbs],
                                                            [m["gen"].sampler_logps for m in mbs],
                                                            [m["batch"]["completion_mask"] for m in mbs]))

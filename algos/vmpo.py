@@ -23,46 +23,44 @@ KL estimators (`--kl_estimator`; sequence sums, so ε_α is in nats per sequence
 
 Implementation choices (numbered so the tests and the README can point at them; "the fork" is the TRL fork that first
 shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
- 1. Samples are drawn from π_old for the old_policy* estimators (then S^old - S^θ is an unbiased estimate of
-    KL(π_old‖π_θ) and its gradient is exactly that KL's), from π_θ otherwise (as the fork).
- 2. DEVIATION(paper L_α's policy term; the fork adds α·mean(S^θ - S^ref) and its anchor as they are): when a KL is on
-    samples of the policy itself (`ref`, and the anchor of `old_policy_ref`, whose samples come from π_old ≈ π_θ), the
-    loss uses the score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref). The plain k1 term
-    S^θ - S^ref has an expected gradient of zero on the policy's own samples, so as a penalty it only adds noise.
- 3. Duals are log-parameterised, η = exp(u_η), α = exp(u_α), trained by their own Adam (no weight decay, outside the
-    model optimizer) and clamped to [min, max] in log space. Why log: positivity without a projection that sticks at
-    the bound, and (with Adam) a step is a relative change, so the same step size works whatever the scale of A or of
-    the KL. One dual step per optimizer step, from the gathered global batch, so every process holds the same duals
-    (the fork: plain projected SGD on η and α themselves, once per micro-batch, on each device's own batch). The
-    weights ψ and the α in the loss use the values from before this step's dual update (as the paper and the fork).
+ 1. Samples come from π_old for the old_policy* estimators (S^old - S^θ is then an unbiased estimate of KL(π_old‖π_θ)
+    with exactly that KL's gradient), from π_θ otherwise (as the fork).
+ 2. DEVIATION(paper L_α's policy term; the fork adds α·mean(S^θ - S^ref) and its anchor as they are): a KL estimated
+    on the policy's own samples (`ref`, and the anchor of `old_policy_ref`, on samples of π_old ≈ π_θ) enters the loss
+    in score-function form sg(kl_i)·S^θ_i, whose gradient is that of KL(π_θ‖π_ref); the plain k1 term S^θ - S^ref has
+    zero expected gradient on the policy's own samples, so as a penalty it only adds noise.
+ 3. Duals are log-parameterised, η = exp(u_η), α = exp(u_α), with their own Adam (no weight decay, outside the model
+    optimizer), clamped to [min, max] in log space: positive without a projection that sticks at the bound, and an
+    Adam step is a relative change whatever the scale of A or the KL. One dual step per optimizer step from the
+    gathered batch, so every process holds the same duals (the fork: projected SGD on η and α, once per micro-batch on
+    each device's batch). ψ and the α in the loss use the values from before this step's dual update (as the paper
+    and the fork).
  4. The top-n selection runs over the whole optimizer-step batch gathered across processes (the paper's learner
-    batch), not per device and micro-batch as in the fork, so `--num_processes 2` gives the same update as one process
-    with the same global batch.
- 5. Advantage baseline and scale compose: the scale only divides (no re-centring), so an EMA baseline is never
-    cancelled by the normalisation (the fork's per_prompt and batch normalisations re-centre, which removes it). The
-    `batch` scale is the std of the advantages after the baseline, so with `--baseline per_prompt` it is the std of
-    the per-prompt-centred advantages, as the fork (and dar.py) divide by; `per_prompt` divides by each prompt's std.
- 6. Configurations that make the method degenerate fail at start-up (the fork runs them): K = 1 with a per-prompt
-    baseline or scale (all A = 0); ε_η ≥ log n (η is driven to its floor, ψ one-hot); `behavior` without behaviour
-    log-probs. There the fork uses sg(S^θ) as the behaviour log-prob: the KL *value* is exactly 0 (α decays to its
-    floor), but its gradient is not, the loss still holds α·mean(sg(S^θ) - S^θ), an α-weighted likelihood term on
-    every sample. Old-policy sync every step (KL ≡ 0) warns, and so does a streak of near-zero KL values (as the fork).
+    batch; the fork: per device and micro-batch), so 2 processes give the update of 1 with the same global batch.
+ 5. The scale only divides (no re-centring), so an EMA baseline survives it (the fork's per_prompt and batch
+    normalisations re-centre, which removes it). The `batch` scale is the std of the advantages after the baseline:
+    with `--baseline per_prompt`, that of the per-prompt-centred advantages, as the fork and dar.py divide by (not the
+    raw rewards' std); `per_prompt` divides by each prompt's std.
+ 6. Degenerate configurations fail at start-up (the fork runs them): K = 1 with a per-prompt baseline or scale (all
+    A = 0); ε_η ≥ log n (η driven to its floor, ψ one-hot); `behavior` without behaviour log-probs. There the fork uses
+    sg(S^θ): the KL *value* is exactly 0 (α decays to its floor), but the loss still holds α·mean(sg(S^θ) - S^θ), an
+    α-weighted likelihood gradient on every sample. Old-policy sync every step (KL ≡ 0) warns, and so does a streak
+    of near-zero KL values (as the fork).
  7. The completion mask comes from generation (cut after the first EOS, EOS kept) or from token counts, never from
-    pad_token_id, so the EOS token is trained on even when pad == eos (the fork masks `ids != pad`).
- 8. A sample no reward source scores (every source returned None; offline: a null reward) is "not scored": its
-    reward is NaN, it is left out of every baseline and scale (NaN-aware means and stds), it cannot be selected (the
-    top n = ceil(ρ N_scored) come from the scored samples only, so `vmpo/selected_fraction` drops below ρ), it gets
-    ψ = 0 and is not in L_η. It still counts in the KL and the anchor, which need no reward. A step with no scored
-    sample takes no η step and has no policy-loss term.
- 9. The EMA baseline starts at the first step's mean reward; the fork's starts at 0. Every advantage of a step is
-    shifted by the same constant, which changes neither the selection nor ψ nor the η gradient (no effect on training),
-    but the logged `vmpo/eta_loss` and `vmpo/reward_ema_baseline` differ from the fork's in the first steps.
-10. `--per_device_train_batch_size` counts completions (TRL's meaning, as in grpo.py), K = `--k` per prompt, so a
-    micro-batch holds per_device_train_batch_size / K prompts (it must divide); the fork's counts prompts. Offline,
-    K is the number of completions per row of the data.
-11. Non-finite safety: a reward source returning NaN or inf stops the run at that step, before its update (naming
-    the source and a sample); a non-finite gradient norm skips the optimizer step, the dual step with it (the duals
-    stay as they were), and is counted in `train/skipped_steps`; non-finite weights are never saved.
+    pad_token_id, so EOS is trained on even when pad == eos (the fork masks `ids != pad`).
+ 8. A sample no reward source scores (all returned None; offline: a null reward) is "not scored": NaN reward, out of
+    every baseline and scale (NaN-aware), never selected (the top n = ceil(ρ N_scored) come from the scored samples,
+    so `vmpo/selected_fraction` drops below ρ), ψ = 0, not in L_η; it still counts in the KL and the anchor, which
+    need no reward. A step with nothing scored takes no η step and has no policy-loss term.
+ 9. The EMA baseline starts at the first step's mean reward, the fork's at 0: a shift of every advantage of a step by
+    one constant, which changes neither the selection, ψ nor the η gradient (no effect on training), but the logged
+    `vmpo/eta_loss` and `vmpo/reward_ema_baseline` differ from the fork's in the first steps.
+10. `--per_device_train_batch_size` counts completions (TRL's meaning, as grpo.py): a micro-batch holds
+    per_device_train_batch_size / K prompts (it must divide); the fork's counts prompts. Offline, K is the number of
+    completions per row of the data.
+11. Non-finite safety: a NaN or inf from a reward source stops the run at that step, before its update (naming the
+    source and a sample); a non-finite gradient norm skips the optimizer step and the dual step with it, counted in
+    `train/skipped_steps`; non-finite weights are never saved.
 
 Defaults are the toy benchmark's (why these values: benchmarks/results/vmpo/README.md): toy-sft policy on toy:add,
 64 completions (32 prompts x K = 2) per step, lr 3e-5, ε_η = 1.0, ε_α = 0.05, batch baseline and scale. The fork's
@@ -694,11 +692,11 @@ def main(args: Args):
             generator.sync_weights(sampler)
 
         # ---- 5. log: means over the steps since the last log (NaN-aware), counters and duals at their current value
-        sel_adv, scored_r = adv[selected], all_r[~torch.isnan(all_r)]
+        sel_adv = adv[selected]
         lens = torch.tensor([len(c) for m in mbs for c in m["ids"]])
         window_add(window, rollout.completion_metrics(accelerator, torch.arange(int(lens.max()))[None] < lens[:, None],
                                                       torch.cat([m["terminated"] for m in mbs])))
-        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: its gap to the trainer
+        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: gap to the trainer
             window_add(window, rollout.sampler_gap_metrics(accelerator, [m["trainer_tok"] for m in mbs],
                                                            [m["gen"].sampler_logps for m in mbs],
                                                            [m["batch"]["completion_mask"] for m in mbs]))
@@ -710,8 +708,10 @@ def main(args: Args):
             "vmpo/advantages_mean": torch.nanmean(adv).item(), "vmpo/advantages_std": nanstd(adv).item(),
             "vmpo/top_advantages_mean": sel_adv.mean().item() if sel_adv.numel() else float("nan"),
             "vmpo/top_advantages_std": sel_adv.std(unbiased=False).item() if sel_adv.numel() > 1 else 0.0,
-            "vmpo/weights_entropy": weights_entropy(psi), "vmpo/weights_kl_uniform": weights_kl_from_uniform(psi, selected),
-            "vmpo/selected_fraction": selected.float().mean().item(), "vmpo/scored_fraction": scored_r.numel() / num_global,
+            "vmpo/weights_entropy": weights_entropy(psi),
+            "vmpo/weights_kl_uniform": weights_kl_from_uniform(psi, selected),
+            "vmpo/selected_fraction": selected.float().mean().item(),
+            "vmpo/scored_fraction": (~torch.isnan(all_r)).float().mean().item(),
             "vmpo/eta_loss": eta_loss.item() if eta_loss is not None else float("nan"),
             "vmpo/kl_mean": kl_mean, "vmpo/logps_policy": tot["s_policy"] / num_global,
             "vmpo/logps_ref": tot["s_ref"] / num_global, "vmpo/logps_old": tot["s_old"] / num_global,
