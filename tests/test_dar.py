@@ -19,6 +19,7 @@ DAR_METRICS = ["dar/rewards_mean", "dar/rewards_std", "dar/rewards_p25", "dar/re
 
 
 def test_weights_against_a_hand_computation():
+    """Note 3: w = min(exp(·), w_clip) by hand, and no overflow for a huge advantage."""
     adv = torch.tensor([1.0, -1.0, 0.0, 3.0])
     s_ref = torch.tensor([-2.0, -3.0, -1.0, -2.0])
     s_beh = torch.tensor([-2.5, -2.0, -1.0, -2.0])
@@ -36,6 +37,7 @@ def test_weights_against_a_hand_computation():
 
 
 def test_loss_is_weighted_mean_nll_without_gradient_through_weights():
+    """Note 1: a weighted mean NLL, no gradient through the weights, micro-batch shares add up."""
     s = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
     w = torch.tensor([2.0, 0.5, 1.0], requires_grad=True)
     loss = dar_loss(w, s, 3)
@@ -48,6 +50,7 @@ def test_loss_is_weighted_mean_nll_without_gradient_through_weights():
 
 
 def test_advantages_are_centred_per_prompt():
+    """Notes 2 and 6: per-prompt centring, the per-prompt and batch scales, K = 1 refused."""
     r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
     a = dar_advantages(r, "none")
     assert torch.allclose(a, torch.tensor([[0.5, -0.5], [0.0, 0.0], [-1.0, 1.0]]))
@@ -102,6 +105,7 @@ def _moved(out_dir, start_dir):
 
 @pytest.mark.parametrize("mode", ["online", "preference"])
 def test_runs(tmp_path, toy_policy, mode):
+    """Notes 4 and 7 through the entry point, online and on preference pairs."""
     out = tmp_path / "run"
     run_script("dar.py", *FAST, "--data_mode", mode, "--output_dir", str(out))
     recs = read_metrics(out)
@@ -122,6 +126,7 @@ def test_runs(tmp_path, toy_policy, mode):
 
 
 def test_reward_offline_run_with_behavior_logps(tmp_path):
+    """Note 7 offline (K = 4 from the data): the regularisation part uses the logged behaviour log-probs."""
     from common import toy
 
     ds = toy.make_dataset("add", "prompt_completion_reward", n=64, k=4)
@@ -139,5 +144,6 @@ def test_reward_offline_run_with_behavior_logps(tmp_path):
 
 
 def test_k1_fails_at_startup(tmp_path):
+    """Note 2 through the entry point."""
     proc = run_script("dar.py", "--k", "1", "--output_dir", str(tmp_path / "run"), check=False)
     assert proc.returncode != 0 and "K = 1" in proc.stderr

@@ -25,6 +25,7 @@ SEED_METRICS = ["vmpo/rewards_mean", "vmpo/rewards_std", "vmpo/advantages_mean",
 
 # ----------------------------------------------------------------------------- tier 1: math
 def test_weights_sum_to_one_on_selected_and_zero_elsewhere():
+    """E-step: ψ is a softmax over the ceil(ρN) largest advantages and 0 elsewhere (spec 1.7.4)."""
     torch.manual_seed(0)
     adv = torch.randn(10)
     sel = select_top(adv, 0.5)
@@ -40,6 +41,7 @@ def test_weights_sum_to_one_on_selected_and_zero_elsewhere():
 
 
 def test_eta_dual_gradient_is_eps_minus_kl_from_uniform():
+    """η dual: dL_η/dη = ε_η - KL(ψ‖U) (spec 1.7.1)."""
     torch.manual_seed(1)
     adv = torch.randn(12)
     sel = select_top(adv, 0.5)
@@ -51,6 +53,7 @@ def test_eta_dual_gradient_is_eps_minus_kl_from_uniform():
 
 
 def test_eta_dual_settles_weights_kl_at_eps_eta():
+    """Choice 3: the log-parameterised η with Adam drives KL(ψ‖U) to ε_η."""
     torch.manual_seed(2)
     adv = torch.randn(64)
     sel = select_top(adv, 0.5)
@@ -66,6 +69,7 @@ def test_eta_dual_settles_weights_kl_at_eps_eta():
 
 
 def test_eta_limits_filtered_behaviour_cloning_and_argmax():
+    """η -> ∞: filtered behaviour cloning (ρ = 1: SFT); η -> 0: one-hot on the best sample (spec 1.7.2)."""
     torch.manual_seed(3)
     adv, s = torch.randn(8), torch.randn(8)
     sel = select_top(adv, 0.5)
@@ -81,6 +85,7 @@ def test_eta_limits_filtered_behaviour_cloning_and_argmax():
 
 
 def test_alpha_dual_rises_above_eps_and_falls_below():
+    """Choice 3: α grows while KL > ε_α, shrinks below it, and the log-space clamp holds it at its bound."""
     for kl, direction in ((0.5, 1), (0.0, -1)):
         duals = Duals(1.0, 1.0)
         opt = dual_optimizer(duals, 0.05, 0.05)
@@ -110,6 +115,7 @@ def _categorical_sequences(n: int, seed: int = 0):
 
 @pytest.mark.parametrize("estimator", ["ref", "old_policy", "old_policy_ref", "behavior"])
 def test_kl_estimators_zero_for_identical_models_and_positive_otherwise(estimator):
+    """Choice 1: each estimator is 0 for identical models and matches the exact KL on samples of its sampler."""
     logits, logp, g = _categorical_sequences(0)
     same = torch.randn(50)
     val, sur = sequence_kl(estimator, same, same, same, same)
@@ -141,6 +147,7 @@ def test_kl_loss_gradients_match_exact_kl_gradients():
 
 
 def test_advantage_baselines_and_norms_compose():
+    """Choice 5: baselines and scales compose; the scale only divides, so an EMA baseline survives it."""
     r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     a = compute_advantages(r, "per_prompt", "per_prompt")
     assert torch.allclose(a, torch.tensor([[1.0, -1.0], [0.0, 0.0], [0.0, 0.0]]))  # tied prompts -> 0, not NaN
@@ -155,6 +162,7 @@ def test_advantage_baselines_and_norms_compose():
 
 
 def test_micro_batch_losses_add_up_to_the_full_batch_loss():
+    """Choice 4: micro-batch shares of the loss add up to the loss of the whole step."""
     torch.manual_seed(4)
     adv, s, kl = torch.randn(8), torch.randn(8), torch.rand(8)
     w = estep_weights(adv, select_top(adv, 0.5), 0.5)
@@ -164,6 +172,7 @@ def test_micro_batch_losses_add_up_to_the_full_batch_loss():
 
 
 def test_degenerate_configurations_fail_with_the_reason():
+    """Choice 6: degenerate configurations raise (or warn) with the reason."""
     check_degenerate(Args(), k=2, num_global=64, has_behavior=False)
     with pytest.raises(ValueError, match="every advantage"):
         check_degenerate(Args(k=1, baseline="per_prompt", adv_norm="none"), k=1, num_global=32, has_behavior=False)
@@ -262,6 +271,7 @@ def test_batch_counts_completions():
 
 
 def test_offline_rewards_null_is_not_scored_and_inf_is_refused(tmp_path):
+    """Choice 8 offline: a null reward is not scored, an infinite one is refused naming the column and row."""
     from common import toy
 
     tok = toy.make_tokenizer()
@@ -328,6 +338,7 @@ def _check_metrics(out_dir, steps=3, toy=True):
 
 @pytest.mark.parametrize("estimator", ["old_policy_ref", "ref"])
 def test_online_run(tmp_path, toy_policy, estimator):
+    """Choice 1 through the entry point: the first step samples from π_old = π_θ, so the KL is 0."""
     out = tmp_path / "run"
     run_script("vmpo.py", *FAST, "--kl_estimator", estimator, "--output_dir", str(out))
     train = _check_metrics(out)
@@ -340,6 +351,7 @@ def test_online_run(tmp_path, toy_policy, estimator):
 
 
 def test_online_run_with_a_reward_model(tmp_path, toy_rm):
+    """A reward model as the reward source, in training and in the held-out evaluation."""
     out = tmp_path / "run"
     run_script("vmpo.py", *FAST, "--max_steps", "2", "--reward_model_name_or_path", str(toy_rm), "--output_dir",
                str(out))
@@ -395,6 +407,7 @@ def test_not_scored_samples_in_a_run_and_an_inf_reward_stops_it(tmp_path):
 
 
 def test_old_policy_sync_at_the_configured_step(tmp_path):
+    """Choice 1: the old policy is a hard copy of θ every old_policy_sync_steps steps."""
     out = tmp_path / "run"
     run_script("vmpo.py", *FAST, "--max_steps", "5", "--kl_estimator", "old_policy", "--old_policy_sync_steps", "2",
                "--learning_rate", "1e-3", "--output_dir", str(out))
@@ -428,6 +441,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_preference_offline_run(tmp_path, toy_policy):
+    """Offline preference pairs become K = 2 completions with rewards [1, 0]."""
     out = tmp_path / "run"
     run_script("vmpo.py", *FAST, "--data_mode", "preference", "--output_dir", str(out))
     train = _check_metrics(out)
@@ -436,6 +450,7 @@ def test_preference_offline_run(tmp_path, toy_policy):
 
 
 def test_reward_offline_run_with_behavior_logps(tmp_path, toy_policy):
+    """Choice 10 offline (K = 4 from the data) and the `behavior` estimator on logged behaviour log-probs."""
     from common import toy
 
     ds = toy.make_dataset("add", "prompt_completion_reward", n=64, k=4)
@@ -455,6 +470,7 @@ def test_reward_offline_run_with_behavior_logps(tmp_path, toy_policy):
 
 
 def test_degenerate_config_fails_at_startup(tmp_path):
+    """Choice 6 through the entry point: the run fails before writing metrics."""
     proc = run_script("vmpo.py", "--k", "1", "--baseline", "per_prompt", "--output_dir", str(tmp_path / "run"),
                       check=False)
     assert proc.returncode != 0 and "every advantage 0" in proc.stderr
@@ -466,6 +482,7 @@ def test_degenerate_config_fails_at_startup(tmp_path):
 
 
 def test_two_processes_cpu(tmp_path):
+    """Choice 4: with 2 processes the E-step runs over the gathered global batch."""
     out = tmp_path / "run"
     proc = run_script("vmpo.py", "--k", "2", *FAST, "--per_device_train_batch_size", "8", "--output_dir", str(out),
                       launcher=accelerate_launcher(2), env={"ACCELERATE_USE_CPU": "true"})
