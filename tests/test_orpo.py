@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import accelerate_launcher, assert_fails_at_startup, read_metrics, run_script
+from conftest import accelerate_launcher, read_metrics, run_script
 from orpo import (Args, check_args, forward_pairs, log1mexp, log_odds, odds_ratio_terms, orpo_loss, sft_token_mask)
 
 TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -147,10 +147,18 @@ def test_bad_configurations_raise(flags, match):
         check_args(Args(**flags))
 
 
-def test_unpaired_data_fails_before_any_model_loads_naming_kto(tmp_path):
+def test_unpaired_data_fails_before_any_model_loads_naming_kto(tmp_path, monkeypatch):
+    """The data check comes before any model loads and before anything is written to output_dir (in-process: the
+    same main() the entry point calls)."""
+    from common import data, model as model_utils
+    from orpo import main
+
     path = tmp_path / "unpaired.jsonl"
     path.write_text("".join(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) + "\n" for _ in range(4)))
-    assert_fails_at_startup("orpo.py", tmp_path, ["--dataset_name", str(path)], "kto.py or bco.py")
+    monkeypatch.setattr(model_utils, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(data.DatasetFormatError, match="kto.py or bco.py"):
+        main(Args(dataset_name=str(path), output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- runs through the entry point
@@ -203,13 +211,14 @@ def test_details1_4_first_step_equals_independent_computation(base_run, toy_poli
     starting policy: each chosen sequence run alone, NLL over its prompt (after the first token) and completion."""
     from common import data, model as model_utils, preference
 
-    args = Args(dataset_name="toy:add")
     tok = model_utils.load_tokenizer("toy-sft", "toy:add")
-    train, _ = preference.tokenize_pairs(data.load_data("toy:add", "train", toy_kind="preference"), tok, 1024, None)
+    ds = data.load_data("toy:add", "train", toy_kind="preference")
+    first = data.batch_indices(len(ds), 8, 0, 1)  # the toy pairs all fit: no row is dropped, indices agree
+    train = dict(zip(first, preference.tokenize_pairs(ds.select(first), tok, 1024, None)[0]))
     model = model_utils.load_causal_lm("toy-sft", tok, "toy:add").eval()
     nll, tokens, ratios = 0.0, 0, []
     with torch.no_grad():
-        for i in data.batch_indices(len(train), 8, 0, args.seed):
+        for i in first:
             p, c, r = train[i]
             means = []
             for comp in (c, r):
