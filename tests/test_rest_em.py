@@ -146,3 +146,24 @@ def test_detail_6_resume_at_an_iteration_boundary_equals_the_uninterrupted_run(f
         assert {k: v for k, v in ra.items() if k not in VARYING} == {k: v for k, v in rb.items() if k not in VARYING}
     assert (part / "data" / "iteration-2.kept.jsonl").read_text() == \
         (full_run / "data" / "iteration-2.kept.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_detail_5_two_processes_with_accumulation_give_the_one_process_update(tmp_path):
+    """Identical samples (a deterministic fake sampler): 2 processes x 4 sequences x 2 accumulation steps = 1 process x
+    16 sequences, in the M-step loss and the weights of every iteration."""
+    from conftest import run_with_fake_sampler
+
+    flags = ["--iterations", "2", "--prompts_per_iteration", "8", "--num_generations", "4", "--threshold", "-inf",
+             "--sft_steps", "3", "--warmup_steps", "1", "--eval_steps", "0", "--logging_steps", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_with_fake_sampler(tmp_path, "rest_em.py", [*flags, "--per_device_train_batch_size", "16",
+                                                   "--output_dir", str(one)], 1)
+    run_with_fake_sampler(tmp_path, "rest_em.py", [*flags, "--per_device_train_batch_size", "4",
+                                                   "--gradient_accumulation_steps", "2", "--output_dir", str(two)], 2)
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert [r["kept"] for r in m1] == [r["kept"] for r in m2] == [32, 32]
+    for a, b in zip(m1, m2):
+        assert a["sft/loss"] == pytest.approx(b["sft/loss"], rel=1e-5)
+    for it in (1, 2):
+        assert_params_close(one / f"checkpoint-{it}", two / f"checkpoint-{it}", atol=2e-6)
