@@ -1,0 +1,182 @@
+"""Seconds per optimizer step of algos/kto.py vs TRL 1.16's KTOTrainer, at matched settings.
+
+    python benchmarks/kto_speed.py                         # 3 repeats x 40 steps each -> benchmarks/results/kto/
+    python benchmarks/kto_speed.py --repeats 1 --steps 20  # a quicker look
+
+Matched settings: the same model folder (the toy SFT policy, toy-sft), the toy:add unpaired rows, 64 examples per
+optimizer step (one micro-batch, one process), β = 0.1, loss_type kto (both compute the reference point z from the
+mismatched pairs of the batch: four forwards per step, one with gradient), a reference model held in memory,
+float32, AdamW at lr 1e-4, gradient clipping at 1.0, the same thread count (--threads), metrics logged every
+--logging_steps steps, no evaluation, no checkpoints. TRL runs with gradient checkpointing off and on (its KTOConfig
+default is on).
+
+TRL is never a dependency of the project: this script uses a scratch virtualenv of its own (--trl_venv, default
+.cache/venv-trl-1.16.0, made with --system-site-packages so it runs on the project's torch and transformers) with
+trl==1.16.0 installed there with --no-deps. Each measurement runs in its own process, so its peak resident memory
+(ru_maxrss) is its own. Per-step time: the mean over the steps after --warmup (kto.py: from its metrics file's wall
+times; TRL: from a callback at each step's end), then the median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CLEANALIGN_CACHE", str(ROOT / ".cache"))
+TRL_VERSION = "1.16.0"
+
+
+def child_trl(a) -> dict:
+    """TRL's KTOTrainer, timed by a callback at the end of every optimizer step."""
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import KTOConfig, KTOTrainer
+
+    from common import toy
+
+    torch.set_num_threads(a.threads)
+    ds = toy.make_dataset("add", "unpaired", "train")
+    tok = AutoTokenizer.from_pretrained(a.model)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+    cfg = KTOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+                    learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    max_grad_norm=1.0, max_steps=a.steps, beta=0.1, loss_type="kto", max_length=1024,
+                    bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=bool(a.gradient_checkpointing),
+                    logging_steps=a.logging_steps, save_strategy="no", eval_strategy="no", report_to=[], seed=1,
+                    dataloader_num_workers=0, disable_dropout=True, model_init_kwargs={"dtype": torch.float32},
+                    disable_tqdm=True)
+    trainer = KTOTrainer(model=a.model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    return {"points": [[i + 1, t] for i, t in enumerate(times)],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def per_step(points: list[list[float]], warmup: int) -> float:
+    """Seconds per step between the first (step, time) point at or after `warmup` and the last point."""
+    pts = [p for p in points if p[0] >= warmup]
+    return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+
+
+def env_for(a) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
+            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+
+
+def run_trl(python: str, a, checkpointing: int, out: Path) -> dict:
+    res = out / "trl.json"
+    subprocess.run([python, str(Path(__file__).resolve()), "--child", "--model", a.model, "--steps", str(a.steps),
+                    "--batch", str(a.batch), "--threads", str(a.threads), "--logging_steps", str(a.logging_steps),
+                    "--result", str(res), "--out", str(out / "trl"), "--gradient_checkpointing", str(checkpointing)],
+                   check=True, cwd=ROOT, env=env_for(a), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(res.read_text())
+
+
+def run_ours(a, out: Path) -> dict:
+    run = out / "kto_py"
+    shutil.rmtree(run, ignore_errors=True)
+    subprocess.run([sys.executable, str(ROOT / "algos" / "kto.py"), "--model_name_or_path", a.model,
+                    "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch), "--beta", "0.1",
+                    "--loss_type", "kto", "--learning_rate", "1e-4", "--logging_steps", str(a.logging_steps),
+                    "--eval_steps", "0", "--save_steps", "0", "--output_dir", str(run)], check=True, cwd=ROOT,
+                   env=env_for(a), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return {"points": [[r["step"], r["time"]] for r in recs],
+            "peak_rss_mb": json.loads((run / "perf.json").read_text())["peak_rss_mb"]}
+
+
+def trl_python(venv: Path) -> str:
+    py = venv / "bin" / "python"
+    ok = py.exists() and subprocess.run([str(py), "-c", f"import trl; assert trl.__version__ == '{TRL_VERSION}'"],
+                                        capture_output=True).returncode == 0
+    if not ok:
+        print(f"making a scratch virtualenv with trl=={TRL_VERSION} in {venv} (not a project dependency)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}", "--no-deps"], check=True)
+    return str(py)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
+    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (a multiple of "
+                    "--logging_steps)")
+    ap.add_argument("--logging_steps", type=int, default=10, help="metrics logged every this many steps (both)")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements of each program (median reported)")
+    ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step")
+    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of every program")
+    ap.add_argument("--trl_venv", default=str(ROOT / ".cache" / f"venv-trl-{TRL_VERSION}"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kto"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gradient_checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        Path(a.result).write_text(json.dumps(child_trl(a)) + "\n")
+        return
+
+    from common import toy
+
+    a.model = str(toy.toy_policy_path("add"))
+    out = Path(a.out)
+    scratch = ROOT / "runs" / "bench" / "kto_speed"
+    scratch.mkdir(parents=True, exist_ok=True)
+    py = trl_python(Path(a.trl_venv))
+    load_before = os.getloadavg()
+    programs = {
+        "kto.py": lambda: run_ours(a, scratch),
+        "TRL KTOTrainer, gradient checkpointing off": lambda: run_trl(py, a, 0, scratch),
+        "TRL KTOTrainer, gradient checkpointing on": lambda: run_trl(py, a, 1, scratch),
+    }
+    results = {name: [] for name in programs}
+    for r in range(a.repeats):  # interleaved, so a change in machine load hits every program alike
+        for name, fn in programs.items():
+            res = fn()
+            results[name].append({"s_per_step": per_step(res["points"], a.warmup), "peak_rss_mb": res["peak_rss_mb"]})
+            print(f"repeat {r + 1}/{a.repeats} {name}: {results[name][-1]['s_per_step']:.4f} s/step, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    load_after = os.getloadavg()
+    summary = {name: {"s_per_step": statistics.median(x["s_per_step"] for x in v),
+                      "s_per_step_all": [round(x["s_per_step"], 5) for x in v],
+                      "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
+    ours = summary["kto.py"]
+    checks = {f"speed-up vs {name}": v["s_per_step"] / ours["s_per_step"] for name, v in summary.items()
+              if name != "kto.py"}
+    checks["peak RSS vs TRL (checkpointing off)"] = (ours["peak_rss_mb"]
+                                                     / summary["TRL KTOTrainer, gradient checkpointing off"]["peak_rss_mb"])
+    meta = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "batch_examples": a.batch,
+            "threads": a.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"meta": meta, "programs": summary, "checks": checks}, indent=2) + "\n")
+    lines = ["| program | s / optimizer step (median) | per repeat | peak RSS (MB) |", "|---|---|---|---|"]
+    for name, v in summary.items():
+        lines.append(f"| {name} | {v['s_per_step']:.4f} | {', '.join(f'{x:.4f}' for x in v['s_per_step_all'])} | "
+                     f"{v['peak_rss_mb']:.0f} |")
+    lines += ["", "| check | measured |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in checks.items()]
+    lines += ["", f"{a.repeats} repeats x {a.steps} steps ({a.warmup} warm-up steps left out), {a.batch} examples "
+              f"per step, {a.threads} thread(s), {meta['cores']} cores, load average {meta['loadavg_before']} before "
+              f"and {meta['loadavg_after']} after, {meta['date']}."]
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
