@@ -8,8 +8,8 @@ Paper: "Beyond Human Data: Scaling Self-Training for Problem-Solving with Langua
             drift, better transfer than fine-tuning π_{i-1}); --continue_from_previous True fine-tunes π_{i-1}
             instead (expert iteration / iterative SFT).
 The paper's M-step weights the NLL by r(x, y) in {0, 1}, which is exactly this filter. For non-binary rewards the
-threshold keeps samples unweighted; --top_per_prompt m keeps at most the m best passing samples of each prompt (the
-paper caps the solutions kept per problem; with --threshold -inf --top_per_prompt 1 this is RAFT, arXiv 2304.06767).
+threshold keeps samples unweighted; --top_per_prompt m keeps at most the m best passing samples of each prompt (a cap
+that keeps easy prompts from dominating D_i; with --threshold -inf --top_per_prompt 1 this is RAFT, arXiv 2304.06767).
 
 M-step loss (completion tokens only, EOS included; global token mean per optimizer step, as algos/sft.py):
     L(θ) = - Σ_{i,t} m_{i,t} log π_θ(y_{i,t} | x_i, y_{i,<t}) / N_tok,   N_tok = completion tokens of the whole step
