@@ -277,11 +277,11 @@ def test_detail8_resume_is_exact(base_run, tmp_path):
 @pytest.mark.parametrize("flags", [[], ["--loss_type", "simpo", "--cpo_alpha", "0", "--beta", "2.0",
                                         "--simpo_gamma", "1.0"]], ids=["cpo", "simpo"])
 def test_learning_raises_heldout_reward_accuracy_and_gold_reward(tmp_path, toy_policy, flags):
-    """The default CPO run and SimPO: the held-out reward accuracy rises, and the greedy held-out exact match of the
-    toy SFT policy does not fall (CPO: it rises)."""
+    """The default CPO run and SimPO (the paper's β and γ): the held-out reward accuracy and the greedy held-out
+    exact match of the toy SFT policy rise."""
     out = tmp_path / "learn"
     run_script("cpo.py", "--output_dir", str(out), *flags, timeout=3600)
     evals = [r for r in read_metrics(out) if "eval/gold_reward" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
     assert evals[-1]["eval/rewards/accuracies"] > max(0.8, evals[0]["eval/rewards/accuracies"])
-    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + (0.1 if not flags else 0.0), evals
+    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.1, evals
