@@ -7,6 +7,7 @@
 #   SEEDS=1 STEPS=60 bash benchmarks/bco.sh                 # a 1-seed short version
 #   PARALLEL=1 bash benchmarks/bco.sh                       # one run at a time (cleaner wall-time numbers)
 #   PLOT_ONLY=1 bash benchmarks/bco.sh
+#   python benchmarks/bco_trl_check.py                      # first-step metrics vs TRL 1.13's BCOTrainer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
@@ -43,6 +44,7 @@ python benchmarks/plot.py --runs "bco=$RUNS/bco__*" "bco + udm=$RUNS/bco_udm__*"
   echo
   echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![vs time](eval_gold_reward_vs_time.png)"
   echo "![eval reward margin vs step](eval_rewards_margins_vs_step.png) ![running reward shift δ vs step](delta_vs_step.png)"
+  [ -f "$OUT/trl_check.md" ] && { echo; echo "## Same numbers as TRL 1.13 (\`python benchmarks/bco_trl_check.py\`)"; echo; cat "$OUT/trl_check.md"; }
   true
 } > "$OUT/README.md"
 cat "$OUT/README.md"
