@@ -327,6 +327,27 @@ def test_d18_non_finite_reward_model_score_stops_before_any_update(tmp_path, toy
     assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
 
 
+try:
+    import vllm  # noqa: F401
+
+    HAS_VLLM, WHY = True, ""
+except Exception as e:  # absent, or a broken install
+    HAS_VLLM, WHY = False, f"vllm is not importable ({type(e).__name__}: {e}); install the optional vllm extra"
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason=WHY)
+def test_vllm_sampling_matches_the_trained_policy(tmp_path):
+    """--use_vllm (colocated engine): the sampler's log-probs agree with the trainer's old log-probs, rollout after
+    rollout (the engine gets the weights after every update)."""
+    out = tmp_path / "run"
+    run_script("ppo.py", "--use_vllm", "True", "--vllm_mode", "colocate", "--vllm_kv_cache_gb", "0.0625", *QUICK,
+               "--per_device_train_batch_size", "8", "--output_dir", str(out),
+               env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    recs = read_metrics(out)
+    assert len(recs) == 2 and all(r["sampling/sampling_logp_difference/max"] < 1e-3 for r in recs), recs
+
+
 # ----------------------------------------------------------------------------- tier 3: learning
 @pytest.mark.slow
 def test_default_run_raises_heldout_gold_reward_with_the_reward_model(tmp_path, toy_policy):
