@@ -96,6 +96,7 @@ EOF
   echo "Command: \`SEEDS=\"${SEEDS}\" bash benchmarks/best_of_n.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
   echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
   echo "Load average (1, 5, 15 min) before the runs: ${LOAD_BEFORE}; after: ${LOAD_AFTER} (other jobs shared the cores)."
+  if [ "$(echo $SEEDS | wc -w)" -eq 1 ]; then echo "One seed: the short version of this benchmark (its default is 3 seeds: \`bash benchmarks/best_of_n.sh\`)."; fi
   echo
   echo "Policy: the toy SFT policy toy-sft, temperature 1, 16 samples per held-out prompt, 256 held-out prompts (the"
   echo "toy task's test split). Gold reward: exact match. Each n's value is the exact mean over every n-subset of the 16"

@@ -67,12 +67,17 @@ EOF
   echo "Command: \`SEEDS=\"${SEEDS}\" VARIANTS=\"${VARIANTS}\" bash benchmarks/rest_em.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
   echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
   echo "Load average (1, 5, 15 min) before the runs: ${LOAD_BEFORE}; after: ${LOAD_AFTER} (other jobs shared the cores)."
+  if [ "$(echo $SEEDS | wc -w)" -eq 1 ]; then echo "One seed: the short version of this benchmark (its default is 3 seeds: \`bash benchmarks/rest_em.sh\`)."; fi
   echo
   echo "Defaults of algos/rest_em.py: base model toy-sft; per iteration 512 training prompts x 8 samples (temperature 1),"
   echo "keep gold reward >= 1 (the correct answers, EOS-terminated), then 60 AdamW steps of 64 sequences (lr 1e-4,"
   echo "10 warm-up steps) from the base model (rest_em) or from the previous policy (expert_iteration)."
   echo "eval/gold_reward: greedy exact match on 256 held-out prompts after each iteration (iteration 0: the base model)."
   echo "In the curves, 'optimizer step' on the x axis is the iteration."
+  echo
+  echo "Context: toy-sft is sft.py's default run stopped at step 475 of 1000 (the full run's held-out accuracy is in"
+  echo "benchmarks/results/foundation/README.md), so most of what ReST-EM gains here is what more supervised training"
+  echo "on correct answers teaches; the difference is that the answers are the policy's own, checked by the reward."
   echo
   cat "$OUT/per_iteration.md"
   echo
