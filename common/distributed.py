@@ -1,15 +1,34 @@
-"""One accelerate setup for every script, and the batch arithmetic that makes multi-process and gradient
-accumulation runs see exactly the global batch a single process would.
+"""One accelerate setup for every script, the batch arithmetic that makes multi-process and gradient accumulation
+runs see exactly the global batch a single process would, and the distributed mode a run really runs in.
 
-Launch with `accelerate launch [--num_processes N] [--config_file configs/accelerate/<ddp|zero2|zero3|fsdp>.yaml]`.
-On a machine without a GPU, several processes need `--multi_gpu` (accelerate then starts them with torchrun; without
-it, accelerate starts a single process on CPU): `accelerate launch --multi_gpu --num_processes 2 algos/sft.py`.
-They communicate over gloo.
+Launch with `accelerate launch --config_file configs/accelerate/<mode>.yaml algos/<script>.py ...`, where mode is
+ddp, zero2, zero3 or fsdp2 on GPU machines and ddp_cpu, zero2_cpu, zero3_cpu or fsdp2_cpu on a machine without a
+GPU (2 processes over gloo, float32; the CPU files differ from the GPU ones only in process count and precision).
+DeepSpeed (ZeRO-2/3) is an optional extra: `pip install "deepspeed==0.19.*"`.
+
+What `make_accelerator` does beyond `Accelerator(...)`, so that every mode runs the same code paths on GPU and CPU:
+  - DeepSpeed: the Accelerator is built for it also without CUDA (accelerate's `cpu=True` would silently drop the
+    DeepSpeed config and run DDP), over gloo on CPU. No dataloader goes through `prepare`, so the micro-batch size,
+    the accumulation steps and the clipping norm are written into the DeepSpeed config from the script's flags
+    (--per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm).
+  - ZeRO-3: every model loads whole on every process (transformers' zero.Init is switched off: a model built
+    inside it is initialised differently, and a frozen model built inside it would be partitioned with nothing to
+    gather it); `accelerator.prepare` partitions the trained model. Frozen reference / reward models stay whole on
+    every process (replicated).
+  - FSDP2: on CPU, where accelerate 1.15 enables FSDP only on accelerators, the run is switched to accelerate's own
+    FSDP2 path (fully_shard per decoder layer, DTensor-aware clipping, full state dicts). Only fsdp_version 2 is
+    supported. fsdp_cpu_ram_efficient_loading is turned off (it would load frozen models outside `prepare` as empty
+    meta tensors on every rank but the first). Frozen models stay whole on every process.
+  - A DeepSpeed or FSDP launch whose mode did not take effect, a DeepSpeed config without deepspeed installed, or
+    several processes that are not connected (gradients never synchronised) stop the run at start-up with the fix.
+  - The main process prints one line with the mode it really runs in, and after `prepare` one line with how many
+    parameter and optimizer-state elements each process holds (sharded modes hold about 1/N each).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import torch
@@ -18,21 +37,228 @@ from accelerate.utils import DistributedType, set_seed
 
 MAX_CONSECUTIVE_SKIPS = 10
 _consecutive_skips: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> skipped steps in a row
+DEEPSPEED_INSTALL = 'pip install "deepspeed==0.19.*"'
+CONFIGS = "configs/accelerate/"
+
+
+class ScaleOutError(RuntimeError):
+    """The launch asked for a distributed mode this run cannot (or did not) set up."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def requested_mode() -> str:
+    """The mode `accelerate launch --config_file ...` asked for: 'deepspeed', 'fsdp' or 'data_parallel' (DDP, or one
+    process)."""
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if _flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    return "data_parallel"
+
+
+def _check_deepspeed_installed():
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - a broken install is as unusable as a missing one
+            raise ScaleOutError(f"the accelerate config asks for DeepSpeed, but `import deepspeed` failed ({e}); "
+                                f"reinstall the optional extra: {DEEPSPEED_INSTALL}") from None
+        return
+    raise ScaleOutError(f"the accelerate config asks for DeepSpeed (distributed_type: DEEPSPEED), but deepspeed is "
+                        f"not installed. Install the optional extra: {DEEPSPEED_INSTALL} (no CUDA needed; on CPU it "
+                        f"runs over gloo), or launch with {CONFIGS}ddp.yaml / ddp_cpu.yaml")
+
+
+def _enable_fsdp2_without_cuda(accelerator) -> None:
+    """accelerate 1.15 turns FSDP on only for accelerator devices; on CPU (gloo) switch the state to its FSDP path,
+    whose fully_shard preparation, clipping and state dicts are device-generic."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise ScaleOutError(f"the accelerate config asks for FSDP, but the processes came up as "
+                            f"{state.distributed_type} (several processes joined over gloo are needed on CPU): "
+                            f"launch with accelerate launch --config_file {CONFIGS}fsdp2_cpu.yaml")
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def describe(accelerator) -> str:
+    """The distributed mode in words, e.g. 'DeepSpeed ZeRO-3 on 2 processes (gloo, cpu)'."""
+    dt, n = accelerator.distributed_type, accelerator.num_processes
+    if dt == DistributedType.DEEPSPEED:
+        mode = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    elif dt == DistributedType.FSDP:
+        mode = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    elif n > 1:
+        mode = "DDP"
+    else:
+        mode = "single process"
+    backend = getattr(accelerator.state, "backend", None) or "none"
+    return (f"{mode} on {n} process{'es' if n > 1 else ''} ({backend}, {accelerator.device.type}, "
+            f"mixed precision {accelerator.mixed_precision})")
 
 
 def make_accelerator(args) -> Accelerator:
-    """Accelerator with manual gradient accumulation bookkeeping (see `micro_batches`), per-rank seeding and the
-    mixed-precision flag (`--mixed_precision no|fp16|bf16`; unset leaves the accelerate config's choice)."""
+    """Accelerator with manual gradient accumulation bookkeeping (see `micro_batches`), per-rank seeding, the
+    mixed-precision flag (`--mixed_precision no|fp16|bf16`; unset leaves the accelerate config's choice) and the
+    distributed mode the launch asked for, checked and printed (see the module docstring)."""
+    mode = requested_mode()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
     kwargs = {}
     if getattr(args, "mixed_precision", None):
         kwargs["mixed_precision"] = args.mixed_precision
-    # cpu=True on a machine without CUDA makes a torchrun-started group use gloo (MULTI_CPU) instead of staying
-    # a set of unconnected single processes
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available(), **kwargs)
+    if mode == "deepspeed":
+        _check_deepspeed_installed()
+        if _flag("ACCELERATE_USE_CPU"):
+            raise ScaleOutError(f"the accelerate config asks for DeepSpeed with use_cpu: true, which makes accelerate "
+                                f"drop DeepSpeed and run plain DDP: set use_cpu: false (as in "
+                                f"{CONFIGS}zero2_cpu.yaml / zero3_cpu.yaml)")
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # cpu=False even without CUDA: with cpu=True accelerate silently ignores the DeepSpeed config
+        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        accelerator = _Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=False,
+                                   kwargs_handlers=handlers, **kwargs)
+    else:
+        # cpu=True on a machine without CUDA makes a torchrun-started group use gloo (MULTI_CPU) instead of staying
+        # a set of unconnected single processes
+        accelerator = _Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=not cuda,
+                                   **kwargs)
+        if mode == "fsdp" and accelerator.distributed_type != DistributedType.FSDP and not cuda:
+            _enable_fsdp2_without_cuda(accelerator)
+    _check_mode(accelerator, mode, world)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, args)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _configure_fsdp(accelerator)
+    accelerator.print(f"distributed: {describe(accelerator)}", flush=True)
     # identical init on every rank (the model is seeded separately), distinct sampling streams per rank
     set_seed(args.seed + accelerator.process_index)
     return accelerator
+
+
+def _check_mode(accelerator, mode: str, world: int) -> None:
+    dt = accelerator.distributed_type
+    if mode == "deepspeed" and dt != DistributedType.DEEPSPEED:
+        raise ScaleOutError(f"the accelerate config asks for DeepSpeed, but the run came up as {dt} (it would "
+                            f"silently train without ZeRO); launch with accelerate launch --config_file "
+                            f"{CONFIGS}zero2.yaml (GPU) or zero2_cpu.yaml (CPU), and keep use_cpu: false")
+    if mode == "fsdp":
+        if dt != DistributedType.FSDP:
+            raise ScaleOutError(f"the accelerate config asks for FSDP, but the run came up as {dt} (it would "
+                                f"silently train without sharding); launch with accelerate launch --config_file "
+                                f"{CONFIGS}fsdp2.yaml (GPU) or fsdp2_cpu.yaml (CPU)")
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise ScaleOutError(f"fsdp_version {accelerator.state.fsdp_plugin.fsdp_version}: the scripts support "
+                                f"FSDP2 only; set fsdp_version: 2 in the accelerate config (as in "
+                                f"{CONFIGS}fsdp2.yaml)")
+    if world > 1 and (accelerator.num_processes != world or dt == DistributedType.NO):
+        raise ScaleOutError(f"{world} processes were started but they are not one distributed group (the run came up "
+                            f"as {dt} with {accelerator.num_processes} process(es)): each would train alone and "
+                            f"gradients would never be synchronised. Launch with accelerate launch --config_file "
+                            f"{CONFIGS}ddp_cpu.yaml (or ddp.yaml on GPUs)")
+
+
+def _configure_deepspeed(accelerator, args) -> None:
+    """The DeepSpeed settings no dataloader provides, from the script's flags; models load whole (see module doc)."""
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro = int(getattr(args, "per_device_train_batch_size", 1))
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = int(args.gradient_accumulation_steps)
+    cfg["train_batch_size"] = micro * int(args.gradient_accumulation_steps) * accelerator.num_processes
+    cfg["gradient_clipping"] = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # transformers would build every model inside zero.Init: a random init differing from one process's, and
+        # frozen models partitioned outside any engine; load them whole and let `prepare` partition the policy
+        unset_hf_deepspeed_config()
+        accelerator.state.deepspeed_plugin.zero3_init_flag = False
+
+
+def _configure_fsdp(accelerator) -> None:
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.cpu_ram_efficient_loading:
+        # transformers reads this variable: with it, from_pretrained gives empty (meta) weights on every rank but
+        # the first, which only `prepare` would fill; frozen models loaded outside prepare would stay empty
+        plugin.cpu_ram_efficient_loading = False
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        accelerator.print("fsdp_cpu_ram_efficient_loading turned off: every process loads the whole model, so frozen "
+                          "reference / reward models are real on every rank")
+
+
+# ----------------------------------------------------------------------------- what each process holds
+def parameter_elements(model) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole model) of model's parameters: a ZeRO-3 partition, an
+    FSDP2 DTensor's local shard, or the whole tensor."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):  # ZeRO-3: partitioned unless persistent (small parameters stay whole)
+            total += p.ds_numel
+            local += p.ds_numel if getattr(p, "ds_persist", False) else p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):  # DTensor (FSDP2)
+            total += p.numel()
+            local += p.to_local().numel()
+        else:
+            total += p.numel()
+            local += p.numel()
+    return local, total
+
+
+def optimizer_elements(model, optimizer) -> int:
+    """Parameter elements whose optimizer state (AdamW moments, fp32 master copy) this process holds and updates."""
+    ds_opt = getattr(model, "optimizer", None)  # a DeepSpeed engine's ZeRO optimizer
+    groups = (getattr(ds_opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+              or getattr(ds_opt, "fp32_partitioned_groups_flat", None))  # ZeRO-3
+    if groups:
+        return sum(int(g.numel()) for g in groups)
+    local = 0
+    for group in getattr(optimizer, "param_groups", []):
+        for p in group["params"]:
+            local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local
+
+
+class _Accelerator(Accelerator):
+    """accelerate's Accelerator; after preparing a model and its optimizer it prints (main process) how many
+    elements each process holds, so a sharded mode that silently did not shard shows it."""
+
+    def prepare(self, *args, **kwargs):
+        out = super().prepare(*args, **kwargs)
+        result = out if isinstance(out, (tuple, list)) else (out,)
+        models = [o for o in result if isinstance(o, torch.nn.Module)]
+        opts = [o for o in result if isinstance(o, torch.optim.Optimizer)]
+        if models:
+            self.report_sharding(models[0], opts[0] if opts else None)
+        return out
+
+    def report_sharding(self, model, optimizer=None) -> list[tuple[int, int, int]]:
+        """Collective. (parameter elements held, parameter elements in the model, optimizer-state elements held) of
+        every process; the main process prints them as one 'sharding:' line."""
+        local, total = parameter_elements(model)
+        opt = optimizer_elements(model, optimizer) if optimizer is not None else 0
+        t = torch.tensor([[local, total, opt]], dtype=torch.float64, device=self.device)
+        rows = [tuple(int(x) for x in r) for r in (self.gather(t) if self.num_processes > 1 else t).tolist()]
+        self.print("sharding: parameters held per process " + ", ".join(str(r[0]) for r in rows)
+                   + f" of {rows[0][1]} elements; optimizer state per process "
+                   + ", ".join(str(r[2]) for r in rows), flush=True)
+        return rows
 
 
 def global_batch_size(args, accelerator) -> int:
