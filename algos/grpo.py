@@ -77,7 +77,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rollout, tracking
-from common import rewards as reward_utils
+from common import peft_utils, rewards as reward_utils
 from common.generation import build_generator
 
 
@@ -208,6 +208,22 @@ class Args:
     """write sample completions with their rewards every this many steps (0: never)"""
     num_completions_to_log: int = 8
     """sample completions per log"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.05
+    """dropout on the input of each LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -404,11 +420,15 @@ def main(args: Args):
                           "--gradient_accumulation_steps / --num_generations (prompts per generation batch)")
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
     sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
     ref_model = None
-    if args.beta > 0:  # frozen reference = the initial policy, outside accelerator.prepare
+    if args.beta > 0 and args.use_peft:  # the reference = the policy with its adapters off (no second copy)
+        ref_model = peft_utils.reference_model(model)
+    elif args.beta > 0:  # frozen reference = the initial policy, outside accelerator.prepare
         ref_model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name).to(device).eval()
         ref_model.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -92,7 +92,7 @@ import torch.nn.functional as F
 import tyro
 
 from common import (checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout,
-                    tracking)
+                    peft_utils, tracking)
 from common.generation import build_generator, mask_after_eos, unwrapped_for_generation
 from common.judges import check_probabilities, load_judge
 
@@ -207,6 +207,22 @@ class Args:
     only that one)"""
     num_eval_prompts: int = 256
     """held-out prompts per evaluation"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.05
+    """dropout on the input of each LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- math
@@ -421,12 +437,17 @@ def main(args: Args):
         eval_sources = rewards or reward_utils.RewardSources([task], None, args.dataset_name, device)
     elif judge is not None:
         eval_ds = None  # a judge scores no single completion: nothing to evaluate on non-toy data
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder, before any model loads
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
-    ref_model = model_utils.load_causal_lm(args.ref_model_name_or_path or args.model_name_or_path, tokenizer,
-                                           args.dataset_name, seed=args.seed)
-    ref_model.to(device).eval().requires_grad_(False)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
+    if args.use_peft and not args.ref_model_name_or_path:  # the reference = the policy with its adapters off
+        ref_model = peft_utils.reference_model(model)
+    else:
+        ref_model = model_utils.load_causal_lm(args.ref_model_name_or_path or args.model_name_or_path, tokenizer,
+                                               args.dataset_name, seed=args.seed)
+        ref_model.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, tracking
 
 
 @dataclass
@@ -101,6 +101,22 @@ class Args:
     """evaluate every this many steps"""
     num_eval_pairs: int = 512
     """held-out pairs for the evaluation accuracy"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.05
+    """dropout on the input of each LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -164,6 +180,7 @@ def main(args: Args):
     eval_rows = tokenize_pairs(eval_ds, tokenizer, args.max_length) if eval_ds is not None else []  # never train rows
     global_bs = distributed.global_batch_size(args, accelerator)
     data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+    peft_utils.check_args(args, task="SEQ_CLS")  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     if args.model_name_or_path == "toy":
@@ -175,6 +192,7 @@ def main(args: Args):
         model = AutoModelForSequenceClassification.from_pretrained(model_utils.resolve(args.model_name_or_path, args.dataset_name),
                                                                    num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
+    model = peft_utils.maybe_wrap(model, args, task="SEQ_CLS")  # --use_peft: LoRA adapters; the score head trains fully
     score_head = model.score
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 

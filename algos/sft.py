@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -128,6 +128,22 @@ class Args:
     """evaluate every this many steps (at logging steps: make it a multiple of --logging_steps)"""
     num_eval_prompts: int = 256
     """held-out prompts for the greedy exact-match evaluation on toy tasks"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.05
+    """dropout on the input of each LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -295,9 +311,11 @@ def main(args: Args):
                  if eval_ds is not None else [])
     global_bs = distributed.global_batch_size(args, accelerator)
     data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
     if args.neftune_noise_alpha is not None:
         add_neftune_hook(model, args.neftune_noise_alpha)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

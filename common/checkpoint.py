@@ -54,7 +54,8 @@ RESUME_MAY_CHANGE = (
 # deletes these (and only these: other files a user keeps there stay).
 _RUN_FILES = ("args.json", "metrics.jsonl", "samples.jsonl", "perf.json", "config.json", "generation_config.json",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-              "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "wandb")
+              "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "wandb",
+              "adapter_config.json", "merged")  # the last two: a LoRA run's adapter folder and --merge_adapter model
 _WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?$")
 _RUN_PATTERNS = (re.compile(r"^checkpoint-\d+$"), re.compile(r"^\.tmp-"), _WEIGHTS)
 
@@ -252,29 +253,45 @@ def _move_in(src: Path, dst: Path) -> None:
     (which from_pretrained needs) goes first, the new one comes last; stale weight files are removed."""
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").unlink(missing_ok=True)
+    (dst / "adapter_config.json").unlink(missing_ok=True)
     for p in dst.iterdir():
         if p.is_file() and _WEIGHTS.match(p.name) and not (src / p.name).exists():
             p.unlink()
-    for p in sorted(src.iterdir(), key=lambda p: p.name == "config.json"):
+    for p in sorted(src.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json")):
         if (dst / p.name).is_dir():
             shutil.rmtree(dst / p.name)
         os.replace(p, dst / p.name)
     src.rmdir()
 
 
-def save_model(accelerator, model, tokenizer, out_dir, step: int | None = None):
+def save_model(accelerator, model, tokenizer, out_dir, step: int | None = None, merged: bool | None = None):
     """from_pretrained-loadable weights + tokenizer (collective: call on every rank). Written into a temporary folder
     and then moved into out_dir, config.json last, so an interrupted save never looks complete. Refuses weights
-    that are not finite (FloatingPointError naming the step and the first such parameter)."""
+    that are not finite (FloatingPointError naming the step and the first such parameter).
+    A LoRA model (peft PeftModel, common/peft_utils.py): out_dir is an adapter folder (adapter_config.json last,
+    adapter_model.safetensors: `PeftModel.from_pretrained(base, out_dir)`), and with `merged` (default: the run's
+    --merge_adapter) also out_dir/merged, the model with the adapters merged (plain `from_pretrained`)."""
+    from common import peft_utils
+
     _refuse_nonfinite(accelerator, [("", model)], step, f"the model to {out_dir}")
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    unwrapped = accelerator.unwrap_model(model)
+    lora = peft_utils.is_peft_model(unwrapped)
+    if merged is None:
+        merged = lora and getattr(unwrapped, "cleanalign_merge_on_save", False)
     if accelerator.is_main_process:
         out = Path(out_dir)
         tmp = out / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if lora:
+                (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card
+                if merged:
+                    peft_utils.save_merged(unwrapped, tmp / "merged", state)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp / "merged")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         except BaseException:
@@ -372,6 +389,31 @@ def _custom_objects(accelerator) -> list:
     return list(accelerator._custom_objects)
 
 
+def save_module(module, path) -> None:
+    """A module's weights as safetensors; of a LoRA model (PeftModel) only the adapter weights and modules_to_save
+    copies (the frozen base comes back from --model_name_or_path on resume)."""
+    from safetensors.torch import save_file, save_model
+
+    from common import peft_utils
+
+    if peft_utils.is_peft_model(module):
+        save_file({k: v.detach().contiguous() for k, v in peft_utils.adapter_state(module).items()}, str(path))
+    else:
+        save_model(module, str(path))
+
+
+def load_module(module, path, device) -> None:
+    """Inverse of save_module (strict: every tensor must fit)."""
+    from safetensors.torch import load_file, load_model
+
+    from common import peft_utils
+
+    if peft_utils.is_peft_model(module):
+        peft_utils.load_adapter_state(module, load_file(str(path), device=str(device)), str(path))
+    else:
+        load_model(module, str(path), device=str(device))
+
+
 def save_checkpoint(accelerator, output_dir, step: int, model, tokenizer, args, extra: dict | None = None,
                     keep_last: int | None = None, models: dict | None = None,
                     optimizers: dict | None = None) -> Path:
@@ -397,9 +439,9 @@ def save_checkpoint(accelerator, output_dir, step: int, model, tokenizer, args, 
         finally:
             accelerator._custom_objects = registered
     _save_safe(_rng_state(), state_dir / f"rng_{accelerator.process_index}.pt")
-    save_model(accelerator, model, tokenizer, tmp, step)
+    save_model(accelerator, model, tokenizer, tmp, step, merged=False)
     if accelerator.is_main_process:
-        from safetensors.torch import save_file, save_model as save_module
+        from safetensors.torch import save_file
 
         if not _sharded(accelerator):
             for i, m in enumerate(accelerator._models):
@@ -438,7 +480,7 @@ def load_checkpoint(accelerator, path, models: dict | None = None, optimizers: d
     """Restore everything save_checkpoint saved into the objects registered with accelerator.prepare /
     register_for_checkpointing (and the named `models` / `optimizers`); returns the algorithm state: {"step", **extra}.
     Nothing is unpickled: JSON, safetensors and torch.load(weights_only=True) only (CheckpointError otherwise)."""
-    from safetensors.torch import load_file, load_model as load_module
+    from safetensors.torch import load_file
 
     path = _checkpoint_path(Path(path))
     meta = json.loads((path / COMPLETE).read_text())

@@ -48,6 +48,10 @@ def check_model_folder(name: str, flag: str = "--model_name_or_path"):
     if not path.is_dir():
         raise ValueError(f"{flag} {name}: a file, not a model folder; give the folder that holds config.json")
     has_config = (path / "config.json").exists()
+    if not has_config and (path / "adapter_config.json").exists():
+        raise ValueError(f"{flag} {name}: a LoRA adapter folder, not a full model. Pass its merged/ folder (a run "
+                         "with --use_peft --merge_adapter True writes output_dir/merged), or merge it with peft: "
+                         "PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)")
     has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                                                  "vocab.json"))
     if not (has_config and has_tok):

@@ -91,14 +91,20 @@ def state_from_source(source) -> dict[str, torch.Tensor]:
 
 
 def policy_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """The policy's full state dict under its HF parameter names (gathered under ZeRO-3)."""
+    """The policy's full state dict under its HF parameter names (gathered under ZeRO-3 and FSDP2). A LoRA policy (PeftModel)
+    sends the merged weights W + s·B·A under the base model's names, computed without changing the model."""
+    from common.peft_utils import is_peft_model, merged_state_dict
+
     with unwrapped_for_generation(accelerator, model) as m:
         seen, state = set(), {}
-        for k, v in m.state_dict().items():  # tied weights appear twice in state_dict(): send each tensor once
-            if v.data_ptr() in seen and k == "lm_head.weight":
+        full = merged_state_dict(m) if is_peft_model(m) else m.state_dict()
+        for k, v in full.items():  # tied weights appear twice in state_dict(): send each tensor once
+            local = v.to_local() if hasattr(v, "to_local") else v  # FSDP2: a DTensor shard
+            if local.data_ptr() in seen and k == "lm_head.weight":
                 continue
-            seen.add(v.data_ptr())
-            state[k] = v.detach()
+            seen.add(local.data_ptr())
+            # FSDP2: gather the whole tensor (collective, same keys in the same order on every rank)
+            state[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
         return state
 
 
@@ -254,7 +260,13 @@ def model_folder(args, tokenizer, model) -> str:
             raise ValueError("--use_vllm with --model_name_or_path toy needs the model to write it to disk")
         folder = tempfile.mkdtemp(prefix="cleanalign-vllm-toy-")
         atexit.register(shutil.rmtree, folder, True)
-        getattr(model, "module", model).save_pretrained(folder)
+        from common.peft_utils import is_peft_model, save_merged
+
+        m = getattr(model, "module", model)
+        if is_peft_model(m):  # LoRA: the plain model with the adapters merged
+            save_merged(m, folder)
+        else:
+            m.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return folder
     return resolve(name, getattr(args, "dataset_name", "toy:add"))
