@@ -47,8 +47,9 @@ Implementation details (numbered so the tests and the README can point at them):
     held-out prompts (common/evaluation.py).
 
 Toy defaults (the benchmark's): the toy SFT policy (toy-sft) on toy:add unpaired rows (one completion per prompt,
-the right sum or a near miss, about half each), 64 examples per step, β = 0.1, lr 1e-4, 200 steps; a few minutes on
-2 CPU cores.
+the right sum or a near miss, about half each), 64 examples per step, β = 0.1, lr 3e-5, 200 steps; a few minutes on
+2 CPU cores. (At dpo.py's toy lr 1e-4 the held-out exact match of seed 1 peaks at 0.73 by step 15 and falls
+to 0.44 by step 60, as the desirable completions' log-probs fall too; at 3e-5 it reaches 0.86 at step 200.)
 
 Run:
     python algos/kto.py                                            # KTO on toy:add from the toy SFT policy
@@ -122,7 +123,7 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5
     """AdamW learning rate (the toy model's; TRL's default for real models is 1e-6)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # BCO on toy:add unpaired rows from the toy SFT policy: plain BCO and BCO with UDM (--udm True), each with the script's
-# defaults (64 examples per step, β = 0.1, lr 1e-4, 200 steps), 3 seeds each. Runs go to runs/bench/bco/; curves of
+# defaults (64 examples per step, β = 0.1, lr 3e-5, 200 steps), 3 seeds each. Runs go to runs/bench/bco/; curves of
 # the held-out greedy gold reward and the eval reward margin vs step and vs wall time, and a table (start/final,
 # time, peak memory) to benchmarks/results/bco/.
 #   bash benchmarks/bco.sh                                  # 6 runs, 2 at a time, then the plots

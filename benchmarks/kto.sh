@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # KTO on toy:add unpaired rows from the toy SFT policy: loss_type kto and apo_zero_unpaired, each with the script's
-# defaults (64 examples per step, β = 0.1, lr 1e-4, 200 steps), 3 seeds each. Runs go to runs/bench/kto/; curves of
+# defaults (64 examples per step, β = 0.1, lr 3e-5, 200 steps), 3 seeds each. Runs go to runs/bench/kto/; curves of
 # the held-out greedy gold reward and the eval reward margin vs step and vs wall time, and a table (start/final,
 # time, peak memory) to benchmarks/results/kto/.
 #   bash benchmarks/kto.sh                                  # 6 runs, 2 at a time, then the plots

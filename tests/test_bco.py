@@ -238,4 +238,4 @@ def test_learning_raises_heldout_gold_reward(tmp_path, toy_policy):
     evals = [r for r in read_metrics(out) if "eval/gold_reward" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
     assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.15, evals
-    assert evals[-1]["eval/rewards/margins"] > 0.5
+    assert evals[-1]["eval/rewards/margins"] > 0.05
