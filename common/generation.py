@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from common.data import pad
-from common.sampling import Generation, SamplingConfig, mask_after_eos, unwrapped_for_generation  # noqa: F401
+from common.sampling import (Generation, SamplingConfig, mask_after_eos, synced_ranks,  # noqa: F401
+                             unwrapped_for_generation)
 from common.vllm_backend import VLLMGenerator
 
 # Generation, SamplingConfig, mask_after_eos and unwrapped_for_generation live in common/sampling.py (shared with
@@ -43,7 +44,8 @@ class HFGenerator:
                 max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
             )
-            out = m.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+            out = m.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                             synced_gpus=synced_ranks(self.accelerator, m))
             if was_training:
                 m.train()
         completion = out[:, ids.shape[1]:]

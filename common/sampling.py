@@ -43,7 +43,9 @@ def mask_after_eos(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.
 
 @contextlib.contextmanager
 def unwrapped_for_generation(accelerator, model):
-    """The bare model for `generate`; under DeepSpeed ZeRO-3 the sharded parameters are gathered for the call."""
+    """The bare model for `generate`; under DeepSpeed ZeRO-3 the partitioned parameters are gathered for the call
+    (collective: every rank enters it). Under FSDP2 the model stays sharded and each forward gathers one layer unit
+    at a time; pass `synced_gpus=synced_ranks(accelerator, m)` to `generate` so ranks keep stepping together."""
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     ds_plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     if ds_plugin is not None and ds_plugin.zero_stage == 3:
@@ -53,3 +55,12 @@ def unwrapped_for_generation(accelerator, model):
             yield unwrapped
     else:
         yield unwrapped
+
+
+def synced_ranks(accelerator, model) -> bool:
+    """Whether `generate` must run in lockstep on every rank (HF's `synced_gpus`): the model's forward talks to the
+    other ranks (ZeRO-3 partitioned or FSDP2-sharded parameters), so a rank that finished early keeps stepping until
+    all have."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return False
+    return any(hasattr(p, "ds_id") or hasattr(p, "to_local") for p in model.parameters())
