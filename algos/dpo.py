@@ -32,16 +32,21 @@ f-divergences (`--f_divergence_type`, f-DPO, 2309.16240): f'(t) at t = π/π_ref
 --f_alpha_divergence_coef). They enter only through h, so, as in TRL, only the losses built on h accept them.
 
 Implementation details (numbered so the tests and the README can point at them):
- 1. One forward per micro-batch for chosen and rejected together: rows [prompt|chosen] then [prompt|rejected]
-    (left-padded prompt, right-padded completion, explicit completion mask), and only the logits that predict
-    completion tokens are computed (`logits_to_keep`); log-probs go through a chunked float32 log-softmax
-    (common/model.py), and the no-grad statistics (mean logits, WPO's log Σ p², the entropy) are reduced chunk by
-    chunk, so no full-vocabulary float32 copy of the batch is made beyond what a float32 model already holds.
+ 1. One forward per micro-batch for chosen and rejected together, with the prompt computed once per pair: each pair
+    is one row [prompt | chosen | rejected | padding]; the rejected tokens' positions restart after the prompt and a
+    block attention mask lets each token see only the causal past of its own sequence (prompt + itself), so every
+    log-prob equals that of a separate forward of prompt + completion, at the cost of one prompt instead of two
+    (prefix sharing, as in arXiv 2410.20305). It needs an attention that takes a custom 4D mask (sdpa, eager); with
+    others, or --share_prompt False, each pair is two rows [left-padded prompt | right-padded completion] (TRL's
+    layout). Only the logits from the first position that predicts a completion token on are computed
+    (`logits_to_keep`); log-probs go through a chunked float32 log-softmax (common/model.py), and the no-grad
+    statistics (mean logits, WPO's log Σ p², the entropy) are reduced chunk by chunk, so no full-vocabulary float32
+    copy of the batch is made beyond what a float32 model already holds. Masks are explicit, never from pad ids.
  2. Tokenisation: prompt and prompt+completion are tokenised whole and split where they first differ (so merges across
     the boundary do not corrupt the split, as TRL does); completions end with EOS. Truncation: the prompt is cut to
     --max_prompt_length keeping its LAST tokens (left side); then each completion is cut to fit --max_length keeping
-    its FIRST tokens (right side, TRL's keep_start). Pairs whose prompt alone fills --max_length are dropped (counted
-    on screen). Sequence log-probs are sums, never means; the length-normalised losses divide by |y| themselves.
+    its FIRST tokens (right side, TRL's keep_start). Pairs whose prompt is empty or alone fills --max_length are
+    dropped (counted on screen). Sequence log-probs are sums, never means; the length-normalised losses divide by |y| themselves.
  3. --precompute_ref_log_probs: one pass of the reference model over the training and evaluation pairs before training,
     stored in output_dir/ref_logps/ref_logps.safetensors with a fingerprint of the tokenised data, the reference and
     the options that change S^ref (a resumed run with the same fingerprint reuses it; a new run recomputes it); the
@@ -97,6 +102,7 @@ Run:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -224,6 +230,9 @@ class Args:
     """pairs per forward of that pass (default: per_device_eval_batch_size)"""
     disable_dropout: bool = True
     """turn dropout off in the policy and the reference"""
+    share_prompt: bool = True
+    """one row per pair in the forward: chosen and rejected share one copy of the prompt (a block attention mask;
+    sdpa or eager attention, else off); False: two rows per pair, as TRL"""
     # --- evaluation
     eval_steps: int = 50
     """evaluate every this many optimizer steps (and at step 0 and at the end); 0: never"""
@@ -474,23 +483,27 @@ def token_statistics(logits: torch.Tensor, want_log_sum_sq: bool, want_entropy: 
 
 
 def forward_pairs(model, batch: dict, want_log_sum_sq: bool = False, want_entropy: bool = False):
-    """Token log-probs (2B, T) of [chosen | rejected] rows in one forward (detail 1), and no-grad statistics."""
-    T = batch["completion_mask"].shape[1]
+    """Token log-probs (2B, T) of the [chosen | rejected] completions in one forward (detail 1), and no-grad
+    statistics. Only the last `logits_to_keep` positions get logits; `pred` picks, for the shared-prompt layout, the
+    position that predicts each completion token."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]), logits_to_keep=T + 1,
-                use_cache=False)
-    logits = out.logits[:, :-1]  # (2B, T, V): position t-1 predicts token t
-    targets = batch["input_ids"][:, -T:]
-    token_logps = model_utils.selective_log_softmax(logits, targets)
+                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"], use_cache=False)
+    if batch["pred"] is None:  # two rows per pair: position t-1 predicts token t
+        logits = out.logits[:, :-1]  # (2B, T, V)
+    else:  # one row per pair: gather the predicting positions of the chosen, then of the rejected, tokens
+        B = out.logits.shape[0]
+        rows = torch.arange(B, device=out.logits.device).repeat(2)[:, None]  # (2B, 1)
+        logits = out.logits[rows, batch["pred"]]  # (2B, T, V)
+    token_logps = model_utils.selective_log_softmax(logits, batch["targets"])
     return token_logps, token_statistics(logits, want_log_sum_sq, want_entropy)
 
 
 @torch.no_grad()
 def reference_logps(ref_model, batch: dict, ld_alpha: float | None) -> torch.Tensor:
-    """S^ref (2B,) of [chosen | rejected] rows."""
-    T = batch["completion_mask"].shape[1]
-    lp = model_utils.completion_logps(ref_model, batch["input_ids"], batch["attention_mask"], T)
-    return ld_sequence_logps(lp, batch["completion_mask"].float(), ld_alpha)
+    """S^ref (2B,) of [chosen | rejected], through the same forward as the policy's (so policy = reference gives
+    exactly Δ = 0)."""
+    token_logps, _ = forward_pairs(ref_model, batch)
+    return ld_sequence_logps(token_logps, batch["completion_mask"].float(), ld_alpha)
 
 
 # ----------------------------------------------------------------------------- data
@@ -583,7 +596,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None,
                    chunk: int = 512) -> tuple[list, int]:
-    """(prompt ids, chosen ids, rejected ids) per pair (detail 2), and the number of pairs dropped. Tokenised `chunk`
+    """(prompt ids, chosen ids, rejected ids) per pair (detail 2), and the number of pairs dropped (an empty prompt,
+    or one that fills max_length). Tokenised `chunk`
     rows at a time: the tokenizer's per-text encodings of a whole dataset would briefly cost more than the ids."""
     rows, dropped = [], 0
     for s in range(0, len(ds), chunk):
@@ -597,6 +611,9 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int
         for p, c, r in zip(p_ids, c_full, r_full):
             k = min(_common_prefix(p, c), _common_prefix(p, r))
             prompt, chosen, rejected = p[:k], c[k:], r[k:]
+            if not prompt:  # nothing to predict the first completion token from
+                dropped += 1
+                continue
             if max_prompt_length:
                 prompt = prompt[-max_prompt_length:]
             if max_length:
@@ -609,15 +626,55 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int
     return rows, dropped
 
 
-def pair_batch(rows: list, pad_id: int, device) -> dict:
-    """[prompt | chosen] rows then [prompt | rejected] rows (2B, P+T), completion mask (2B, T)."""
-    prompts = [r[0] for r in rows] * 2
-    completions = [r[1] for r in rows] + [r[2] for r in rows]
-    return {k: v.to(device) for k, v in data.batch_prompt_completion(prompts, completions, pad_id).items()}
+def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool) -> dict:
+    """A micro-batch of pairs for forward_pairs (detail 1). completion_mask, targets: (2B, T), chosen rows then
+    rejected rows.
+    share_prompt: one row per pair, [prompt | chosen | rejected | right padding], with position ids restarting after
+      the prompt for the rejected tokens and a (B, 1, L, L) attention mask in which every token sees the causal past
+      of its own sequence only (rejected tokens never see chosen ones; padding sees itself). mask_dtype: bool (True =
+      attend, sdpa attention) or a float dtype (0 or its minimum, added to the scores: eager attention).
+    else: two rows per pair, [left-padded prompt | right-padded completion] (TRL's layout)."""
+    chosen, rejected = [r[1] for r in rows], [r[2] for r in rows]
+    if not share_prompt:
+        b = data.batch_prompt_completion([r[0] for r in rows] * 2, chosen + rejected, pad_id)
+        T = b["completion_mask"].shape[1]
+        out = {**b, "position_ids": model_utils.position_ids_from_mask(b["attention_mask"]), "logits_to_keep": T + 1,
+               "pred": None, "targets": b["input_ids"][:, -T:]}
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+    B = len(rows)
+    L = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    T = max(max(len(c) for c in chosen), max(len(r) for r in rejected))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    seg = torch.full((B, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    first = min(len(p) for p, _, _ in rows) - 1  # the earliest predicting position: logits from there on
+    assert first >= 0, "every prompt has at least one token (tokenize_pairs drops the others)"
+    targets = torch.full((2 * B, T), pad_id, dtype=torch.long)
+    cmask = torch.zeros((2 * B, T), dtype=torch.long)
+    pred = torch.full((2 * B, T), first, dtype=torch.long)  # the position (packed row) whose logits predict the token
+    for i, (p, c, r) in enumerate(rows):
+        P, Tc, Tr = len(p), len(c), len(r)
+        ids[i, :P + Tc + Tr] = torch.tensor(p + c + r)
+        seg[i, :P], seg[i, P:P + Tc], seg[i, P + Tc:P + Tc + Tr] = 0, 1, 2
+        pos[i, :P + Tc] = torch.arange(P + Tc)
+        pos[i, P + Tc:P + Tc + Tr] = torch.arange(P, P + Tr)
+        targets[i, :Tc], cmask[i, :Tc], pred[i, :Tc] = torch.tensor(c), 1, torch.arange(P - 1, P + Tc - 1)
+        targets[B + i, :Tr], cmask[B + i, :Tr] = torch.tensor(r), 1
+        pred[B + i, :Tr] = torch.tensor([P - 1] + list(range(P + Tc, P + Tc + Tr - 1)))  # the first from the prompt
+    q, k = seg[:, :, None], seg[:, None, :]
+    ar = torch.arange(L)
+    mask = (ar[:, None] >= ar[None, :]) & ~((q == 2) & (k == 1)) & (k != 3)  # (B, L, L)
+    mask |= torch.eye(L, dtype=torch.bool) & (q == 3)  # padding attends to itself (no empty rows)
+    mask = mask[:, None]
+    if mask_dtype != torch.bool:
+        mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": L - first,
+           "pred": pred - first, "targets": targets, "completion_mask": cmask}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
 @torch.no_grad()
-def precompute_reference(ref_model, rows: list, batch_size: int, pad_id: int, ld_alpha, accelerator):
+def precompute_reference(ref_model, rows: list, batch_size: int, make_batch, ld_alpha, accelerator):
     """S^ref of every pair: (N,) chosen and (N,) rejected. Each process computes a contiguous block; gathered."""
     n, world, rank = len(rows), accelerator.num_processes, accelerator.process_index
     per = math.ceil(n / world)
@@ -625,13 +682,13 @@ def precompute_reference(ref_model, rows: list, batch_size: int, pad_id: int, ld
     out = torch.zeros(per, 2, dtype=torch.float32, device=accelerator.device)
     for s in range(0, len(mine), batch_size):
         chunk = mine[s:s + batch_size]
-        seq = reference_logps(ref_model, pair_batch(chunk, pad_id, accelerator.device), ld_alpha)
+        seq = reference_logps(ref_model, make_batch(chunk), ld_alpha)
         out[s:s + len(chunk)] = torch.stack(seq.float().chunk(2), 1)
     allv = distributed.gather_cat(accelerator, out).cpu()[:n]
     return allv[:, 0].contiguous(), allv[:, 1].contiguous()
 
 
-def load_or_precompute(args, ref_model, train, eval_rows, pad_id, accelerator, resuming: bool) -> dict:
+def load_or_precompute(args, ref_model, train, eval_rows, make_batch, accelerator, resuming: bool) -> dict:
     """Detail 3: reference log-probs from the run's cache when resuming with the same fingerprint, else one pass."""
     from safetensors.torch import load_file, save_file
 
@@ -652,10 +709,10 @@ def load_or_precompute(args, ref_model, train, eval_rows, pad_id, accelerator, r
     bs = args.precompute_ref_batch_size or args.per_device_eval_batch_size
     t0 = time.time()
     cache = {}
-    cache["train_chosen"], cache["train_rejected"] = precompute_reference(ref_model, train, bs, pad_id, args.ld_alpha,
-                                                                          accelerator)
+    cache["train_chosen"], cache["train_rejected"] = precompute_reference(ref_model, train, bs, make_batch,
+                                                                          args.ld_alpha, accelerator)
     if eval_rows:
-        cache["eval_chosen"], cache["eval_rejected"] = precompute_reference(ref_model, eval_rows, bs, pad_id,
+        cache["eval_chosen"], cache["eval_rejected"] = precompute_reference(ref_model, eval_rows, bs, make_batch,
                                                                             args.ld_alpha, accelerator)
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -692,7 +749,8 @@ def main(args: Args):
     if len(eval_rows) < world:  # every process evaluates a share (at least one pair)
         eval_rows = []
     if dropped:
-        accelerator.print(f"dropped {dropped} training pairs whose prompt alone fills --max_length {args.max_length}")
+        accelerator.print(f"dropped {dropped} training pairs whose prompt is empty or fills --max_length "
+                          f"{args.max_length}")
     global_bs = distributed.global_batch_size(args, accelerator)
     if global_bs > len(train):
         raise ValueError(f"the dataset has {len(train)} usable pairs, fewer than one global batch of {global_bs}")
@@ -711,10 +769,18 @@ def main(args: Args):
         disable_dropout(model)
         if ref_model is not None:
             disable_dropout(ref_model)
-    pad_id = tokenizer.pad_token_id
+    # detail 1: the shared-prompt layout needs a custom 4D attention mask, which sdpa (bool) and eager (float) take
+    attn = getattr(model.config, "_attn_implementation", None)
+    share = args.share_prompt and attn in ("sdpa", "eager")
+    if args.share_prompt and not share:
+        accelerator.print(f"attention implementation {attn!r} takes no custom attention mask: chosen and rejected get "
+                          "their own copy of the prompt (--share_prompt False)")
+    mask_dtype = torch.bool if attn == "sdpa" else next(model.parameters()).dtype
+    make_batch = functools.partial(pair_batch, pad_id=tokenizer.pad_token_id, device=device, share_prompt=share,
+                                   mask_dtype=mask_dtype)
     ref_cache = None
     if args.precompute_ref_log_probs:  # detail 3: one pass, then the reference is not held in memory
-        ref_cache = load_or_precompute(args, ref_model, train, eval_rows, pad_id, accelerator, resume is not None)
+        ref_cache = load_or_precompute(args, ref_model, train, eval_rows, make_batch, accelerator, resume is not None)
         ref_model = None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -819,13 +885,13 @@ def main(args: Args):
             for s in range(0, len(mine), args.per_device_eval_batch_size):
                 idx = mine[s:s + args.per_device_eval_batch_size]
                 rows = [eval_rows[i] for i in idx]
-                batch = pair_batch(rows, pad_id, device)
+                batch = make_batch(rows)
                 ref_seq = (torch.cat([ref_cache["eval_chosen"][idx], ref_cache["eval_rejected"][idx]]).to(device)
                            if ref_cache is not None else None)
                 q, pw, st, _, mask = pair_quantities(model, rows, batch, ref_seq, False)
                 total, parts = combined_loss(q, args.loss_type, weights, args.beta, pw, args.rpo_alpha,
                                              eval_tokens_per_pair, bco_delta=state["bco_delta"], **loss_options)
-                add_stats(acc, q, total, parts, pw, st, mask, batch["input_ids"][:, -mask.shape[1]:])
+                add_stats(acc, q, total, parts, pw, st, mask, batch["targets"])
             out.update(reduce_stats(acc, "eval/")[0])
             model.train()
         out.update(heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
@@ -849,7 +915,7 @@ def main(args: Args):
         step_rewards = 0.0
         for mb in micro:
             rows = [train[i] for i in mb]
-            batch = pair_batch(rows, pad_id, device)
+            batch = make_batch(rows)
             ref_seq = (torch.cat([ref_cache["train_chosen"][mb], ref_cache["train_rejected"][mb]]).to(device)
                        if ref_cache is not None else None)
             with accelerator.accumulate(model):
@@ -865,7 +931,7 @@ def main(args: Args):
                     state["skipped_steps"] += not stepped
                     if stepped:
                         grad_norms.append(gn)
-            add_stats(acc, q, total, parts, pw, st, mask, batch["input_ids"][:, -mask.shape[1]:])
+            add_stats(acc, q, total, parts, pw, st, mask, batch["targets"])
             if bco_running:
                 step_rewards += args.beta * float((q.chosen - q.ref_chosen + q.rejected - q.ref_rejected).sum())
         state["num_tokens"] += sum(2 * len(train[i][0]) + len(train[i][1]) + len(train[i][2]) for i in indices)

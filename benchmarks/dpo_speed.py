@@ -8,8 +8,10 @@ pairs, 64 pairs per optimizer step (one micro-batch, one process), β = 0.1, the
 in memory, float32, AdamW at lr 1e-4, gradient clipping at 1.0, the same thread count (--threads), metrics logged
 every --logging_steps steps, no evaluation, no checkpoints. TRL runs with gradient checkpointing off and on (its
 DPOConfig default is on).
-The plain loop does the same forwards as dpo.py (one concatenated policy forward with grad, one reference forward
-without) with no metrics and no logging: the floor the script's plumbing is measured against.
+dpo.py runs in its default layout (one row per pair, the prompt shared by chosen and rejected) and in TRL's (two
+rows per pair, --share_prompt False). The plain loop does the same forwards as dpo.py's default (one policy forward
+with grad and one reference forward without, through dpo.py's forward_pairs) and nothing else: no metrics, no
+logging, no accelerate: the floor the script's plumbing is measured against.
 
 TRL is never a dependency of the project: this script makes a scratch virtualenv of its own (--trl_venv, default
 .cache/venv-trl-1.16.0, made with --system-site-packages so it runs on the project's torch and transformers) and
@@ -87,7 +89,7 @@ def child_plain(a) -> dict:
     import torch.nn.functional as F
 
     from common import data, model as model_utils
-    from dpo import pair_batch, tokenize_pairs
+    from dpo import forward_pairs, pair_batch, tokenize_pairs
 
     set_threads(a.threads)
     tok = model_utils.load_tokenizer("toy-sft")
@@ -100,12 +102,11 @@ def child_plain(a) -> dict:
     t0 = time.perf_counter()
     for step in range(a.steps):
         idx = data.batch_indices(len(rows), a.batch, step, 1)
-        batch = pair_batch([rows[i] for i in idx], tok.pad_token_id, "cpu")
+        batch = pair_batch([rows[i] for i in idx], tok.pad_token_id, "cpu")  # dpo.py's default layout (shared prompt)
         mask = batch["completion_mask"].float()
-        T = mask.shape[1]
         with torch.no_grad():
-            ref_seq = (model_utils.completion_logps(ref, batch["input_ids"], batch["attention_mask"], T) * mask).sum(1)
-        seq = (model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T) * mask).sum(1)
+            ref_seq = (forward_pairs(ref, batch)[0] * mask).sum(1)
+        seq = (forward_pairs(model, batch)[0] * mask).sum(1)
         B = len(idx)
         h = (seq[:B] - ref_seq[:B]) - (seq[B:] - ref_seq[B:])
         loss = -F.logsigmoid(0.1 * h).mean()
@@ -135,17 +136,17 @@ def run_child(python: str, kind: str, a, extra: list[str], out: Path) -> dict:
     return json.loads(res.read_text())
 
 
-def run_ours(a, out: Path) -> dict:
+def run_ours(a, out: Path, extra: tuple[str, ...] = ()) -> dict:
     import shutil
 
-    run = out / "dpo_py"
+    run = out / ("dpo_py" + "_".join(extra))
     shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "WANDB_MODE": "offline"}
     subprocess.run([sys.executable, str(ROOT / "algos" / "dpo.py"), "--model_name_or_path", a.model,
                     "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch), "--beta", "0.1",
                     "--loss_type", "sigmoid", "--learning_rate", "1e-4", "--logging_steps", str(a.logging_steps),
                     "--eval_steps", "0",
-                    "--save_steps", "0", "--output_dir", str(run)], check=True, cwd=ROOT, env=env,
+                    "--save_steps", "0", "--output_dir", str(run), *extra], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     perf = json.loads((run / "perf.json").read_text())
@@ -195,6 +196,7 @@ def main():
     load_before = os.getloadavg()
     programs = {
         "dpo.py": lambda: run_ours(a, scratch),
+        "dpo.py --share_prompt False (TRL's layout)": lambda: run_ours(a, scratch, ("--share_prompt", "False")),
         "plain PyTorch loop": lambda: run_child(sys.executable, "plain", a, [], scratch),
         "TRL DPOTrainer, gradient checkpointing off": lambda: run_child(py, "trl", a, ["--gradient_checkpointing", "0"],
                                                                         scratch),

@@ -4,6 +4,7 @@ reference log-probs, reload)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -222,22 +223,33 @@ def test_tokenize_pairs_truncation_sides():
     assert tok.decode(p) == "<bos>12+34=" and tok.decode(c) == "46<eos>"
 
 
-def test_concatenated_forward_equals_separate_forwards():
+@pytest.mark.parametrize("layout", ["shared_sdpa", "shared_eager", "two_rows"])
+def test_one_forward_per_pair_equals_separate_forwards(layout):
+    """Detail 1: the log-probs of chosen and rejected from one forward (shared prompt with a block mask, or two rows
+    per pair) equal those of a separate forward of prompt + completion, for prompts of different lengths."""
+    from transformers import AutoModelForCausalLM
+
     from common import model as model_utils, toy
 
     tok = toy.make_tokenizer()
     torch.manual_seed(0)
-    model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
-    rows = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22], [34, 35, 36, 37, 2], [38, 2])]
-    batch = pair_batch(rows, tok.pad_token_id, "cpu")
+    attn = "eager" if layout == "shared_eager" else "sdpa"
+    model = AutoModelForCausalLM.from_config(toy.make_config(tok), attn_implementation=attn).eval()
+    rows = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22], [34, 35, 36, 37, 2], [38, 2]), ([1, 23, 24, 25], [39, 2],
+                                                                                             [40, 41, 2])]
+    batch = pair_batch(rows, tok.pad_token_id, "cpu", share_prompt=layout != "two_rows",
+                       mask_dtype=torch.float32 if attn == "eager" else torch.bool)
     with torch.no_grad():
         lp, _ = forward_pairs(model, batch)
-        seq = ld_sequence_logps(lp, batch["completion_mask"].float(), None)
+        mask = batch["completion_mask"].float()
+        seq = ld_sequence_logps(lp, mask, None)
         for i, (p, c, r) in enumerate(rows):
-            for j, comp in ((i, c), (i + 2, r)):
+            for j, comp in ((i, c), (i + len(rows), r)):
                 ids = torch.tensor([p + comp])
-                alone = model_utils.completion_logps(model, ids, torch.ones_like(ids), len(comp)).sum()
-                assert seq[j].item() == pytest.approx(alone.item(), abs=1e-5)
+                alone = model_utils.completion_logps(model, ids, torch.ones_like(ids), len(comp))[0]
+                assert lp[j, :len(comp)].tolist() == pytest.approx(alone.tolist(), abs=1e-5)
+                assert mask[j].sum().item() == len(comp)
+                assert seq[j].item() == pytest.approx(alone.sum().item(), abs=1e-5)
 
 
 def test_precomputed_cache_reused_only_on_resume_with_the_same_fingerprint(tmp_path):
@@ -252,20 +264,21 @@ def test_precomputed_cache_reused_only_on_resume_with_the_same_fingerprint(tmp_p
                           wait_for_everyone=lambda: None, print=lambda *a: None)
     args = Args(output_dir=str(tmp_path), precompute_ref_log_probs=True, per_device_eval_batch_size=2)
     rows = [([1, 20, 21], [30, 2], [31, 32, 2]), ([1, 22], [34, 2], [38, 39, 40, 2]), ([1, 23], [33, 2], [35, 2])]
-    first = load_or_precompute(args, ref, rows, rows[:1], tok.pad_token_id, acc, resuming=False)
+    make_batch = functools.partial(pair_batch, pad_id=tok.pad_token_id, device="cpu")
+    first = load_or_precompute(args, ref, rows, rows[:1], make_batch, acc, resuming=False)
     assert (tmp_path / "ref_logps" / "ref_logps.safetensors").exists()
     batch = pair_batch(rows, tok.pad_token_id, "cpu")
     with torch.no_grad():
         live = ld_sequence_logps(forward_pairs(ref, batch)[0], batch["completion_mask"].float(), None)
     assert torch.allclose(torch.cat([first["train_chosen"], first["train_rejected"]]), live, atol=1e-5)
     # resuming with the same data and reference: read back, no reference needed
-    again = load_or_precompute(args, None, rows, rows[:1], tok.pad_token_id, acc, resuming=True)
+    again = load_or_precompute(args, None, rows, rows[:1], make_batch, acc, resuming=True)
     assert all(torch.equal(first[k], again[k]) for k in first)
     # other data (or a new run): computed again
     with pytest.raises(TypeError):  # it tried to run the (absent) reference
-        load_or_precompute(args, None, rows[:2], rows[:1], tok.pad_token_id, acc, resuming=True)
+        load_or_precompute(args, None, rows[:2], rows[:1], make_batch, acc, resuming=True)
     with pytest.raises(TypeError):  # it tried to run the (absent) reference
-        load_or_precompute(args, None, rows, rows[:1], tok.pad_token_id, acc, resuming=False)
+        load_or_precompute(args, None, rows, rows[:1], make_batch, acc, resuming=False)
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -293,7 +306,7 @@ def test_bad_configurations_raise(flags, match):
 def test_bad_input_fails_before_any_model_loads(tmp_path):
     path = tmp_path / "unpaired.jsonl"
     path.write_text("".join(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) + "\n" for _ in range(4)))
-    # a non-existent model name shows the data check comes first
+    # the data check fails before the model is loaded and before anything is written
     assert_fails_at_startup("dpo.py", tmp_path, ["--dataset_name", str(path), "--model_name_or_path", "toy"],
                             "kto.py")
 
@@ -342,8 +355,9 @@ def test_run_logs_trl_metrics_and_saves_a_reloadable_model(base_run, toy_policy)
     assert train[2]["bco/delta"] != 0.0  # ... and step 2's were not
     assert first["loss/sigmoid"] == pytest.approx(0.8 * math.log(2), rel=1e-6)
     assert first["loss/bco_pair"] == pytest.approx(0.2 * 2 * math.log(2), rel=1e-6)
-    # the sft term is the chosen tokens' NLL: -logps/chosen / mean chosen length, positive
-    assert first["loss/sft"] > 0
+    # the sft term is the chosen tokens' NLL over their count: -logps/chosen / (mean chosen length), and a toy:add
+    # answer is 1 to 3 digits + EOS
+    assert -first["logps/chosen"] / 4 <= first["loss/sft"] <= -first["logps/chosen"] / 2
     assert first["loss"] == pytest.approx(first["loss/sigmoid"] + first["loss/bco_pair"] + first["loss/sft"])
     model = AutoModelForCausalLM.from_pretrained(base_run)
     tok = AutoTokenizer.from_pretrained(base_run)
@@ -354,13 +368,13 @@ def test_run_logs_trl_metrics_and_saves_a_reloadable_model(base_run, toy_policy)
 
 
 def test_run_reference_free_with_options_on_conversational_data(tmp_path, toy_policy):
-    """Reference-free (S^ref = 0, detail 9), WPO, LD-DPO, an f-divergence and RPO together on chat-format pairs:
-    the implicit rewards are β·S^θ, and every option's term is logged."""
+    """Reference-free (S^ref = 0, detail 9), WPO, LD-DPO, an f-divergence and RPO together on chat-format pairs, in
+    TRL's two-rows-per-pair layout: the implicit rewards are β·S^θ, and every option's term is logged."""
     out = tmp_path / "opts"
     run_script("dpo.py", *FAST, "--per_device_train_batch_size", "8", "--max_steps", "2", "--output_dir", str(out),
                "--dataset_name", "toy:add:conversational", "--reference_free", "True", "--use_weighting", "True",
                "--ld_alpha", "0.5", "--f_divergence_type", "js_divergence", "--rpo_alpha", "0.5",
-               "--loss_type", "sigmoid_norm", "discopop", "--loss_weights", "1.0", "0.5")
+               "--loss_type", "sigmoid_norm", "discopop", "--loss_weights", "1.0", "0.5", "--share_prompt", "False")
     train = [r for r in read_metrics(out) if r["step"] > 0]
     for r in train:
         assert r["rewards/chosen"] == pytest.approx(0.1 * r["logps/chosen"], rel=1e-5)
@@ -436,12 +450,14 @@ def test_precomputed_reference_matches_a_live_reference(tmp_path, toy_policy):
     ref = model_utils.load_causal_lm("toy", tok, seed=1).eval()  # the run's seed
     idx = data.batch_indices(len(ds), 8, 0, 1)  # the run's first batch
     rows, _ = tokenize_pairs(ds.select(idx), tok, 1024, None)
-    batch = pair_batch(rows, tok.pad_token_id, "cpu")
+    batch = pair_batch(rows, tok.pad_token_id, "cpu")  # the run's layout (shared prompt)
+    two = pair_batch(rows, tok.pad_token_id, "cpu", share_prompt=False)  # the live reference: plain prompt + completion
     mask = batch["completion_mask"].float()
     with torch.no_grad():
         seq = ld_sequence_logps(forward_pairs(policy, batch)[0], mask, None)
-        T = mask.shape[1]
-        live = (model_utils.completion_logps(ref, batch["input_ids"], batch["attention_mask"], T) * mask).sum(1)
+        T = two["completion_mask"].shape[1]
+        live = (model_utils.completion_logps(ref, two["input_ids"], two["attention_mask"], T)
+                * two["completion_mask"]).sum(1)
     assert torch.allclose(torch.cat([cache["train_chosen"][idx], cache["train_rejected"][idx]]), live, atol=1e-4)
     lens = mask.sum(1)
     q = PairLogps(seq[:8], seq[8:], live[:8], live[8:], lens[:8], lens[8:], torch.zeros(8))
