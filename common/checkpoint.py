@@ -11,9 +11,13 @@ Formats: weights in safetensors, optimizer / scheduler / scaler / RNG state with
 torch.load(weights_only=True) (plain tensors, numbers, strings, lists, tuples and dicts only), everything else JSON.
 A file that would need to unpickle a Python object is refused (CheckpointError), so loading a checkpoint cannot run
 code. accelerate's own save_state is not used on one process or under DDP: it pickles every object registered with
-register_for_checkpointing (the learning-rate scheduler) and reads it back with weights_only=False. Under DeepSpeed
-and FSDP the sharded model and optimizer states are written and read by accelerate in those back-ends' formats
-(not checked here: resume only from checkpoints you wrote); the rest uses the formats above.
+register_for_checkpointing (the learning-rate scheduler) and reads it back with weights_only=False. Under FSDP2 the
+model and optimizer states are gathered into full state dicts (on the main process's CPU memory) and written in the
+same formats, keyed by parameter name. Under DeepSpeed the engine writes and reads the partitioned model and
+optimizer states in its own format (state/sharded/, through accelerate's save_state / load_state): DeepSpeed's
+loader unpickles those files (torch.load with weights_only=False), so resume only from DeepSpeed checkpoints you
+wrote; everything else in the checkpoint uses the formats above. The final model and every checkpoint's
+model.safetensors are gathered from the ZeRO-3 / FSDP2 shards into one from_pretrained-loadable model.
 
 Start-up: `prepare_output_dir(args)` decides, before any model loads, whether this run is new, resumes, or would
 mix with another run's files (then it refuses). A checkpoint (and the final model) is written under a temporary
@@ -227,6 +231,7 @@ def _first_nonfinite(accelerator, modules) -> str | None:
     bad = None
     for prefix, m in modules:
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            t = _local_tensor(t)
             if t.is_floating_point() and t.numel() and not torch.isfinite(t.detach()).all():
                 bad = f"{prefix}{name}"
                 break
@@ -237,6 +242,24 @@ def _first_nonfinite(accelerator, modules) -> str | None:
         if accelerator.reduce(flag, reduction="sum").item() > 0 and bad is None:
             bad = "(a parameter on another process)"
     return bad
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds: its ZeRO-3 partition, its FSDP2 (DTensor) shard, or itself."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _without_tied_copies(module, state: dict) -> dict:
+    """state without the second name of a parameter shared by two modules (a tied LM head), as save_pretrained
+    writes a model on one process; a gathered state dict holds such a parameter twice, as separate tensors."""
+    first: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in state and first[id(p)] in state:
+            state = {k: v for k, v in state.items() if k != name}
+        first.setdefault(id(p), name)
+    return state
 
 
 def _refuse_nonfinite(accelerator, modules, step, where) -> None:
@@ -275,6 +298,7 @@ def save_model(accelerator, model, tokenizer, out_dir, step: int | None = None, 
 
     _refuse_nonfinite(accelerator, [("", model)], step, f"the model to {out_dir}")
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    state = _without_tied_copies(accelerator.unwrap_model(model), state)
     unwrapped = accelerator.unwrap_model(model)
     lora = peft_utils.is_peft_model(unwrapped)
     if merged is None:
@@ -301,10 +325,51 @@ def save_model(accelerator, model, tokenizer, out_dir, step: int | None = None, 
     accelerator.wait_for_everyone()
 
 
-def _sharded(accelerator) -> bool:
+def _deepspeed(accelerator) -> bool:
+    """DeepSpeed: the engine writes the partitioned model and optimizer states in its own format."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _fsdp_owner(accelerator, opt):
+    """The prepared model whose (sharded) parameters the optimizer updates."""
+    first = next(p for g in opt.param_groups for p in g["params"])
+    return next(m for m in accelerator._models if any(p is first for p in m.parameters()))
+
+
+def _fsdp_full_states(accelerator) -> tuple[list, list]:
+    """FSDP2: full model and optimizer state dicts (parameter names as keys) gathered from every rank's shards.
+    Collective; the result is held in CPU memory on the main process only (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    models = [{k: v.detach().contiguous().clone() for k, v in get_model_state_dict(m, options=opts).items()}
+              for m in accelerator._models]  # clone: tied names must not share storage in a safetensors file
+    optims = [get_optimizer_state_dict(_fsdp_owner(accelerator, o), o.optimizer, options=opts)
+              for o in accelerator._optimizers]
+    return models, optims
+
+
+def _fsdp_load_full_states(accelerator, state_dir: Path) -> None:
+    """Inverse of _fsdp_full_states: every rank reads the full state dicts and keeps its own shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    for i, m in enumerate(accelerator._models):
+        set_model_state_dict(m, load_file(str(state_dir / f"model_{i}.safetensors")), options=opts)
+    for i, o in enumerate(accelerator._optimizers):
+        set_optimizer_state_dict(_fsdp_owner(accelerator, o), o.optimizer,
+                                 _load_safe(state_dir / f"optimizer_{i}.pt"), options=opts)
 
 
 def _rng_state() -> dict:
@@ -432,18 +497,28 @@ def save_checkpoint(accelerator, output_dir, step: int, model, tokenizer, args, 
         shutil.rmtree(tmp, ignore_errors=True)
         state_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if _sharded(accelerator):  # back-end formats for the sharded model and optimizer states
+    if _deepspeed(accelerator):  # DeepSpeed's own format for the partitioned model and optimizer states
         registered, accelerator._custom_objects = accelerator._custom_objects, []
         try:
             accelerator.save_state(str(state_dir / "sharded"))
         finally:
             accelerator._custom_objects = registered
+        # this rank's RNG state is saved below in the safe format: drop accelerate's pickled copy
+        (state_dir / "sharded" / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+    fsdp_models, fsdp_optims = _fsdp_full_states(accelerator) if _fsdp(accelerator) else ([], [])
     _save_safe(_rng_state(), state_dir / f"rng_{accelerator.process_index}.pt")
     save_model(accelerator, model, tokenizer, tmp, step, merged=False)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
-        if not _sharded(accelerator):
+        if _fsdp(accelerator):  # the gathered full states, in the same formats as one process
+            for i, sd in enumerate(fsdp_models):
+                save_file(sd, str(state_dir / f"model_{i}.safetensors"))
+            for i, sd in enumerate(fsdp_optims):
+                _save_safe(sd, state_dir / f"optimizer_{i}.pt")
+            for i, sched in enumerate(accelerator._schedulers):
+                _save_safe(sched.state_dict(), state_dir / f"scheduler_{i}.pt")
+        elif not _deepspeed(accelerator):
             for i, m in enumerate(accelerator._models):
                 save_module(accelerator.unwrap_model(m), str(state_dir / f"model_{i}.safetensors"))
             for i, opt in enumerate(accelerator._optimizers):
@@ -489,12 +564,16 @@ def load_checkpoint(accelerator, path, models: dict | None = None, optimizers: d
     if meta.get("world_size") != accelerator.num_processes or not rng_file.exists():
         raise CheckpointError(f"{path} was written by {meta.get('world_size')} process(es); resume it with the same "
                               f"number of processes (now {accelerator.num_processes}) so every rank gets its RNG state")
-    if _sharded(accelerator):
+    if _deepspeed(accelerator):  # DeepSpeed's loader unpickles its own files (module docstring)
         registered, accelerator._custom_objects = accelerator._custom_objects, []
         try:
             accelerator.load_state(str(state_dir / "sharded"))
         finally:
             accelerator._custom_objects = registered
+    elif _fsdp(accelerator):
+        _fsdp_load_full_states(accelerator, state_dir)
+        for i, sched in enumerate(accelerator._schedulers):
+            sched.load_state_dict(_load_safe(state_dir / f"scheduler_{i}.pt"))
     else:
         for i, m in enumerate(accelerator._models):
             load_module(accelerator.unwrap_model(m), str(state_dir / f"model_{i}.safetensors"),
