@@ -191,8 +191,9 @@ class Args:
     """LoRA rank r"""
     lora_alpha: int = 32
     """LoRA alpha: the adapter's update is scaled by alpha / r"""
-    lora_dropout: float = 0.05
-    """dropout on the input of each LoRA branch"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
     lora_target_modules: list[str] | None = None
     """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
     but the output head (peft's 'all-linear')"""

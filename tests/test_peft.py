@@ -282,3 +282,96 @@ def test_script_trains_its_adapters_with_the_reference_for_free(script, tmp_path
                 assert not torch.equal(v, start[k]), k
             else:
                 assert torch.equal(v, start[k]), k  # embeddings, norms: frozen
+
+
+# ----------------------------------------------------------------------------- vLLM receives the merged weights
+def sync_matches_the_lora_policy(gen, tok, model):
+    """The engine is stale after the adapters move, and after sync_weights scores completions as the LoRA policy
+    does; the policy itself is not changed by the sync (no in-place merge)."""
+    from test_vllm import TOL, hf_logps, max_gap, prompt_ids
+
+    prompts = prompt_ids(tok)
+    fixed = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in ["7", "67", "87", "50", "99"]]
+    model.eval()
+    assert max_gap(gen.score(prompts, fixed), hf_logps(model, prompts, fixed)) < TOL  # B = 0: the base model
+    for seed in range(2):
+        move_adapters(model, seed)
+        want = hf_logps(model, prompts, fixed)
+        assert max_gap(gen.score(prompts, fixed), want) > 1e-2, "the engine matched before the sync"
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        gen.sync_weights(model)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert max_gap(gen.score(prompts, fixed), want) < TOL
+        out = gen.generate(model, prompts, n=2)  # sampling uses the merged weights too
+        comps = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
+        sampled = [out.sampler_logps[i, :len(c)].tolist() for i, c in enumerate(comps)]
+        assert max_gap(sampled, hf_logps(model, [p for p in prompts for _ in range(2)], comps)) < TOL
+
+
+@needs_vllm
+def test_vllm_colocate_receives_merged_lora_weights(toy_policy):
+    from common.generation import build_generator
+    from test_vllm import make_args
+
+    tok, model = wrapped(toy_policy)
+    gen = build_generator(make_args(), tok, None, model)
+    try:
+        sync_matches_the_lora_policy(gen, tok, model)
+    finally:
+        gen.close()
+
+
+@pytest.fixture
+def lora_server(toy_policy, tmp_path):
+    """scripts/vllm_server.py serving toy-sft (the base model) on a free loopback port: (port, token file)."""
+    import subprocess
+    import sys
+    import time
+
+    from common.vllm_backend import ServerClient
+    from test_vllm import free_port, stop_server
+
+    port, token_file = free_port(), tmp_path / "server.token"
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "vllm_server.py"), "--model", "toy-sft",
+                             "--port", str(port), "--kv_cache_gb", "0.0625", "--token_file", str(token_file)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}): {(tmp_path / 'server.log').read_text()}")
+            try:
+                ServerClient("127.0.0.1", port).wait_healthy(1)
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+        yield port, token_file
+    finally:
+        stop_server(proc)
+        log.close()
+
+
+@needs_vllm
+def test_vllm_server_receives_merged_lora_weights(toy_policy, lora_server):
+    from common.generation import build_generator
+    from test_vllm import make_args
+
+    port, token_file = lora_server
+    tok, model = wrapped(toy_policy)
+    gen = build_generator(make_args(vllm_mode="server", vllm_server_port=port, vllm_server_token_file=str(token_file)),
+                          tok, None, model)
+    sync_matches_the_lora_policy(gen, tok, model)
+
+
+@needs_vllm
+def test_grpo_lora_with_colocated_vllm_samples_from_the_trained_policy(tmp_path):
+    from test_vllm import E2E, check_run
+
+    run_script("grpo.py", "--use_peft", "True", "--use_vllm", "True", "--vllm_mode", "colocate", "--beta", "0.04",
+               "--num_generations", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+               "--output_dir", str(tmp_path), *E2E)
+    check_run(tmp_path)
+    gaps = [r["sampling/sampling_logp_difference/max"] for r in read_metrics(tmp_path) if r["step"] > 0]
+    assert len(gaps) == 2 and max(gaps) < 1e-4, gaps  # after an update too: the engine holds W + s·B·A
