@@ -27,6 +27,7 @@ if [ -z "${PLOT_ONLY:-}" ]; then
     cmds+=("python algos/bco.py --udm True --seed $seed --max_steps $STEPS --eval_steps $(( STEPS / 4 )) --output_dir $RUNS/bco_udm__$seed --overwrite_output_dir True")
   done
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+  echo "Load average (1, 5, 15 min) before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other jobs shared the cores)." > "$OUT/load.txt"
 fi
 
 python benchmarks/plot.py --runs "bco=$RUNS/bco__*" "bco + udm=$RUNS/bco_udm__*" \
@@ -36,7 +37,7 @@ python benchmarks/plot.py --runs "bco=$RUNS/bco__*" "bco + udm=$RUNS/bco_udm__*"
   echo
   echo "Command: \`SEEDS=\"$SEEDS\" STEPS=$STEPS bash benchmarks/bco.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
   echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
-  echo "Load average (1, 5, 15 min) before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other jobs shared the cores)."
+  cat "$OUT/load.txt" 2>/dev/null || true
   echo "Start: the toy SFT policy toy-sft ($(python -c "from common import toy; print(toy.toy_policy_path('add').name)")). eval/gold_reward: greedy exact match on 256 held-out prompts;"
   echo "eval/rewards/margins: mean implicit reward β·r of desirable minus undesirable held-out rows (512 rows)."
   echo

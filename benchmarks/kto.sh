@@ -28,6 +28,7 @@ if [ -z "${PLOT_ONLY:-}" ]; then
     done
   done
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+  echo "Load average (1, 5, 15 min) before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other jobs shared the cores)." > "$OUT/load.txt"
 fi
 
 python benchmarks/plot.py --runs "kto=$RUNS/kto__*" "apo_zero_unpaired=$RUNS/apo_zero_unpaired__*" \
@@ -37,9 +38,12 @@ python benchmarks/plot.py --runs "kto=$RUNS/kto__*" "apo_zero_unpaired=$RUNS/apo
   echo
   echo "Command: \`SEEDS=\"$SEEDS\" STEPS=$STEPS bash benchmarks/kto.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
   echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
-  echo "Load average (1, 5, 15 min) before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other jobs shared the cores)."
+  cat "$OUT/load.txt" 2>/dev/null || true
   echo "Start: the toy SFT policy toy-sft ($(python -c "from common import toy; print(toy.toy_policy_path('add').name)")). eval/gold_reward: greedy exact match on 256 held-out prompts;"
   echo "eval/rewards/margins: mean implicit reward β·r of desirable minus undesirable held-out rows (512 rows)."
+  echo "kl: the reference point z (mean over the logged steps). On toy:add the mismatched-pair estimate of the KL is"
+  echo "negative at almost every step, so z is clamped to 0, and with z = 0 kto's loss is exactly apo_zero_unpaired's:"
+  echo "the two rows then differ only where some z > 0."
   echo
   cat "$OUT/table.md"
   echo
