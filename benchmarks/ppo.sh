@@ -8,7 +8,7 @@
 #   bash benchmarks/ppo.sh               # 6 runs, 2 at a time, then the plots
 #   SEEDS=1 PARALLEL=1 bash benchmarks/ppo.sh   # one seed of each, one run at a time (cleaner wall times)
 #   WITH_PG=1 bash benchmarks/ppo.sh     # also (re)run pg.sh's GRPO and RLOO runs for these seeds, for the comparison
-#   PLOT_ONLY=1 bash benchmarks/ppo.sh
+#   PLOT_ONLY=1 bash benchmarks/ppo.sh   # (NOTE="..." adds a line to the README, e.g. where the runs came from)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
@@ -32,7 +32,7 @@ if [ -z "${PLOT_ONLY:-}" ]; then
     fi
   done
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
-  echo "$LOAD_BEFORE -> $(cut -d' ' -f1-3 /proc/loadavg)" > "$RUNS/load.txt"
+  echo "$LOAD_BEFORE before the runs, $(cut -d' ' -f1-3 /proc/loadavg) after" > "$RUNS/load.txt"
 fi
 
 groups=("ppo (toy-rm)=$RUNS/ppo_rm__*" "ppo (gold reward)=$RUNS/ppo_gold__*")
@@ -59,15 +59,17 @@ for label, pattern in (("ppo (toy-rm)", "ppo_rm__*"), ("ppo (gold reward)", "ppo
 EOF
 )
 {
-  echo "# PPO on toy:add (reward model and gold reward), next to GRPO and RLOO"
+  echo "# PPO on toy:add (reward model and gold reward)$([ ${#groups[@]} -gt 2 ] && echo ', next to GRPO and RLOO')"
   echo
   echo "Command: \`bash benchmarks/ppo.sh\` (SEEDS=\"${SEEDS}\", PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
   echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)')."
-  echo "Load average (1, 5, 15 min) before -> after the runs: $(cat "$RUNS/load.txt" 2>/dev/null || echo n/a); the cores were shared with"
-  echo "other jobs, so wall times are upper bounds."
+  echo "Load average (1, 5, 15 min): $(cat "$RUNS/load.txt" 2>/dev/null || echo n/a). The cores were shared with other"
+  echo "jobs, so wall times are upper bounds."
+  if [ -n "${NOTE:-}" ]; then echo "$NOTE"; fi
   echo "Start: the toy SFT policy toy-sft ($(python -c "from common import toy; print(toy.toy_policy_path('add').name)")); reward model toy-rm ($(python -c "from common import toy; print(toy.toy_reward_model_path('add').name)"))."
   echo "Each PPO run: 150 rollouts x 64 completions (one per prompt), 4 epochs of 1 mini-batch each (600 optimizer"
-  echo "steps), beta 0.05 (k1), gamma 1, lambda 0.95, lr 3e-5 for the policy and the value model."
+  echo "steps), beta 0.05 (k1), gamma 1, lambda 0.95, lr 3e-5 for the policy and the value model. In the PPO curves a"
+  echo "step (the x axis says optimizer step) is one rollout of 64 samples, as one GRPO/RLOO step."
   echo "GRPO/RLOO (benchmarks/pg.sh, gold reward): 150 steps x 8 prompts x 8 completions, the same 9600 samples."
   echo "eval/gold_reward: greedy exact match on 256 held-out prompts; train/gold_reward: gold reward of the sampled"
   echo "completions (temperature 1), logged whatever the training reward; objective/scores: the reward PPO trains on."
