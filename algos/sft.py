@@ -274,12 +274,11 @@ def evaluate(model, tokenizer, args, accelerator, eval_rows) -> dict:
             batch = data.batch_prompt_completion([r[0] for r in chunk], [r[1] for r in chunk], tokenizer.pad_token_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             T = batch["completion_mask"].shape[1]
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]),
-                           logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+            logps, argmax = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T,
+                                                         return_argmax=True)
             targets, mask = batch["input_ids"][:, -T:], weight_mask(chunk, T, accelerator.device)
-            nll += -(model_utils.selective_log_softmax(logits, targets) * mask).sum().item()
-            correct += ((logits.argmax(-1) == targets) * mask).sum().item()
+            nll += -(logps * mask).sum().item()
+            correct += ((argmax == targets) * mask).sum().item()
             tokens += mask.sum().item()
         model.train(was_training)
         out = {"eval/loss": nll / tokens, "eval/mean_token_accuracy": correct / tokens}
@@ -350,7 +349,7 @@ def main(args: Args):
     stats = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "entropy": 0.0, "entropy_tokens": 0.0}
     model.train()
     for step in range(start_step, args.max_steps):
-        # the exact entropy needs a full-vocabulary float32 softmax: only on the steps that get logged
+        # the entropy is summed on the steps that get logged
         log_step = (step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps
         indices = data.batch_indices(len(train), global_bs, step, args.seed)
         micro = distributed.micro_batches(indices, args, accelerator)
@@ -362,12 +361,10 @@ def main(args: Args):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 T = batch["completion_mask"].shape[1]
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]),
-                            logits_to_keep=T + 1, use_cache=False)
-                logits = out.logits[:, :-1]
+                # the head chunk by chunk: no (B, T, V) logits (common/model.py)
+                logps, entropy, argmax = model_utils.completion_logps(
+                    model, batch["input_ids"], batch["attention_mask"], T, return_entropy=True, return_argmax=True)
                 targets = batch["input_ids"][:, -T:]
-                logps = model_utils.selective_log_softmax(logits, targets)
                 mask = weight_mask(rows, T, accelerator.device)
                 loss = (dft_loss if args.loss_type == "dft" else sft_loss)(logps, mask, num_items)
                 # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
@@ -379,11 +376,10 @@ def main(args: Args):
                     skipped_steps += not stepped
             with torch.no_grad():
                 stats["loss"] += loss.item() * num_items  # the trained loss (NLL or DFT) summed over tokens
-                stats["correct"] += ((logits.argmax(-1) == targets) * mask).sum().item()
+                stats["correct"] += ((argmax == targets) * mask).sum().item()
                 stats["tokens"] += mask.sum().item()
                 if log_step:
-                    lp = torch.log_softmax(logits.float(), -1)
-                    stats["entropy"] += (-(lp.exp() * lp).sum(-1) * mask).sum().item()
+                    stats["entropy"] += (entropy * mask).sum().item()
                     stats["entropy_tokens"] += mask.sum().item()
 
         done = step + 1

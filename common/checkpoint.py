@@ -253,7 +253,10 @@ def _local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def _without_tied_copies(module, state: dict) -> dict:
     """state without the second name of a parameter shared by two modules (a tied LM head), as save_pretrained
-    writes a model on one process; a gathered state dict holds such a parameter twice, as separate tensors."""
+    writes a model on one process; a gathered state dict holds such a parameter twice, as separate tensors. (Ranks
+    that receive no gathered state, None or {}, are left as they are.)"""
+    if not state:
+        return state
     first: dict[int, str] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         if id(p) in first and name in state and first[id(p)] in state:
