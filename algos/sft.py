@@ -341,7 +341,7 @@ def main(args: Args):
     tracker = tracking.Tracker(args, accelerator.is_main_process, start_step, elapsed,
                                show=("loss", "mean_token_accuracy", "eval/loss", "eval/accuracy"))
     if accelerator.is_main_process:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = distributed.parameter_elements(model)[1]  # the whole model's, also when sharded
         print(f"sft: {len(train)} rows, {n_params / 1e6:.2f}M parameters, global batch {global_bs}, "
               f"{args.max_steps} steps -> {args.output_dir}", flush=True)
 

@@ -125,10 +125,10 @@ def make_accelerator(args) -> Accelerator:
         kwargs["mixed_precision"] = args.mixed_precision
     if mode == "deepspeed":
         _check_deepspeed_installed()
-        if _flag("ACCELERATE_USE_CPU"):
-            raise ScaleOutError(f"the accelerate config asks for DeepSpeed with use_cpu: true, which makes accelerate "
-                                f"drop DeepSpeed and run plain DDP: set use_cpu: false (as in "
-                                f"{CONFIGS}zero2_cpu.yaml / zero3_cpu.yaml)")
+        if _flag("ACCELERATE_USE_CPU"):  # accelerate's state would then drop DeepSpeed and run plain DDP
+            raise ScaleOutError(f"the launch asks for DeepSpeed and for accelerate's CPU mode (ACCELERATE_USE_CPU), "
+                                f"which silently drops DeepSpeed: launch without --cpu, with use_cpu: false (as in "
+                                f"{CONFIGS}zero2_cpu.yaml / zero3_cpu.yaml; DeepSpeed finds the CPU by itself)")
         from accelerate.utils import InitProcessGroupKwargs
 
         # cpu=False even without CUDA: with cpu=True accelerate silently ignores the DeepSpeed config
