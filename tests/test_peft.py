@@ -375,3 +375,29 @@ def test_grpo_lora_with_colocated_vllm_samples_from_the_trained_policy(tmp_path)
     check_run(tmp_path)
     gaps = [r["sampling/sampling_logp_difference/max"] for r in read_metrics(tmp_path) if r["step"] > 0]
     assert len(gaps) == 2 and max(gaps) < 1e-4, gaps  # after an update too: the engine holds W + s·B·A
+
+
+# ----------------------------------------------------------------------------- processes
+def test_two_processes_match_one_with_lora(tmp_path):
+    """2 processes x 8 completions = 1 process x 16 (DDP over the adapters only, the frozen base outside the
+    reducer), on the same samples (conftest's deterministic sampler): the metrics and the trained adapters."""
+    from conftest import LENGTH_REWARD, run_with_fake_sampler
+
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    flags = ["--use_peft", "True", "--beta", "0.04", "--max_steps", "2", "--num_generations", "4", "--eval_steps",
+             "0", "--log_completions_steps", "0", "--logging_steps", "1", "--reward_funcs",
+             f"{tmp_path / 'length_reward.py'}:length"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_with_fake_sampler(tmp_path, "grpo.py", [*flags, "--per_device_train_batch_size", "16", "--output_dir",
+                                                str(one)], 1)
+    run_with_fake_sampler(tmp_path, "grpo.py", [*flags, "--per_device_train_batch_size", "8", "--output_dir",
+                                                str(two)], 2)
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert len(m1) == len(m2) == 2 and m1[0]["kl"] == 0.0 and m1[1]["kl"] > 0
+    for a, b in zip(m1, m2):
+        for k in ("reward", "loss", "kl", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=0, msg=k)
