@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -157,6 +157,23 @@ class Args:
     """held-out prompts for the greedy gold-reward evaluation on toy tasks"""
     max_new_tokens: int = 8
     """generation length of that evaluation"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- math
@@ -289,11 +306,13 @@ def main(args: Args):
         accelerator.print(f"dropped {dropped} training pairs whose prompt alone fills --max_length {args.max_length}")
     global_bs = distributed.global_batch_size(args, accelerator)
     data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     # one run per folder, before any model loads
     resume = checkpoint.prepare_output_dir(args, may_change=("num_eval_pairs", "per_device_eval_batch_size",
                                                              "max_new_tokens"))
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
     if args.disable_dropout:
         disable_dropout(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

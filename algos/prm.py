@@ -66,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, toy, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, toy, tracking
 
 
 @dataclass
@@ -140,6 +140,23 @@ class Args:
     """evaluate every this many steps (and at the end)"""
     num_eval_rows: int = 512
     """held-out stepwise rows to evaluate on"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 IGNORE = -100.0  # label of the tokens that carry none
@@ -283,6 +300,7 @@ def main(args: Args):
         eval_rows = tokenize_rows(eval_ds, tokenizer, args.step_separator, False, args.max_length)[:args.num_eval_rows]
     global_bs = distributed.global_batch_size(args, accelerator)
     data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+    peft_utils.check_args(args, task="TOKEN_CLS")  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     torch.manual_seed(args.seed)  # the new head's initialisation
@@ -296,6 +314,7 @@ def main(args: Args):
             model_utils.resolve(args.model_name_or_path, args.dataset_name), **label_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.step_separator = args.step_separator  # detail 6: the scorer splits steps as training did
+    model = peft_utils.maybe_wrap(model, args, task="TOKEN_CLS")  # --use_peft: LoRA; the score head trains fully
     if args.disable_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):

@@ -26,6 +26,8 @@ import contextlib
 
 import torch
 
+TASKS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+         "TOKEN_CLS": "AutoModelForTokenClassification"}  # peft task types -> the transformers classes they wrap
 LORA_KEYS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 SAVED_KEYS = LORA_KEYS + (".modules_to_save.",)  # the parameters a PeftModel adds; everything else is the frozen base
 
@@ -48,7 +50,8 @@ def target_modules(args):
 # ----------------------------------------------------------------------------- start-up checks
 def _meta_model(name: str, task: str, dataset_name: str):
     """The model's module tree on the meta device (no weights allocated, nothing read but config.json)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
+    from transformers import AutoConfig
 
     from common import model as model_utils, toy
 
@@ -56,8 +59,8 @@ def _meta_model(name: str, task: str, dataset_name: str):
         config = toy.make_config(toy.make_tokenizer(), **model_utils.TOY_CONFIGS[name])
     else:
         config = AutoConfig.from_pretrained(model_utils.resolve(name, dataset_name))
-    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
-    if task == "SEQ_CLS":
+    auto = getattr(transformers, TASKS[task])
+    if task != "CAUSAL_LM":
         config.num_labels = 1
     with torch.device("meta"):
         return auto.from_config(config)
@@ -129,18 +132,23 @@ def maybe_wrap(model, args, task: str = "CAUSAL_LM", modules_to_save: list[str] 
     """With --use_peft: `model` as a peft PeftModel with LoRA adapters (A random, B = 0: the same function as
     `model`), only the adapters and the --lora_modules_to_save modules trainable. task 'CAUSAL_LM' or 'SEQ_CLS'
     (a one-output reward / value model: its `score` head is trained fully and saved with the adapter). Without
-    --use_peft: `model` unchanged. Call before building the optimizer and before accelerator.prepare."""
+    --use_peft: `model` unchanged. 'TOKEN_CLS' (a token classifier, e.g. a process reward model) trains its `score`
+    head fully too. Call before building the optimizer and before accelerator.prepare."""
     if not getattr(args, "use_peft", False):
         return model
     from peft import LoraConfig, get_peft_model
 
-    if task not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise ValueError(f"maybe_wrap: task must be 'CAUSAL_LM' or 'SEQ_CLS', got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"maybe_wrap: task must be one of {', '.join(TASKS)}, got {task!r}")
     check_module_names(model, args, task)
     save = list(dict.fromkeys(list(args.lora_modules_to_save or []) + list(modules_to_save or [])
-                              + (["score"] if task == "SEQ_CLS" else [])))
+                              + (["score"] if task != "CAUSAL_LM" else [])))
+    targets = target_modules(args)
+    if targets == "all-linear" and task != "CAUSAL_LM":  # every linear layer but the head (trained fully instead)
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in save})
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=target_modules(args), modules_to_save=list(save) or None, task_type=task)
+                        target_modules=targets, modules_to_save=list(save) or None, task_type=task)
     wrapped = get_peft_model(model, config)
     wrapped.cleanalign_merge_on_save = bool(getattr(args, "merge_adapter", False))  # read by checkpoint.save_model
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)

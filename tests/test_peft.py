@@ -239,6 +239,9 @@ RUNS = {
     "online_dpo.py": (dict(**ONLINE), ["objective/kl", "rewards/margins"]),
     "xpo.py": (dict(**ONLINE), ["objective/kl", "rewards/margins"]),
     "nash_md.py": (dict(**ONLINE), ["objective/kl", "loss/kl"]),
+    "orpo.py": (dict(per_device_train_batch_size=8), []),
+    "cpo.py": (dict(per_device_train_batch_size=8), []),
+    "prm.py": (dict(per_device_train_batch_size=8, merge_adapter=True), []),
 }
 
 
@@ -276,8 +279,8 @@ def test_script_trains_its_adapters_with_the_reference_for_free(script, tmp_path
         start = load_file(str(resolve(args.model_name_or_path)) + "/model.safetensors")
         targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         for k, v in merged.items():
-            if k == "score.weight":  # the reward model's head: trained fully, saved whole with the adapter
-                assert torch.equal(v, adapter["base_model.model.score.weight"])
+            if k.startswith("score."):  # a reward model's head: trained fully, saved whole with the adapter
+                assert torch.equal(v, adapter[f"base_model.model.{k}"])
             elif any(t in k for t in targets):
                 assert not torch.equal(v, start[k]), k
             else:
