@@ -35,6 +35,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 TASKS = ("add", "reverse")
+AGENT_TASKS = ("mul_tool", "guess")  # common/toy_agents.py
 DATASET_TYPES = ("lm", "prompt", "prompt_completion", "preference", "unpaired", "prompt_completion_reward", "stepwise")
 
 
@@ -111,6 +112,10 @@ def _reverse_problems(split: str, n: int = 6000):
 
 def problems(task: str, split: str):
     """All (prompt, answer) pairs of a task's split, in a fixed order. Train and test never overlap."""
+    if task in AGENT_TASKS:  # tool-use and multi-turn tasks: common/toy_agents.py
+        from common import toy_agents
+
+        return toy_agents.problems(task, split)
     if task == "add":
         return _add_problems(split)
     if task == "reverse":
@@ -120,6 +125,10 @@ def problems(task: str, split: str):
 
 def solve(task: str, prompt: str) -> str | None:
     """The correct answer for a prompt (standard text, or the rendered chat text that contains it)."""
+    if task in AGENT_TASKS:
+        from common import toy_agents
+
+        return toy_agents.solve(task, prompt)
     if task == "add":
         m = re.findall(r"(\d+)\+(\d+)=", prompt)
         return str(int(m[-1][0]) + int(m[-1][1])) if m else None
@@ -165,6 +174,10 @@ def _prompt_text(prompt):
 
 def gold_reward(task: str):
     """The task's exact-match reward with the TRL calling convention: f(prompts, completions, **kwargs) -> list."""
+    if task in AGENT_TASKS:  # the final answer after the tool / environment turns
+        from common import toy_agents
+
+        return toy_agents.gold_reward(task)
 
     def reward(prompts, completions, **kwargs):
         out = []
