@@ -65,6 +65,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout, tracking
+from common import peft_utils
 from common.generation import build_generator
 
 ADV_NORMS = ("per_prompt", "batch", "none")
@@ -187,6 +188,23 @@ class Args:
     """held-out prompts per evaluation (greedy decoding)"""
     log_completions_steps: int = 25
     """log a few sample completions every this many steps (0: never)"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- the math
@@ -341,10 +359,13 @@ def main(args: Args):
     sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
                                                                     args.dataset_name),
                                          args.reward_weights, args.dataset_name, device) if online else None
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
-    ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
+    ref_model = (peft_utils.reference_model(model) if args.use_peft  # the policy with its adapters off: no copy
+                 else copy.deepcopy(model).to(device).eval().requires_grad_(False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     model, optimizer = accelerator.prepare(model, optimizer)

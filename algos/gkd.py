@@ -82,7 +82,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, rollout, toy, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, rollout, toy, tracking
 from common.evaluation import heldout_gold_reward
 from common.generation import build_generator
 
@@ -175,6 +175,23 @@ class Args:
     """write sample completions every this many steps (0: never)"""
     num_completions_to_log: int = 8
     """sample completions per log"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 SOURCES = ("student", "teacher", "dataset")
@@ -334,9 +351,11 @@ def main(args: Args):
     eval_rows = [] if eval_ds is None else tokenize_rows(eval_ds, tokenizer, args.max_length)[:args.num_eval_prompts]
     global_bs = distributed.global_batch_size(args, accelerator)
     data.check_batch_fits(len(train), global_bs, ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
+    peft_utils.check_args(args)  # LoRA flags and module names (of the student), before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters on the student, the rest frozen
     if args.disable_dropout:
         disable_dropout(model)  # detail 8
     teacher = model_utils.load_causal_lm(args.teacher_model_name_or_path, tokenizer, args.dataset_name).to(device)

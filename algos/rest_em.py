@@ -74,7 +74,7 @@ import tyro
 from accelerate.utils import gather_object, set_seed
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rollout, tracking
-from common import rewards as reward_utils
+from common import peft_utils, rewards as reward_utils
 from common.generation import build_generator
 
 
@@ -197,6 +197,23 @@ class Args:
     """held-out prompts per evaluation"""
     num_completions_to_log: int = 8
     """sample completions (with reward and kept flag) written to samples.jsonl per iteration"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- the math
@@ -345,10 +362,12 @@ def main(args: Args):
     if args.max_prompt_length:
         prompt_ids = [s[-args.max_prompt_length:] for s in prompt_ids]
     sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args, may_change=("iterations", "save_data"))
     out_dir = Path(args.output_dir)
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters (reset to B = 0 = π_0 for ReST-EM)
     base_state = None if args.continue_from_previous else {k: v.detach().cpu().clone()
                                                            for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -7,6 +7,7 @@ The vLLM tests are marked `vllm` and skip without vllm (run them with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import types
@@ -242,6 +243,11 @@ RUNS = {
     "orpo.py": (dict(per_device_train_batch_size=8), []),
     "cpo.py": (dict(per_device_train_batch_size=8), []),
     "prm.py": (dict(per_device_train_batch_size=8, merge_adapter=True), []),
+    "vmpo.py": (dict(per_device_train_batch_size=8, num_eval_prompts=8), ["kl_ref", "vmpo/kl_mean"]),
+    "dar.py": (dict(per_device_train_batch_size=8, num_eval_prompts=8), ["dar/kl_from_ref"]),
+    "gkd.py": (dict(per_device_train_batch_size=8), []),
+    "rest_em.py": (dict(iterations=2, sft_steps=2, prompts_per_iteration=8, num_generations=2,
+                        per_device_train_batch_size=8), []),
 }
 
 
@@ -250,8 +256,9 @@ def lora_run(script: str, out, **flags):
 
     module = importlib.import_module(script.removesuffix(".py"))
     kw, _ = RUNS[script]
-    args = module.Args(output_dir=str(out), use_peft=True, max_steps=2, logging_steps=1, eval_steps=0, save_steps=0,
-                       **{**kw, **flags})
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    common = {k: v for k, v in dict(max_steps=2, logging_steps=1, eval_steps=0, save_steps=0).items() if k in fields}
+    args = module.Args(output_dir=str(out), use_peft=True, **{**common, **kw, **flags})
     module.main(args)
     return args
 
