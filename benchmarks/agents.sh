@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Tools and environments in GRPO (common/agents.py), 3 seeds each, on the toy SFT policies of the agent tasks:
+#   mul_tool       toy:mul_tool with the calculator tool (--tools common.toy_agents:calc), at most 2 turns
+#   mul_no_tool    the same policy and task without the tool (control: the tiny model cannot multiply alone)
+#   guess          toy:guess with the higher/lower environment (--environment common.toy_agents:GuessEnv), 5 turns
+# Runs go to runs/bench/agents/, curves (held-out greedy gold reward, training reward, tool calls and turns per
+# episode) and a table to benchmarks/results/agents/.
+#   bash benchmarks/agents.sh                       # 9 runs, 2 at a time, then the plots
+#   SEEDS=1 MAX_STEPS=40 bash benchmarks/agents.sh  # the short version (1 seed)
+#   PLOT_ONLY=1 bash benchmarks/agents.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
+PARALLEL=${PARALLEL:-2}
+SEEDS=${SEEDS:-"1 2 3"}
+MAX_STEPS=${MAX_STEPS:-100}
+RUNS=runs/bench/agents
+OUT=benchmarks/results/agents
+mkdir -p "$RUNS" "$OUT"
+COMMON="--max_steps $MAX_STEPS --eval_steps 20 --num_eval_prompts 128 --logging_steps 5"
+
+if [ -z "${PLOT_ONLY:-}" ]; then
+  # build the starting policies once, outside the timings (sft.py on each task's SFT traces)
+  python -c "from common import toy; toy.toy_policy_path('mul_tool'); toy.toy_policy_path('guess')"
+  cmds=()
+  for seed in $SEEDS; do
+    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 24 --max_turns 2 $COMMON --output_dir $RUNS/mul_tool__$seed --overwrite_output_dir True")
+    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --max_new_tokens 24 $COMMON --output_dir $RUNS/mul_no_tool__$seed --overwrite_output_dir True")
+    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 3 --max_turns 5 $COMMON --output_dir $RUNS/guess__$seed --overwrite_output_dir True")
+  done
+  printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+fi
+
+python benchmarks/plot.py --runs "mul_tool=$RUNS/mul_tool__*" "mul_no_tool=$RUNS/mul_no_tool__*" "guess=$RUNS/guess__*" \
+    --metrics eval/gold_reward reward tools/call_frequency tools/failure_frequency agents/turns_per_episode \
+    agents/trained_token_fraction agents/truncated_ratio --out "$OUT"
+{
+  echo "# GRPO with tools (toy:mul_tool) and with an environment (toy:guess)"
+  echo
+  echo "Command: \`SEEDS=\"${SEEDS}\" MAX_STEPS=${MAX_STEPS} bash benchmarks/agents.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
+  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)'). Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Start: toy-sft on each task (sft.py on the tool-call / binary-search traces of common/toy_agents.py)."
+  echo "eval/gold_reward: greedy multi-turn episodes on 128 held-out prompts, exact match of the final answer; reward:"
+  echo "the training reward (gold exact match for mul_tool, the environment's summed reward for guess)."
+  echo "Only the policy's own tokens are trained on (agents/trained_token_fraction = their share of the completion tokens)."
+  echo
+  cat "$OUT/table.md"
+  echo
+  echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![tool calls per episode](tools_call_frequency_vs_step.png)"
+  echo "![training reward vs step](reward_vs_step.png) ![turns per episode](agents_turns_per_episode_vs_step.png)"
+} > "$OUT/README.md"
+cat "$OUT/README.md"
