@@ -120,7 +120,7 @@ import tyro
 from accelerate.utils import gather_object
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils
-from common import rollout, tracking
+from common import peft_utils, rollout, tracking
 from common.generation import build_generator
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -262,6 +262,23 @@ class Args:
     """write sample completions with their scores every this many rollouts (0: never)"""
     num_completions_to_log: int = 8
     """sample completions per log"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 # ----------------------------------------------------------------------------- the math
@@ -519,12 +536,17 @@ def main(args: Args):
     # evaluation scores decoded text through the same object
     sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
     reward_model = sources.funcs[0].model if rm_name is not None else None
+    peft_utils.check_args(args)  # LoRA flags and module names (policy, value model), before anything is loaded
+    peft_utils.check_args(args, task="SEQ_CLS", model_name=value_name, what="the value model")
     resume = checkpoint.prepare_output_dir(args)
 
     policy = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
-    ref_model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name).to(device)
+    policy = peft_utils.maybe_wrap(policy, args)  # --use_peft: LoRA adapters, the rest frozen
+    ref_model = (peft_utils.reference_model(policy) if args.use_peft  # the policy with its adapters off: no copy
+                 else model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name).to(device))
     value_model = load_value_model(value_name, args.dataset_name,
                                    fresh_head=args.value_model_name_or_path is None and rm_name is None)
+    value_model = peft_utils.maybe_wrap(value_model, args, task="SEQ_CLS")  # --use_peft: the score head trains fully
     for frozen in (ref_model, reward_model):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
