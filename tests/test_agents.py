@@ -305,3 +305,72 @@ def test_grpo_with_the_calculator_raises_tool_use_and_accuracy(tmp_path):
     assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.1
     assert evals[-1]["eval/tool_calls_per_episode"] >= evals[0]["eval/tool_calls_per_episode"]
     assert train[-1]["rewards/mul_tool_exact/mean"] > train[0]["rewards/mul_tool_exact/mean"]
+
+
+# ----------------------------------------------------------------------------- the OpenAI-compatible endpoint
+AGENT_PROCESS = r'''
+import json, sys, urllib.request, urllib.error
+url = sys.argv[1]
+
+def post(path, body, episode=None):
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json",
+                                 **({"X-Episode-Id": episode} if episode else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+msgs = [{"role": "user", "content": "12*34="}]
+_, r1 = post("/chat/completions", {"messages": msgs, "max_tokens": 6, "temperature": 0}, "e1")
+msgs += [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]}, {"role": "tool", "content": "408"}]
+_, r2 = post("/chat/completions", {"messages": msgs, "max_tokens": 6, "temperature": 0, "episode_id": "e1"})
+bad, _ = post("/chat/completions", {"messages": [{"role": "user", "content": "other"}] + msgs[1:]}, "e1")
+post("/episodes/e1/reward", {"reward": 1.0})
+_, r3 = post("/chat/completions", {"messages": [{"role": "user", "content": "5*6="}], "max_tokens": 4}, "e2")
+post("/episodes/e2/reward", {"reward": 0.0})
+print(json.dumps({"r1": r1["choices"][0]["message"]["content"], "r2": r2["choices"][0]["message"]["content"],
+                  "bad": bad}))
+'''
+
+
+def test_chat_endpoint_records_episodes_as_sampled_tokens_with_masks(tmp_path):
+    from common.agent_server import PolicyServer
+
+    tok = toy.make_tokenizer()
+    model = load_causal_lm("toy", tok, seed=0)
+    server = PolicyServer(model, tok, max_new_tokens=8).start()
+    try:
+        assert server.host == "127.0.0.1"  # loopback by default
+        proc = subprocess.run([sys.executable, "-c", AGENT_PROCESS, server.url], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+        traj = server.trajectories()
+    finally:
+        server.stop()
+    assert res["bad"] == 409 and set(traj) == {"e1", "e2"}
+    e1 = traj["e1"]
+    assert e1["reward"] == 1.0 and traj["e2"]["reward"] == 0.0 and len(e1["requests"]) == 2  # the 409 left no trace
+    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    user = [{"role": "user", "content": "12*34="}]
+    assert e1["prompt_ids"] == enc(tok, render(user))
+    ids, pol = e1["completion_ids"], e1["policy_mask"]
+    k = pol.index(0)
+    s1 = ids[:k]
+    k2 = k + pol[k:].index(1)
+    obs, s2 = ids[k:k2], ids[k2:]
+    assert all(pol[k2:]) and not any(pol[k:k2])
+    # the sampled ids are the policy's own greedy continuation, not a re-tokenisation of the returned text
+    def greedy(ctx, n):
+        out = model.generate(input_ids=torch.tensor([ctx]), attention_mask=torch.ones(1, len(ctx), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)[0, len(ctx):].tolist()
+        return out[:out.index(tok.eos_token_id) + 1] if tok.eos_token_id in out else out
+    assert s1 == greedy(e1["prompt_ids"], 6) and tok.decode(s1, skip_special_tokens=True) == res["r1"]
+    full = render(user + [{"role": "assistant", "content": res["r1"]}, {"role": "tool", "content": "408"}])
+    delta = full[len(render(user) + res["r1"]):]
+    if s1[-1] == tok.eos_token_id:
+        delta = delta[len(tok.eos_token):]
+    assert obs == enc(tok, delta) and delta.endswith("<|tool|>408<|end|><|assistant|>")
+    assert s2 == greedy(e1["prompt_ids"] + s1 + obs, 6) and tok.decode(s2, skip_special_tokens=True) == res["r2"]
