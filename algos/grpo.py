@@ -211,6 +211,12 @@ class Args:
     environment: str | None = None
     """an environment class 'path/file.py:Env': reset(row) -> first observation, step(text) -> (observation | None,
     reward | None, done); its summed reward is a reward source (environment_reward)"""
+    agent_command: str | None = None
+    """an agent program run once per generation batch; it plays the episodes through an OpenAI-compatible endpoint
+    served from the policy and reports each episode's reward (common/agents.py ExternalAgent; conversational
+    prompts)"""
+    agent_timeout: float = 600.0
+    """seconds the agent program may take per generation batch"""
     max_turns: int = 4
     """most policy turns per episode (max_new_tokens is per turn); an episode still going is truncated"""
     tool_timeout: float = 5.0
@@ -432,7 +438,8 @@ def main(args: Args):
     B = args.per_device_train_batch_size
     accelerator = distributed.make_accelerator(args)
     W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    specs = agents.reward_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name, args.environment)
+    specs = agents.reward_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name,
+                                args.environment or args.agent_command)
     reward_utils.check_weights(specs, args.reward_weights)
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     ds, prompt_ids, eval_ds = load_prompts(args, tokenizer, "grpo.py")

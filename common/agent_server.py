@@ -109,6 +109,12 @@ class PolicyServer:
                      "usage": {"prompt_tokens": len(context), "completion_tokens": len(sampled),
                                "total_tokens": len(context) + len(sampled)}}
 
+    def open_episode(self, episode_id: str, prompt_ids: list[int], prompt_text: str):
+        """Register an episode whose prompt the trainer already tokenised (so its trajectory starts with exactly
+        those ids); the agent's first request must render to prompt_text (plus anything it appends)."""
+        with self._lock:
+            self.episodes[episode_id] = _Episode(list(prompt_ids), prompt_text)
+
     def set_reward(self, episode_id: str, body: dict) -> tuple[int, dict]:
         try:
             reward = float(body["reward"])

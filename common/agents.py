@@ -23,10 +23,13 @@ Observation turns: standard prompts get `<result>TEXT</result>` (tool) and `<obs
 conversational prompts get the chat template's own tool / user turn (the text between the policy's EOS and the next
 assistant header).
 
-Flags the online scripts share (--tools, --environment, --max_turns, --tool_timeout, --max_tool_output_chars):
+Flags the online scripts share (--tools, --environment, --agent_command, --max_turns, --tool_timeout,
+--max_tool_output_chars):
   --tools my_tools.py:calculator pkg.mod:fn     plain functions; name, signature and docstring describe them
   --environment my_env.py:Env                   a class: Env() per episode, reset(row) -> first observation (str or
                                                 None), step(text) -> (observation | None, reward | None, done)
+  --agent_command "python my_agent.py"          an agent program that talks to the policy through an
+                                                OpenAI-compatible endpoint (ExternalAgent, common/agent_server.py)
 Metrics (`episode_metrics`, reduced over processes): agents/turns_per_episode, agents/tool_calls_per_episode,
 agents/tool_failures_per_episode, agents/truncated_ratio, agents/trained_token_fraction (policy tokens / all
 completion tokens), tools/call_frequency (calls per episode) and tools/failure_frequency (failed calls / calls).
@@ -246,6 +249,11 @@ class Agent:
     def from_args(cls, args, tokenizer):
         """None unless --tools or --environment is set."""
         tools, env_cls = load_tools(getattr(args, "tools", None)), load_environment(getattr(args, "environment", None))
+        command = getattr(args, "agent_command", None)
+        if command:
+            if tools or env_cls is not None:
+                raise ValueError("--agent_command runs the whole episode: pass it without --tools / --environment")
+            return ExternalAgent(tokenizer, command, args.max_new_tokens, args.temperature, args.agent_timeout)
         if not tools and env_cls is None:
             return None
         return cls(tokenizer, tools, env_cls, args.max_turns, args.tool_timeout, args.max_tool_output_chars)
@@ -334,6 +342,78 @@ class Agent:
             [sum(ep.rewards) if ep.rewards else None for ep in eps],
             torch.tensor([ep.turns for ep in eps]), torch.tensor([ep.tool_calls for ep in eps]),
             torch.tensor([ep.tool_failures for ep in eps]))
+
+
+class ExternalAgent:
+    """Episodes run by an agent program through the OpenAI-compatible endpoint of common/agent_server.py.
+
+    Per generation batch the server serves the live policy and `command` runs once with two environment variables:
+    CLEANALIGN_AGENT_URL (the endpoint, e.g. http://127.0.0.1:PORT/v1) and CLEANALIGN_AGENT_TASKS (a JSON file:
+    [{"episode_id", "messages", "row"}], one task per episode, n per prompt). For each task the agent calls
+    POST {url}/chat/completions with {"episode_id", "messages": the task's messages plus anything it appends, ...}
+    as often as it likes, then POST {url}/episodes/{episode_id}/reward {"reward": r}. The reward is the episode's
+    env_reward (a reward source, as for --environment); an episode the agent never ran is empty and truncated.
+    Prompts must be conversational (message lists): the trajectory starts with the trainer's own prompt ids."""
+
+    def __init__(self, tokenizer, command: str, max_new_tokens: int, temperature: float, timeout: float = 600.0):
+        import shlex
+
+        self.tokenizer, self.argv, self.timeout = tokenizer, shlex.split(command), timeout
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.server, self.rounds = None, 0
+
+    def rollout(self, generator, model, prompt_ids: list[list[int]], rows: list[dict], n: int,
+                greedy: bool = False) -> MultiTurnGeneration:
+        import os
+        import subprocess
+        import tempfile
+
+        from common.agent_server import PolicyServer
+        from common.data import prompt_text
+
+        bare = model.module if hasattr(model, "module") else model
+        if self.server is None:
+            self.server = PolicyServer(bare, self.tokenizer, self.max_new_tokens, self.temperature).start()
+        self.server.model, self.server.temperature = bare, 0.0 if greedy else self.temperature
+        self.rounds += 1
+        tasks, ids = [], []
+        for i, (p, row) in enumerate(zip(prompt_ids, rows)):
+            if not isinstance(row.get("prompt"), list):
+                raise ValueError("--agent_command needs conversational prompts (lists of {role, content} messages)")
+            for j in range(n):
+                eid = f"r{self.rounds}-{i}-{j}"
+                self.server.open_episode(eid, p, prompt_text(row["prompt"], self.tokenizer))
+                tasks.append({"episode_id": eid, "messages": row["prompt"],
+                              "row": {k: v for k, v in row.items() if k != "prompt"}, "greedy": greedy})
+                ids.append(eid)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(tasks, f, default=str)
+        try:
+            proc = subprocess.run(self.argv, env={**os.environ, "CLEANALIGN_AGENT_URL": self.server.url,
+                                                  "CLEANALIGN_AGENT_TASKS": f.name},
+                                  capture_output=True, text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc = None
+        finally:
+            os.unlink(f.name)
+        if proc is not None and proc.returncode != 0:
+            print(f"--agent_command exited with {proc.returncode}: {proc.stderr[-1000:]}", flush=True)
+        traj = self.server.trajectories(clear=True)
+        seqs, pols, rewards, turns, term = [], [], [], [], []
+        for eid in ids:
+            t = traj.get(eid, {"completion_ids": [], "policy_mask": [], "reward": None, "requests": []})
+            seqs.append(t["completion_ids"])
+            pols.append(t["policy_mask"])
+            rewards.append(t["reward"])
+            turns.append(len(t["requests"]))
+            term.append(bool(t["requests"]) and t["requests"][-1]["finish_reason"] == "stop")
+        pad_id = self.tokenizer.pad_token_id
+        c_ids, cmask = pad(seqs, pad_id, "right")
+        pmask, _ = pad(pols, 0, "right")
+        zeros = torch.zeros(len(ids), dtype=torch.long)
+        return MultiTurnGeneration(c_ids, cmask, torch.tensor(term, dtype=torch.bool),
+                                   self.tokenizer.batch_decode(seqs, skip_special_tokens=True), pmask * cmask,
+                                   rewards, torch.tensor(turns), zeros, zeros.clone())
 
 
 def environment_reward(prompts, completions, env_reward=None, **kwargs) -> list:

@@ -374,3 +374,37 @@ def test_chat_endpoint_records_episodes_as_sampled_tokens_with_masks(tmp_path):
         delta = delta[len(tok.eos_token):]
     assert obs == enc(tok, delta) and delta.endswith("<|tool|>408<|end|><|assistant|>")
     assert s2 == greedy(e1["prompt_ids"] + s1 + obs, 6) and tok.decode(s2, skip_special_tokens=True) == res["r2"]
+
+
+AGENT_PROGRAM = r'''
+import json, os, urllib.request
+url, tasks = os.environ["CLEANALIGN_AGENT_URL"], json.load(open(os.environ["CLEANALIGN_AGENT_TASKS"]))
+
+def post(path, body):
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+for t in tasks:  # two turns: the policy's reply, a tool turn, the policy's second reply; reward 1 for sample 0
+    msgs = list(t["messages"])
+    r = post("/chat/completions", {"episode_id": t["episode_id"], "messages": msgs, "max_tokens": 4})
+    msgs += [{"role": "assistant", "content": r["choices"][0]["message"]["content"]}, {"role": "tool", "content": "7"}]
+    post("/chat/completions", {"episode_id": t["episode_id"], "messages": msgs, "max_tokens": 4})
+    post(f"/episodes/{t['episode_id']}/reward", {"reward": float(t["episode_id"].endswith("-0"))})
+'''
+
+
+def test_grpo_with_an_external_agent_program_trains_on_its_episodes(tmp_path):
+    agent = tmp_path / "agent.py"
+    agent.write_text(AGENT_PROGRAM)
+    out_dir = tmp_path / "run"
+    run_script("grpo.py", "--model_name_or_path", "toy", "--dataset_name", "toy:mul_tool:conversational",
+               "--agent_command", f"{sys.executable} {agent}", "--max_steps", "2", "--per_device_train_batch_size",
+               "4", "--num_generations", "2", "--logging_steps", "1", "--eval_steps", "0", "--max_new_tokens", "4",
+               "--output_dir", str(out_dir), timeout=600, env={"OMP_NUM_THREADS": "1"})
+    rows = [r for r in read_metrics(out_dir) if "agents/turns_per_episode" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["agents/turns_per_episode"] == 2.0 and r["rewards/environment_reward/mean"] == 0.5
+        assert 0.0 < r["agents/trained_token_fraction"] < 1.0  # the tool turns are not trained on
+        assert r["frac_reward_zero_std"] == 0.0  # each group has rewards 1 and 0: real advantages
