@@ -29,9 +29,11 @@ Implementation details (numbered so the tests and the README can point at them):
  5. Aggregation: the per-token divergences are summed over the completion tokens of the micro-batch and divided by
     N_tok, the completion tokens of the whole optimizer step over every micro-batch and process (TRL's
     num_items_in_batch: a global token mean), so 4 x 2 accumulation and 2 processes equal one batch of 8.
-    DEVIATION (TRL 1.16): TRL counts N_tok on the dataset's labels before it replaces them with generated ones, so
-    its on-policy and seq_kd steps divide by the dataset completions' length; here N_tok counts the tokens trained on.
- 6. Memory: the teacher (frozen, eval mode, outside accelerator.prepare, no gradient) and the student each give
+    DEVIATION (TRL 1.16): TRL's num_items_in_batch is counted by the Trainer on the dataset's labels, before GKD
+    replaces them with sampled ones, so its on-policy and seq_kd steps divide by the dataset completions' token
+    count (without it, TRL takes a per-micro-batch token mean); here N_tok counts the tokens trained on.
+ 6. Memory: the teacher (frozen, eval mode, outside accelerator.prepare, so a full copy on every process even under
+    ZeRO-3 / FSDP; no gradient) and the student each give
     logits only at the completion positions (logits_to_keep); only the valid positions become float32 log-probs.
     One micro-batch's (N_valid, V) pair exists at a time: the backward of one micro-batch runs before the next
     micro-batch's forward. memory/peak_mb is logged (CUDA: max allocated; CPU: peak resident set).
@@ -53,10 +55,15 @@ Implementation details (numbered so the tests and the README can point at them):
     tasks the student's greedy held-out exact match eval/gold_reward next to the teacher's eval/teacher_gold_reward.
 
 Default: teacher `toy-sft-full` (the fully trained 4-layer toy model), student `toy-small` (a freshly initialised
-2-layer, hidden-64 toy Llama) on toy:add; `--model_name_or_path toy-sft` starts from the half-trained SFT policy.
+2-layer, hidden-64 toy Llama) on toy:add, with TRL's β = 0.5 and λ = 0.5; `--model_name_or_path toy-sft` starts from
+the half-trained 4-layer SFT policy. On this toy a fresh student learns from the forward KL on dataset (or teacher)
+completions (`--beta 0 --lmbda 0`: about the teacher's exact match in 1000 steps), and far more slowly with on-policy
+steps or the JSD (measured in benchmarks/results/gkd; likely causes: a fresh student's own samples are poor
+training states, and the JSD saturates at log 2 while the two distributions barely overlap, so its gradient is
+small). The paper distils students that start from SFT.
 
 Run:
-    python algos/gkd.py                                            # GKD (β 0.5, λ 0.5), a few minutes on 2 CPU cores
+    python algos/gkd.py                                            # GKD (β 0.5, λ 0.5), about 3 minutes on 2 CPU cores
     python algos/gkd.py --lmbda 0 --beta 0                         # supervised KD (forward KL on the dataset)
     python algos/gkd.py --lmbda 0 --seq_kd True --beta 0           # sequence-level KD on teacher samples
     python algos/gkd.py --lmbda 1 --beta 1                         # on-policy distillation (per-token reverse KL)
@@ -132,15 +139,15 @@ class Args:
     mixed_precision: str | None = None
     """'no', 'fp16' or 'bf16' (default: whatever `accelerate launch` configured)"""
     # --- optimisation
-    learning_rate: float = 1e-3
-    """AdamW learning rate (the toy student trains from scratch; use ~1e-5 for a pretrained student)"""
+    learning_rate: float = 3e-3
+    """AdamW learning rate (the 2-layer toy student trains from scratch; use ~1e-5 for a pretrained student)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 20
     """linear warm-up steps"""
     lr_scheduler: str = "linear"
     """after warm-up: 'linear' decay to 0 at --max_steps, or 'constant'"""
-    max_steps: int = 500
+    max_steps: int = 1000
     """optimizer steps"""
     per_device_train_batch_size: int = 64
     """sequences per micro-batch per process"""

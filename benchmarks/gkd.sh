@@ -27,6 +27,7 @@ declare -A CONFIGS=(
 )
 
 if [ -z "${PLOT_ONLY:-}" ]; then
+  echo "load average (1, 5, 15 min) at the start: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/load.txt"
   python -c "from common import toy; toy.toy_sft_full_path('add')"  # build the teacher once, outside the timings
   cmds=()
   for seed in $SEEDS; do
@@ -86,7 +87,7 @@ EOF
   echo "Teacher: toy-sft-full (4 layers, hidden 128). Student: toy-small (2 layers, hidden 64, fresh init), ${MAX_STEPS} steps of 64"
   echo "sequences, learning rate 3e-3 (warm-up 20, linear decay). Gold: greedy exact match on 256 held-out prompts."
   echo "eval/*_kl: token means on the held-out rows' dataset completions. Peak memory: resident set of the process (CPU)."
-  echo "Wall times were measured with other jobs sharing the cores."
+  echo "Wall times were measured with other jobs sharing the cores; $(cat "$OUT/load.txt" 2>/dev/null || echo "load not recorded")."
   echo
   cat "$OUT/students.md"
   echo

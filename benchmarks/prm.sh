@@ -19,6 +19,7 @@ mkdir -p "$RUNS" "$OUT"
 COMMON="--max_steps $MAX_STEPS --eval_steps 50 --logging_steps 10 --save_steps 0 --overwrite_output_dir True"
 
 if [ -z "${PLOT_ONLY:-}" ]; then
+  echo "load average (1, 5, 15 min) at the start: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/load.txt"
   python -c "from common import toy; toy.toy_sft_full_path('add')"  # build the backbone once, outside the timings
   cmds=()
   for seed in $SEEDS; do
@@ -40,7 +41,7 @@ python benchmarks/plot.py --runs "all steps=$RUNS/all_steps__*" "last step only=
   echo "eval/accuracy: argmax at every step separator of 512 held-out rows (test split; every step labelled, also for"
   echo "the last-step-only runs); eval/accuracy_{correct,incorrect}_steps: the same per true class;"
   echo "eval/outcome_accuracy: min over the steps of P(correct) > 0.5 against 'every step correct'."
-  echo "Wall times were measured with other jobs sharing the cores."
+  echo "Wall times were measured with other jobs sharing the cores; $(cat "$OUT/load.txt" 2>/dev/null || echo "load not recorded")."
   echo
   cat "$OUT/table.md"
   echo
