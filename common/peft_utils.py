@@ -119,6 +119,9 @@ def check_args(args, task: str = "CAUSAL_LM", model_name: str | None = None, wha
         raise ValueError(f"--lora_alpha {args.lora_alpha}: must be positive (the update is scaled by alpha / r)")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
+    if getattr(args, "sync_ref_model", False):
+        raise ValueError("--sync_ref_model (TR-DPO) mixes the policy's weights into the reference, but with --use_peft "
+                         "the reference is the frozen base under the adapters: drop one of the two")
     try:
         import peft  # noqa: F401
     except ImportError as e:

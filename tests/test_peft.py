@@ -391,6 +391,7 @@ def test_grpo_lora_with_colocated_vllm_samples_from_the_trained_policy(tmp_path)
 
 
 # ----------------------------------------------------------------------------- processes
+@pytest.mark.slow  # two launches, one of 2 processes: about a minute on a loaded 2-core machine
 def test_two_processes_match_one_with_lora(tmp_path):
     """2 processes x 8 completions = 1 process x 16 (DDP over the adapters only, the frozen base outside the
     reducer), on the same samples (conftest's deterministic sampler): the metrics and the trained adapters."""
