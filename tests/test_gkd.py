@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import tyro
 
 from conftest import assert_params_close, load_params, multiprocess_matches_single, read_metrics, run_script
 
@@ -197,8 +198,10 @@ def shared_runs(tmp_path_factory):
     run_script("gkd.py", *RUN, "--per_device_train_batch_size", "8", "--output_dir", str(d / "a"))
     run_script("gkd.py", *RUN, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
                "--output_dir", str(d / "b"))
-    run_script("gkd.py", *RUN, "--per_device_train_batch_size", "8", "--output_dir", str(d / "resumed"),
-               "--resume_from", str(d / "a" / "checkpoint-2"))
+    # in-process (no interpreter start), parsed from the same flags as the command line
+    gkd.main(tyro.cli(gkd.Args, args=[*RUN, "--per_device_train_batch_size", "8", "--output_dir", str(d / "resumed"),
+                                      "--resume_from", str(d / "a" / "checkpoint-2")],
+                      use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
     return d
 
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import tyro
 
 from conftest import accelerate_launcher, assert_params_close, load_params, read_metrics, run_script
 
@@ -141,8 +142,10 @@ def shared_runs(tmp_path_factory):
                "--output_dir", str(d / "b"))
     run_script("prm.py", *RUN, "--per_device_train_batch_size", "4", "--output_dir", str(d / "two"),
                launcher=accelerate_launcher(2))
-    run_script("prm.py", *RUN, "--per_device_train_batch_size", "8", "--output_dir", str(d / "resumed"),
-               "--resume_from", str(d / "a" / "checkpoint-2"))
+    # in-process (no interpreter start), parsed from the same flags as the command line
+    prm.main(tyro.cli(prm.Args, args=[*RUN, "--per_device_train_batch_size", "8", "--output_dir", str(d / "resumed"),
+                                      "--resume_from", str(d / "a" / "checkpoint-2")],
+                      use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
     return d
 
 
