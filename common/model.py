@@ -125,27 +125,191 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
-                     temperature: float = 1.0, return_entropy: bool = False):
-    """Per-token log-probs (B, T) of the last `completion_len` tokens of `input_ids` (B, P+T).
+# Causal-LM classes whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scaling after the
+# head): for these the head is applied here, chunk by chunk, instead of inside the model's forward.
+PLAIN_HEAD_MODELS = {
+    "LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "PhiForCausalLM",
+    "OlmoForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
+    "DeepseekV3ForCausalLM",
+}
+LOGPS_CHUNK_ELEMENTS = 1 << 24  # float32 logits materialised at a time by the chunked head: rows x V <= this (64 MiB)
 
-    Only the logits that predict completion tokens are computed (`logits_to_keep`), divided by `temperature`.
-    With return_entropy, also the exact per-token entropy (B, T) of the (tempered) next-token distribution.
-    """
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=completion_len + 1,
-                use_cache=False)
-    logits = out.logits[:, :-1, :]  # (B, T, V): position t-1 predicts token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, -completion_len:]
-    logps = selective_log_softmax(logits, targets)
-    if not return_entropy:
+
+def _unwrap(model):
+    """The transformers model inside DDP / DeepSpeed (.module), torch.compile (._orig_mod) and PEFT wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "peft_model"):  # common.peft_utils.AdapterOffModel (the reference = adapters off)
+            model = model.peft_model
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def chunked_head(model):
+    """The output head (an nn.Linear) when it can be applied outside the model's forward, else None (models that
+    post-process their logits, heads wrapped by LoRA, parameters sharded by ZeRO-3 or FSDP)."""
+    base = _unwrap(model)
+    if type(base).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return None
+    w = head.weight
+    if type(w) not in (torch.Tensor, torch.nn.Parameter) or hasattr(w, "ds_id") or w.numel() != head.in_features * head.out_features:
+        return None
+    return head
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log softmax(head(h) / τ)[target] for (N, H) hidden states, one block of rows at a time: the forward keeps only
+    the log-normaliser per row, the backward recomputes each block's logits. Never more than one block of float32
+    logits exists, and no (N, V) tensor is saved for the backward. Entropy and argmax (no gradient) come along."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, temperature, rows, want_stats):
+        N = h.shape[0]
+        w = weight.to(h.dtype)
+        b = bias.to(h.dtype) if bias is not None else None
+        logps = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        entropy = torch.empty(N if want_stats else 0, dtype=torch.float32, device=h.device)
+        argmax = torch.empty(N if want_stats else 0, dtype=torch.long, device=h.device)
+        for s in range(0, N, rows):
+            z = torch.nn.functional.linear(h[s:s + rows], w, b).float()
+            if temperature != 1.0:
+                z = z / temperature
+            lse[s:s + rows] = z.logsumexp(-1)
+            logps[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1) - lse[s:s + rows]
+            if want_stats:
+                p = torch.exp(z - lse[s:s + rows, None])
+                entropy[s:s + rows] = lse[s:s + rows] - (p * z).sum(-1)
+                argmax[s:s + rows] = z.argmax(-1)
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.mark_non_differentiable(entropy, argmax)
+        return logps, entropy, argmax
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy, _grad_argmax):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        tau, rows = ctx.temperature, ctx.rows
+        w = weight.to(h.dtype)
+        b = bias.to(h.dtype) if bias is not None else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b and bias is not None else None
+        for s in range(0, h.shape[0], rows):
+            hs = h[s:s + rows]
+            z = torch.nn.functional.linear(hs, w, b).float()
+            if tau != 1.0:
+                z = z / tau
+            g = grad_logps[s:s + rows].float()
+            dz = torch.exp(z - lse[s:s + rows, None]).mul_(-g[:, None])  # d/dz of g * (z[y] - lse) = g (1[y] - p)
+            dz.scatter_add_(-1, targets[s:s + rows, None], g[:, None])
+            if tau != 1.0:
+                dz = dz / tau
+            dz = dz.to(h.dtype)  # the gradient reaches the head in the model's dtype, as through the model's own head
+            if need_h:
+                grad_h[s:s + rows] = dz @ w
+            if need_w:
+                grad_w += (dz.t() @ hs).float()
+            if grad_b is not None:
+                grad_b += dz.float().sum(0)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def head_logps(h: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
+               want_stats: bool = False, chunk_elements: int | None = None):
+    """Per-row log-probs of `targets` (...,) under softmax(head(h) / τ) for hidden states h (..., H), through the
+    chunked head; with want_stats also the exact entropy and the argmax token (no gradient). Shapes follow targets."""
+    shape = targets.shape
+    V = head.out_features
+    rows = max(1, (chunk_elements or LOGPS_CHUNK_ELEMENTS) // V)
+    logps, entropy, argmax = _ChunkedHeadLogps.apply(h.reshape(-1, h.shape[-1]), head.weight, head.bias,
+                                                     targets.reshape(-1), float(temperature), rows, want_stats)
+    if not want_stats:
+        return logps.view(shape)
+    return logps.view(shape), entropy.view(shape), argmax.view(shape)
+
+
+def hidden_before_head(model, head: torch.nn.Module, keep: int, **inputs) -> torch.Tensor:
+    """The model's final hidden states at its last `keep` positions (B, keep, H), as fed to the output head, from
+    the model's own forward (so DDP / DeepSpeed wrappers see a normal forward), with the head itself skipped: a hook
+    hands the head zero positions, so no logits are computed inside the forward."""
+    captured = []
+
+    def take(module, args):
+        captured.append(args[0])
+        return (args[0][:, :0],)
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
+                     temperature: float = 1.0, return_entropy: bool = False, return_argmax: bool = False,
+                     position_ids: torch.Tensor | None = None, chunk_elements: int | None = None):
+    """Per-token log-probs (B, T) of the last `completion_len` tokens of `input_ids` (B, P+T), of the next-token
+    distribution softmax(logits / temperature).
+
+    Memory: the model runs up to its final hidden states; the output head and the float32 log-softmax are then applied
+    a block of positions at a time (forward and backward), so no (B, T, V) logits tensor is ever made
+    (`chunked_head` says for which models; the others get their logits from their forward, `logits_to_keep` = T + 1).
+    With return_entropy, also the exact per-token entropy (B, T); with return_argmax, the most likely token (B, T)
+    (both without gradient). Returns logps, or the tuple (logps, [entropy], [argmax]) in that order.
+    position_ids default to positions that ignore left padding."""
+    T = completion_len
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    targets = input_ids[:, -T:]
+    head = chunked_head(model)
+    want_stats = return_entropy or return_argmax
+    if head is not None:
+        h = hidden_before_head(model, head, T + 1, input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids)[:, :-1]  # (B, T, H): position t-1 predicts token t
+        out = head_logps(h, head, targets, temperature, want_stats, chunk_elements)
+        logps, entropy, argmax = out if want_stats else (out, None, None)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=T + 1, use_cache=False).logits[:, :-1, :]  # (B, T, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logps = selective_log_softmax(logits, targets)
+        entropy = argmax = None
+        if want_stats:
+            with torch.no_grad():
+                entropy, argmax = logits_stats(logits)
+    if not want_stats:
         return logps
-    with torch.no_grad():
-        lp = torch.log_softmax(logits.float(), -1)
-        entropy = -(lp.exp() * lp).sum(-1)
-    return logps, entropy
+    return (logps,) + ((entropy,) if return_entropy else ()) + ((argmax,) if return_argmax else ())
+
+
+@torch.no_grad()
+def logits_stats(logits: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact entropy (float32) and argmax of softmax(logits) along the last dim, a block of rows at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    argmax = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    for s in range(0, flat.shape[0], chunk):
+        lp = torch.log_softmax(flat[s:s + chunk].float(), -1)
+        entropy[s:s + chunk] = -(lp.exp() * lp).sum(-1)
+        argmax[s:s + chunk] = lp.argmax(-1)
+    return entropy.view(logits.shape[:-1]), argmax.view(logits.shape[:-1])
 
 
 def sequence_classifier_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
