@@ -63,7 +63,7 @@ Run:
         --epsilon 3e-4 --epsilon_high 4e-4                         # GSPO recipe
     python algos/grpo.py --reward_funcs my_rewards.py:fn add --reward_weights 0.5 1.0
     python algos/grpo.py --dataset_name my_prompts.jsonl --reward_funcs my_rewards.py:fn --eval_fraction 0.05
-    python algos/grpo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 24
+    python algos/grpo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32
     python algos/grpo.py --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 4
     accelerate launch --multi_gpu --num_processes 2 algos/grpo.py --per_device_train_batch_size 32   # same update as 1 process x 64
     bash benchmarks/pg.sh                                          # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg

@@ -24,8 +24,8 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   python -c "from common import toy; toy.toy_policy_path('mul_tool'); toy.toy_policy_path('guess')"
   cmds=()
   for seed in $SEEDS; do
-    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 24 --max_turns 2 $COMMON --output_dir $RUNS/mul_tool__$seed --overwrite_output_dir True")
-    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --max_new_tokens 24 $COMMON --output_dir $RUNS/mul_no_tool__$seed --overwrite_output_dir True")
+    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32 --max_turns 2 $COMMON --output_dir $RUNS/mul_tool__$seed --overwrite_output_dir True")
+    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --max_new_tokens 32 $COMMON --output_dir $RUNS/mul_no_tool__$seed --overwrite_output_dir True")
     cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 3 --max_turns 5 $COMMON --output_dir $RUNS/guess__$seed --overwrite_output_dir True")
   done
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'

@@ -3,6 +3,8 @@
   mul_tool  "37*58="  -> "2146"   two-digit multiplication: the tiny model cannot do it alone, but can with `calc`:
             SFT trace (what sft.py trains the start policy on; the tool turn is part of it there):
                 <tool>calc(37*58)</tool><eos><result>2146</result>2146
+            for half the prompts, and the bare answer "2146" for the other half (chosen by a hash the model cannot
+            compute), so the start policy calls the tool about half the time and answers the rest on its own
             run with:  python algos/grpo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc
   guess     "guess0412=" -> guess a secret digit 0-9 (a hash of the game id, so the prompt does not reveal it) with
             higher/lower feedback from `GuessEnv`; SFT trace: binary search
@@ -69,7 +71,10 @@ def problems(task: str, split: str):
     if task == "mul_tool":
         pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if _in_test_split(f"{a}*{b}") == test]
         random.Random(0).shuffle(pairs)
-        return [(f"{a}*{b}=", f"<tool>calc({a}*{b})</tool><eos><result>{a * b}</result>{a * b}") for a, b in pairs]
+        # half the traces (a hash of the prompt, which the model cannot compute) answer directly, so the start
+        # policy calls the tool about half the time and RL has room to raise tool use and accuracy
+        return [(f"{a}*{b}=", f"<tool>calc({a}*{b})</tool><eos><result>{a * b}</result>{a * b}"
+                 if zlib.crc32(f"direct{a}*{b}".encode()) % 2 == 0 else str(a * b)) for a, b in pairs]
     if task == "guess":
         ids = [i for i in range(10000) if _in_test_split(f"guess{i:04d}") == test]
         random.Random(0).shuffle(ids)

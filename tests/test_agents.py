@@ -296,7 +296,7 @@ def test_bad_tool_and_environment_specs_fail_before_the_run_folder(tmp_path):
 def test_grpo_with_the_calculator_raises_tool_use_and_accuracy(tmp_path):
     out_dir = tmp_path / "run"
     run_script("grpo.py", "--dataset_name", "toy:mul_tool", "--tools", "common.toy_agents:calc", "--max_new_tokens",
-               "24", "--max_turns", "2", "--max_steps", "60", "--learning_rate", "1e-4", "--eval_steps", "30",
+               "32", "--max_turns", "2", "--max_steps", "60", "--learning_rate", "1e-4", "--eval_steps", "30",
                "--num_eval_prompts", "128", "--logging_steps", "10", "--output_dir", str(out_dir), timeout=3000,
                env={"OMP_NUM_THREADS": "1"})
     m = read_metrics(out_dir)
