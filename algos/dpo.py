@@ -119,7 +119,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -244,6 +244,23 @@ class Args:
     """held-out prompts for the greedy gold-reward evaluation on toy tasks"""
     max_new_tokens: int = 8
     """generation length of that evaluation"""
+    # --- LoRA (common/peft_utils.py)
+    use_peft: bool = False
+    """train LoRA adapters (PEFT) instead of every weight; a reference model is then this model with its adapters off"""
+    lora_r: int = 16
+    """LoRA rank r"""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's update is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of each LoRA branch (above 0 it also makes training-mode log-probs noisy: importance
+    ratios, KL terms and the sampler-trainer gap then carry that noise)"""
+    lora_target_modules: list[str] | None = None
+    """names (or dotted-name suffixes) of the layers that get adapters, e.g. q_proj v_proj; None: every linear layer
+    but the output head (peft's 'all-linear')"""
+    lora_modules_to_save: list[str] | None = None
+    """modules trained fully and saved with the adapter (a reward or value model's score head always is)"""
+    merge_adapter: bool = False
+    """also save the final model with the adapters merged in, output_dir/merged (loadable with from_pretrained)"""
 
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -754,15 +771,18 @@ def main(args: Args):
     global_bs = distributed.global_batch_size(args, accelerator)
     if global_bs > len(train):
         raise ValueError(f"the dataset has {len(train)} usable pairs, fewer than one global batch of {global_bs}")
+    peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     # one run per folder, before any model loads
     resume = checkpoint.prepare_output_dir(args, may_change=("num_eval_pairs", "per_device_eval_batch_size",
                                                              "max_new_tokens", "precompute_ref_batch_size"))
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
+    model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
     ref_model = None
     if not args.reference_free:
         ref_model = (model_utils.load_causal_lm(args.ref_model_name_or_path, tokenizer, args.dataset_name,
                                                 seed=args.seed) if args.ref_model_name_or_path
+                     else peft_utils.reference_model(model) if args.use_peft  # adapters off: no second copy
                      else copy.deepcopy(model))
         ref_model.to(device).eval()  # no requires_grad_(False): detail 10
     if args.disable_dropout:
