@@ -247,6 +247,7 @@ RUNS = {
     "dar.py": (dict(per_device_train_batch_size=8, num_eval_prompts=8), ["dar/kl_from_ref"]),
     "gkd.py": (dict(per_device_train_batch_size=8), []),
     "ppo.py": (dict(per_device_train_batch_size=8, num_eval_prompts=8), ["objective/kl"]),
+    "dpo.py": (dict(per_device_train_batch_size=8), ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
     "kto.py": (dict(per_device_train_batch_size=8), ["rewards/chosen", "rewards/rejected", "kl"]),
     "bco.py": (dict(per_device_train_batch_size=8), ["rewards/chosen", "rewards/rejected"]),
     "rest_em.py": (dict(iterations=2, sft_steps=2, prompts_per_iteration=8, num_generations=2,
