@@ -4,7 +4,7 @@ runs see exactly the global batch a single process would, and the distributed mo
 Launch with `accelerate launch --config_file configs/accelerate/<mode>.yaml algos/<script>.py ...`, where mode is
 ddp, zero2, zero3 or fsdp2 on GPU machines and ddp_cpu, zero2_cpu, zero3_cpu or fsdp2_cpu on a machine without a
 GPU (2 processes over gloo, float32; the CPU files differ from the GPU ones only in process count and precision).
-DeepSpeed (ZeRO-2/3) is an optional extra: `pip install "deepspeed==0.19.*"`.
+DeepSpeed (ZeRO-2/3) is an optional extra: `pip install deepspeed==0.19.8`.
 
 What `make_accelerator` does beyond `Accelerator(...)`, so that every mode runs the same code paths on GPU and CPU:
   - DeepSpeed: the Accelerator is built for it also without CUDA (accelerate's `cpu=True` would silently drop the
@@ -37,7 +37,7 @@ from accelerate.utils import DistributedType, set_seed
 
 MAX_CONSECUTIVE_SKIPS = 10
 _consecutive_skips: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> skipped steps in a row
-DEEPSPEED_INSTALL = 'pip install "deepspeed==0.19.*"'
+DEEPSPEED_INSTALL = "pip install deepspeed==0.19.8"
 CONFIGS = "configs/accelerate/"
 
 
