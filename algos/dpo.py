@@ -36,9 +36,9 @@ Implementation details (numbered so the tests and the README can point at them):
     is one row [prompt | chosen | rejected | padding]; the rejected tokens' positions restart after the prompt and a
     block attention mask lets each token see only the causal past of its own sequence (prompt + itself), so every
     log-prob equals that of a separate forward of prompt + completion, at the cost of one prompt instead of two
-    (prefix sharing, as in arXiv 2410.20305). It needs an attention that takes a custom 4D mask (sdpa, eager); with
-    others, or --share_prompt False, each pair is two rows [left-padded prompt | right-padded completion] (TRL's
-    layout). Only the logits from the first position that predicts a completion token on are computed
+    (prefix sharing, as in arXiv 2410.20305). It needs an attention that takes a custom 4D mask (sdpa, eager) and no
+    sliding window shorter than a sequence (the mask replaces it); otherwise, or with --share_prompt False, each pair
+    is two rows [left-padded prompt | right-padded completion] (TRL's layout). Only the logits from the first position that predicts a completion token on are computed
     (`logits_to_keep`); log-probs go through a chunked float32 log-softmax (common/model.py), and the no-grad
     statistics (mean logits, WPO's log Σ p², the entropy) are reduced chunk by chunk, so no full-vocabulary float32
     copy of the batch is made beyond what a float32 model already holds. Masks are explicit, never from pad ids.
@@ -789,12 +789,16 @@ def main(args: Args):
         disable_dropout(model)
         if ref_model is not None:
             disable_dropout(ref_model)
-    # detail 1: the shared-prompt layout needs a custom 4D attention mask, which sdpa (bool) and eager (float) take
+    # detail 1: the shared-prompt layout needs a custom 4D attention mask, which sdpa (bool) and eager (float) take;
+    # the mask replaces a sliding window, so that must be longer than every sequence
     attn = getattr(model.config, "_attn_implementation", None)
-    share = args.share_prompt and attn in ("sdpa", "eager")
+    cfg = model.config.get_text_config()
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in train + eval_rows)
+    share = args.share_prompt and attn in ("sdpa", "eager") and (not window or longest <= window)
     if args.share_prompt and not share:
-        accelerator.print(f"attention implementation {attn!r} takes no custom attention mask: chosen and rejected get "
-                          "their own copy of the prompt (--share_prompt False)")
+        accelerator.print(f"attention {attn!r} (sliding window {window}) cannot take the shared-prompt mask: chosen "
+                          "and rejected get their own copy of the prompt, as with --share_prompt False")
     mask_dtype = torch.bool if attn == "sdpa" else next(model.parameters()).dtype
     make_batch = functools.partial(pair_batch, pad_id=tokenizer.pad_token_id, device=device, share_prompt=share,
                                    mask_dtype=mask_dtype)

@@ -17,10 +17,12 @@ logging, no accelerate: the floor the script's plumbing is measured against.
 TRL is never a dependency of the project: this script makes a scratch virtualenv of its own (--trl_venv, default
 .cache/venv-trl-1.16.0, made with --system-site-packages so it runs on the project's torch and transformers) and
 installs trl==1.16.0 there with --no-deps. Each measurement runs in its own process, so its peak resident memory
-(ru_maxrss) is its own. Time per step of a run: the median of its step durations after --warmup (dpo.py: from the
-wall times in its metrics file; TRL: a callback at each step's end; the plain loop: its own clock). The programs
-run interleaved, --repeats times; the table gives the best repeat (the one least slowed down by other jobs on a
-shared machine; the checks use it) and the median repeat.
+(ru_maxrss) is its own. Time per step of a run: the median of its step durations after --warmup, read at each
+step's end (dpo.py: its main() as the command line runs it, clocked at each tracker.log call; TRL: a callback; the
+plain loop: its own clock), both as wall time and as the process's CPU time. With one thread per program the CPU
+time is what a quiet machine's wall time would be, and it hardly moves when other jobs share the cores (the wall
+time does). The programs run interleaved, --repeats times; the table gives the CPU time of the median repeat and
+the wall time of the best and the median repeat.
 """
 
 from __future__ import annotations
@@ -65,11 +67,11 @@ def child_trl(a) -> dict:
     set_threads(a.threads)
     ds = toy.make_dataset("add", "preference", "train")
     tok = AutoTokenizer.from_pretrained(a.model)
-    times: list[float] = []
+    points: list[list[float]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
+            points.append(clock(state.global_step))
 
     cfg = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                     learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -79,9 +81,8 @@ def child_trl(a) -> dict:
                     dataloader_num_workers=0, disable_dropout=True, model_init_kwargs={"dtype": torch.float32},
                     disable_tqdm=True)
     trainer = DPOTrainer(model=a.model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
-    t0 = time.perf_counter()
     trainer.train()
-    return {"points": [[i + 1, t] for i, t in enumerate(times)], "t0": t0, "peak_rss_mb": peak_rss_mb()}
+    return {"points": points, "peak_rss_mb": peak_rss_mb()}
 
 
 def child_plain(a) -> dict:
@@ -101,8 +102,7 @@ def child_plain(a) -> dict:
     rows, _ = tokenize_pairs(data.load_data("toy:add", "train", toy_kind="preference"), tok, 1024, None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     model.train()
-    times = []
-    t0 = time.perf_counter()
+    points = []
     for step in range(a.steps):
         idx = data.batch_indices(len(rows), a.batch, step, 1)
         batch = pair_batch([rows[i] for i in idx], tok.pad_token_id, "cpu")  # dpo.py's default layout (shared prompt)
@@ -117,44 +117,61 @@ def child_plain(a) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter())
-    return {"points": [[i + 1, t] for i, t in enumerate(times)], "t0": t0, "peak_rss_mb": peak_rss_mb()}
+        points.append(clock(step + 1))
+    return {"points": points, "peak_rss_mb": peak_rss_mb()}
+
+
+def child_ours(a) -> dict:
+    """algos/dpo.py's main, as `python algos/dpo.py ...` runs it; the clock is read at every tracker.log call (every
+    --logging_steps steps, after the step's update)."""
+    import tyro
+
+    import dpo
+    from common import tracking
+
+    set_threads(a.threads)
+    points = []
+    log = tracking.Tracker.log
+
+    def timed_log(self, metrics, step, total_steps=None):
+        points.append(clock(step))
+        return log(self, metrics, step, total_steps)
+
+    tracking.Tracker.log = timed_log
+    flags = ["--model_name_or_path", a.model, "--max_steps", str(a.steps), "--per_device_train_batch_size",
+             str(a.batch), "--beta", "0.1", "--loss_type", "sigmoid", "--learning_rate", "1e-4", "--logging_steps",
+             str(a.logging_steps), "--eval_steps", "0", "--save_steps", "0", "--output_dir", a.out,
+             "--overwrite_output_dir", "True", *a.dpo_flags]
+    dpo.main(tyro.cli(dpo.Args, args=flags, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
+    return {"points": points, "peak_rss_mb": peak_rss_mb()}
+
+
+def clock(step: int) -> list[float]:
+    """(step, wall time, CPU time of this process): with one thread, the CPU time hardly changes when other jobs
+    share the cores, the wall time does."""
+    return [step, time.perf_counter(), time.process_time()]
 
 
 # ----------------------------------------------------------------------------- the driver
-def per_step(points: list[list[float]], warmup: int) -> float:
-    """The median duration of the steps after `warmup`, from (step, time at its end) points: robust to a few steps
-    slowed down by other jobs on a shared machine."""
+def per_step(points: list[list[float]], warmup: int, which: int) -> float:
+    """The median duration of the steps after `warmup` from (step, wall, cpu) points at step ends; which = 1 wall
+    time, 2 CPU time. The median is robust to a few steps slowed down by other jobs."""
     pts = [p for p in points if p[0] >= warmup]
-    return statistics.median((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:]))
+    return statistics.median((b[which] - a[which]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:]))
 
 
 def run_child(python: str, kind: str, a, extra: list[str], out: Path) -> dict:
-    res = out / f"{kind}.json"
+    import shutil
+
+    res, run = out / f"{kind}.json", out / kind
+    shutil.rmtree(run, ignore_errors=True)
     cmd = [python, str(Path(__file__).resolve()), "--child", kind, "--model", a.model, "--steps", str(a.steps),
            "--batch", str(a.batch), "--threads", str(a.threads), "--logging_steps", str(a.logging_steps),
-           "--result", str(res), "--out", str(out), *extra]
+           "--result", str(res), "--out", str(run), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(res.read_text())
-
-
-def run_ours(a, out: Path, extra: tuple[str, ...] = ()) -> dict:
-    import shutil
-
-    run = out / ("dpo_py" + "_".join(extra))
-    shutil.rmtree(run, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "WANDB_MODE": "offline"}
-    subprocess.run([sys.executable, str(ROOT / "algos" / "dpo.py"), "--model_name_or_path", a.model,
-                    "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch), "--beta", "0.1",
-                    "--loss_type", "sigmoid", "--learning_rate", "1e-4", "--logging_steps", str(a.logging_steps),
-                    "--eval_steps", "0",
-                    "--save_steps", "0", "--output_dir", str(run), *extra], check=True, cwd=ROOT, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    perf = json.loads((run / "perf.json").read_text())
-    return {"points": [[r["step"], r["time"]] for r in recs], "peak_rss_mb": perf["peak_rss_mb"]}
 
 
 def trl_python(venv: Path) -> str:
@@ -180,13 +197,15 @@ def main():
     ap.add_argument("--trl_venv", default=str(ROOT / ".cache" / f"venv-trl-{TRL_VERSION}"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dpo"))
     # child-process arguments
-    ap.add_argument("--child", choices=["trl", "plain"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["trl", "plain", "ours"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dpo_flags", default="", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gradient_checkpointing", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        res = child_trl(a) if a.child == "trl" else child_plain(a)
+        a.dpo_flags = a.dpo_flags.split()
+        res = {"trl": child_trl, "plain": child_plain, "ours": child_ours}[a.child](a)
         Path(a.result).write_text(json.dumps(res) + "\n")
         return
 
@@ -199,8 +218,9 @@ def main():
     py = trl_python(Path(a.trl_venv))
     load_before = os.getloadavg()
     programs = {
-        "dpo.py": lambda: run_ours(a, scratch),
-        "dpo.py --share_prompt False (TRL's layout)": lambda: run_ours(a, scratch, ("--share_prompt", "False")),
+        "dpo.py": lambda: run_child(sys.executable, "ours", a, [], scratch),
+        "dpo.py --share_prompt False (TRL's layout)": lambda: run_child(sys.executable, "ours", a,
+                                                                        ["--dpo_flags=--share_prompt False"], scratch),
         "plain PyTorch loop": lambda: run_child(sys.executable, "plain", a, [], scratch),
         "TRL DPOTrainer, gradient checkpointing off": lambda: run_child(py, "trl", a, ["--gradient_checkpointing", "0"],
                                                                         scratch),
@@ -211,43 +231,42 @@ def main():
     for r in range(a.repeats):  # interleaved, so a change in machine load hits every program alike
         for name, fn in programs.items():
             res = fn()
-            results[name].append({"s_per_step": per_step(res["points"], a.warmup), "peak_rss_mb": res["peak_rss_mb"]})
-            print(f"repeat {r + 1}/{a.repeats} {name}: {results[name][-1]['s_per_step']:.4f} s/step, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            x = {"wall": per_step(res["points"], a.warmup, 1), "cpu": per_step(res["points"], a.warmup, 2),
+                 "peak_rss_mb": res["peak_rss_mb"]}
+            results[name].append(x)
+            print(f"repeat {r + 1}/{a.repeats} {name}: {x['cpu']:.4f} CPU s/step, {x['wall']:.4f} wall s/step, "
+                  f"peak RSS {x['peak_rss_mb']:.0f} MB", flush=True)
     load_after = os.getloadavg()
-    # the best repeat: the one least slowed down by other jobs (the median is reported too)
-    summary = {name: {"s_per_step": min(x["s_per_step"] for x in v),
-                      "s_per_step_median": statistics.median(x["s_per_step"] for x in v),
-                      "s_per_step_all": [round(x["s_per_step"], 5) for x in v],
-                      "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
+    med = statistics.median
+    summary = {name: {"cpu_s_per_step": med(x["cpu"] for x in v), "wall_s_per_step_best": min(x["wall"] for x in v),
+                      "wall_s_per_step_median": med(x["wall"] for x in v),
+                      "cpu_all": [round(x["cpu"], 5) for x in v], "wall_all": [round(x["wall"], 5) for x in v],
+                      "peak_rss_mb": med(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
     ours, plain = summary["dpo.py"], summary["plain PyTorch loop"]
-    trl_off = summary["TRL DPOTrainer, gradient checkpointing off"]
-    checks = {
-        "speed-up vs TRL (checkpointing off), target >= 1.5x": trl_off["s_per_step"] / ours["s_per_step"],
-        "speed-up vs TRL (checkpointing on)": summary["TRL DPOTrainer, gradient checkpointing on"]["s_per_step"]
-        / ours["s_per_step"],
-        "overhead vs the plain loop, target <= 15%": ours["s_per_step"] / plain["s_per_step"] - 1,
-        "peak RSS vs TRL (checkpointing off), target <= 1": ours["peak_rss_mb"] / trl_off["peak_rss_mb"],
-    }
+    trl_off, trl_on = (summary[f"TRL DPOTrainer, gradient checkpointing {x}"] for x in ("off", "on"))
+    checks = {}
+    for key, what in (("cpu_s_per_step", "CPU time"), ("wall_s_per_step_best", "wall time, best repeat")):
+        checks[f"speed-up vs TRL, checkpointing off ({what}); target >= 1.5x"] = trl_off[key] / ours[key]
+        checks[f"speed-up vs TRL, checkpointing on ({what})"] = trl_on[key] / ours[key]
+        checks[f"overhead vs the plain loop ({what}); target <= 15%"] = ours[key] / plain[key] - 1
+    checks["peak RSS vs TRL, checkpointing off; target <= 1"] = ours["peak_rss_mb"] / trl_off["peak_rss_mb"]
     meta = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "batch_pairs": a.batch, "threads": a.threads,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps({"meta": meta, "programs": summary, "checks": checks}, indent=2) + "\n")
-    lines = ["| program | s / optimizer step (best repeat) | median repeat | per repeat | peak RSS (MB) |",
-             "|---|---|---|---|---|"]
+    lines = ["| program | CPU s / step (median repeat) | wall s / step (best repeat) | wall (median repeat) | "
+             "peak RSS (MB) |", "|---|---|---|---|---|"]
     for name, v in summary.items():
-        lines.append(f"| {name} | {v['s_per_step']:.4f} | {v['s_per_step_median']:.4f} | "
-                     f"{', '.join(f'{x:.4f}' for x in v['s_per_step_all'])} | "
-                     f"{v['peak_rss_mb']:.0f} |")
+        lines.append(f"| {name} | {v['cpu_s_per_step']:.4f} | {v['wall_s_per_step_best']:.4f} | "
+                     f"{v['wall_s_per_step_median']:.4f} | {v['peak_rss_mb']:.0f} |")
     lines += ["", "| check | measured |", "|---|---|"]
     for k, v in checks.items():
         lines.append(f"| {k} | {v:+.1%} |" if "overhead" in k else f"| {k} | {v:.2f}x |")
-    lines += ["", f"{a.repeats} repeats x {a.steps} steps (median step time after {a.warmup} warm-up steps), {a.batch} "
-              f"pairs per step, "
-              f"{a.threads} thread(s), {meta['cores']} cores, load average {meta['loadavg_before']} before and "
-              f"{meta['loadavg_after']} after, {meta['date']}."]
+    lines += ["", f"{a.repeats} interleaved repeats x {a.steps} steps (per run: the median step after {a.warmup} "
+              f"warm-up steps), {a.batch} pairs per step, {a.threads} thread(s) per program, {meta['cores']} cores, "
+              f"load average {meta['loadavg_before']} before and {meta['loadavg_after']} after, {meta['date']}."]
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
