@@ -54,7 +54,9 @@ Implementation details (numbered so the tests and the README can point at them):
 11. Tools and environments (--tools / --environment, common/agents.py): each completion is an episode of policy
     turns and tool/environment turns; the loss mask (and so the KL term and dapo's token count) is the policy's
     own sampled tokens only, which are kept as sampled (no re-tokenisation). Reward functions see the decoded
-    transcript. Evaluation runs greedy episodes.
+    transcript; an environment's (or --agent_command's) summed per-turn and final rewards are the reward source
+    environment_reward. Evaluation runs greedy episodes. max_new_tokens is per turn; completions/* lengths count
+    every completion token (tool turns too), and dr_grpo's constant stays max_new_tokens.
 
 Run:
     python algos/grpo.py                                           # toy SFT policy on toy:add, a few minutes on 2 CPU cores
