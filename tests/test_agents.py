@@ -202,6 +202,17 @@ def test_raising_flooding_unknown_and_bad_calls_become_error_turns():
     assert agents.episode_metrics(None, out)["tools/failure_frequency"] == 0.5
 
 
+def test_tools_from_a_file_are_described_by_signature_and_docstring(tmp_path):
+    f = tmp_path / "my_tools.py"
+    f.write_text('def calculator(expression: str) -> str:\n    """Evaluate an arithmetic expression."""\n'
+                 '    return str(eval(expression, {}))\n')
+    tools = agents.load_tools([f"{f}:calculator", "common.toy_agents:calc"])
+    assert list(tools) == ["calculator", "calc"]
+    assert agents.describe_tools(tools).splitlines()[0] == \
+        "calculator(expression: str) -> str: Evaluate an arithmetic expression."
+    assert agents.run_tool(tools, "calculator", "6*7") == ("42", True)
+
+
 def test_tool_call_formats():
     assert agents.parse_tool_calls("x <tool>calc(1+2)</tool> y <tool> f ( 'a', k=1 ) </tool>") == [
         ("calc", "1+2"), ("f", "'a', k=1")]
