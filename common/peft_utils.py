@@ -237,15 +237,6 @@ def reference_model(model) -> AdapterOffModel:
     return AdapterOffModel(m)
 
 
-def reference_or_load(model, args, load):
-    """A script's reference model: the policy with its adapters off under --use_peft (no second copy), else `load()`
-    (a copy of the starting policy or --ref_model_name_or_path). A separate reference model named by the script's
-    --ref_model_name_or_path is always loaded."""
-    if getattr(args, "use_peft", False) and not getattr(args, "ref_model_name_or_path", None):
-        return reference_model(model)
-    return load()
-
-
 # ----------------------------------------------------------------------------- merged weights
 def _delta(layer, a: torch.Tensor, b: torch.Tensor, adapter: str) -> torch.Tensor:
     """s · B A of one LoRA layer from its A and B tensors (the layer's own scaling and fan_in_fan_out), in W's layout."""

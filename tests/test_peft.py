@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 
 import pytest
@@ -167,8 +166,7 @@ def test_merged_weights_give_the_adapter_models_logits(toy_policy, tmp_path):
 
     # save_model: an adapter folder (PeftModel.from_pretrained, exact) and with merged=True merged/ (from_pretrained)
     acc = Accelerator(cpu=True)
-    model.cleanalign_merge_on_save = True
-    checkpoint.save_model(acc, model, tok, tmp_path / "out")
+    checkpoint.save_model(acc, model, tok, tmp_path / "out", merged=True)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "adapter_config.json" in files and "adapter_model.safetensors" in files and "merged" in files
     assert "model.safetensors" not in files and "README.md" not in files
