@@ -1,10 +1,10 @@
 """algos/dpo.py's losses against TRL 1.16's own DPOTrainer._compute_loss, on the same per-token log-probs.
 
 Not part of the test suite (TRL is never a dependency): it needs trl==1.16.0 importable next to the project's torch,
-e.g. a scratch virtualenv made with `python -m venv --system-site-packages V && V/bin/pip install trl==1.16.0
---no-deps`, or the path of such an install on PYTHONPATH:
+e.g. from the scratch virtualenv benchmarks/dpo_speed.py makes (`python -m venv --system-site-packages V &&
+V/bin/pip install trl==1.16.0 --no-deps`):
 
-    PYTHONPATH=/tmp/trlvenv/lib/python3.11/site-packages python benchmarks/dpo_trl_losses.py
+    .cache/venv-trl-1.16.0/bin/python benchmarks/dpo_trl_losses.py > benchmarks/results/dpo/trl_losses.txt
 
 TRL's loss is called unchanged with a stand-in model that returns fixed per-token log-probs (its fused-LM-head
 output) and precomputed reference sums; dpo.py's pure functions get the same numbers. Every loss type, several
