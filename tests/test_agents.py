@@ -97,6 +97,23 @@ def test_scripted_tool_rollout_layout_and_masks_equal_a_hand_construction():
     assert m["agents/truncated_ratio"] == pytest.approx(4 / 8)
 
 
+def test_conversational_rollout_appends_the_chat_templates_tool_turn():
+    tok = toy.make_tokenizer()
+    prompt = [{"role": "user", "content": "12*34="}]
+    p_ids = [data.tokenize(tok, [data.prompt_text(prompt, tok)])[0]]
+    pol = lambda ctx: "408" if "<|tool|>" in ctx else "<tool>calc(12*34)</tool>"  # noqa: E731
+    out = agents.Agent(tok, {"calc": toy_agents.calc}).rollout(ScriptedGenerator(tok, pol), None, p_ids,
+                                                              [{"prompt": prompt}], n=1)
+    E = tok.eos_token_id
+    a1, o1 = enc(tok, "<tool>calc(12*34)</tool>") + [E], enc(tok, "<|tool|>408<|end|><|assistant|>")
+    assert out.completion_ids[0].tolist() == a1 + o1 + enc(tok, "408") + [E]
+    assert out.policy_mask[0].tolist() == [1] * len(a1) + [0] * len(o1) + [1] * 4
+    # the sequence is what the chat template renders for the whole conversation
+    conv = prompt + [{"role": "assistant", "content": "<tool>calc(12*34)</tool>"}, {"role": "tool", "content": "408"},
+                     {"role": "assistant", "content": "408"}]
+    assert p_ids[0] + out.completion_ids[0].tolist() == enc(tok, tok.apply_chat_template(conv, tokenize=False))
+
+
 def test_scripted_environment_rollout_rewards_and_masks():
     tok = toy.make_tokenizer()
     prompt = "guess0412="
