@@ -9,8 +9,9 @@ An episode is the prompt, then turns: the policy samples a turn (up to max_new_t
 A turn that hits max_new_tokens without EOS, or max_turns turns without an ending, truncates the episode.
 
 Token layout of sample i (row i*G + j = sample j of prompt i, as in single-turn generation):
-    [prompt | a_1 | o_1 | a_2 | o_2 | ... | a_K]      a_k: the policy's sampled ids, kept as sampled (never decoded
+    [prompt | (o_0) | a_1 | o_1 | ... | a_K]         a_k: the policy's sampled ids, kept as sampled (never decoded
                                                       and re-tokenised); o_k: the tool/environment turn's ids
+                                                      (o_0: an environment's first observation, if any)
 completion_mask = 1 on every a and o token (what the model attends to); policy_mask = 1 on a tokens only. Scripts
 train on completion_mask * policy_mask, so tool and environment tokens get no loss and no KL.
 
@@ -310,9 +311,8 @@ class Agent:
                 if self.env_cls is not None:
                     ep.env = self.env_cls()
                     first = ep.env.reset(row)
-                    if first:
-                        ep.prompt_ids = ep.prompt_ids + self._encode(
-                            observation_text(self.tokenizer, str(first), "env", ep.conversational))
+                    if first:  # the first observation opens the completion (not trained on)
+                        self._observe(ep, str(first), "env")
                 eps.append(ep)
         for _ in range(self.max_turns):
             active = [ep for ep in eps if not ep.done]

@@ -144,6 +144,30 @@ def test_scripted_environment_rollout_rewards_and_masks():
     assert out2.terminated.tolist() == [False] and out2.env_rewards == [pytest.approx(-0.2)]
 
 
+class EchoEnv:
+    """First observation 'go'; ends after the second turn with reward 2 (only a final reward)."""
+
+    def reset(self, row):
+        self.n = 0
+        return "go"
+
+    def step(self, text):
+        self.n += 1
+        return (None, 2.0, True) if self.n == 2 else ("ok", None, False)
+
+
+def test_first_observation_opens_the_completion_and_final_reward_only():
+    tok = toy.make_tokenizer()
+    p_ids = [data.tokenize(tok, [data.prompt_text("hi=", tok)])[0]]
+    out = agents.Agent(tok, env_cls=EchoEnv).rollout(ScriptedGenerator(tok, lambda ctx: "a"), None, p_ids,
+                                                     [{"prompt": "hi="}], n=1)
+    E = tok.eos_token_id
+    o0, a, o1 = enc(tok, "<obs>go</obs>"), enc(tok, "a") + [E], enc(tok, "<obs>ok</obs>")
+    assert out.completion_ids[0].tolist() == o0 + a + o1 + a
+    assert out.policy_mask[0].tolist() == [0] * len(o0) + [1, 1] + [0] * len(o1) + [1, 1]
+    assert out.env_rewards == [2.0] and out.turns.tolist() == [2]
+
+
 def test_detail_11_tool_and_environment_tokens_get_no_gradient_through_grpo_loss():
     torch.manual_seed(0)
     tok = toy.make_tokenizer()
