@@ -133,7 +133,9 @@ PLAIN_HEAD_MODELS = {
     "OlmoForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
     "DeepseekV3ForCausalLM",
 }
-LOGPS_CHUNK_ELEMENTS = 1 << 24  # float32 logits materialised at a time by the chunked head: rows x V <= this (64 MiB)
+# float32 logits materialised at a time by the chunked head, rows x V <= this: 16 MiB on CPU (small blocks cost little
+# there), 256 MiB on accelerators (fewer, larger kernels)
+LOGPS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 26}
 
 
 def _unwrap(model):
@@ -235,7 +237,8 @@ def head_logps(h: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, te
     chunked head; with want_stats also the exact entropy and the argmax token (no gradient). Shapes follow targets."""
     shape = targets.shape
     V = head.out_features
-    rows = max(1, (chunk_elements or LOGPS_CHUNK_ELEMENTS) // V)
+    budget = chunk_elements or LOGPS_CHUNK_ELEMENTS["cpu" if h.device.type == "cpu" else "other"]
+    rows = max(1, budget // V)
     logps, entropy, argmax = _ChunkedHeadLogps.apply(h.reshape(-1, h.shape[-1]), head.weight, head.bias,
                                                      targets.reshape(-1), float(temperature), rows, want_stats)
     if not want_stats:
