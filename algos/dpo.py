@@ -38,15 +38,17 @@ Implementation details (numbered so the tests and the README can point at them):
     log-prob equals that of a separate forward of prompt + completion, at the cost of one prompt instead of two
     (prefix sharing, as in arXiv 2410.20305). It needs an attention that takes a custom 4D mask (sdpa, eager) and no
     sliding window shorter than a sequence (the mask replaces it); otherwise, or with --share_prompt False, each pair
-    is two rows [left-padded prompt | right-padded completion] (TRL's layout). Only the logits from the first position that predicts a completion token on are computed
-    (`logits_to_keep`); log-probs go through a chunked float32 log-softmax (common/model.py), and the no-grad
-    statistics (mean logits, WPO's log Σ p², the entropy) are reduced chunk by chunk, so no full-vocabulary float32
-    copy of the batch is made beyond what a float32 model already holds. Masks are explicit, never from pad ids.
+    is two rows [left-padded prompt | right-padded completion] (TRL's layout). Only the logits from the first
+    position that predicts a completion token on are computed (`logits_to_keep`); log-probs go through a chunked
+    float32 log-softmax (common/model.py), and the no-grad statistics (mean logits, WPO's log Σ p², the entropy) are
+    reduced chunk by chunk, so no full-vocabulary float32 copy of the batch is made beyond what a float32 model
+    already holds. Masks are explicit, never from pad ids.
  2. Tokenisation: prompt and prompt+completion are tokenised whole and split where they first differ (so merges across
     the boundary do not corrupt the split, as TRL does); completions end with EOS. Truncation: the prompt is cut to
     --max_prompt_length keeping its LAST tokens (left side); then each completion is cut to fit --max_length keeping
     its FIRST tokens (right side, TRL's keep_start). Pairs whose prompt is empty or alone fills --max_length are
-    dropped (counted on screen). Sequence log-probs are sums, never means; the length-normalised losses divide by |y| themselves.
+    dropped (counted on screen). Sequence log-probs are sums, never means; the length-normalised losses divide by
+    |y| themselves.
  3. --precompute_ref_log_probs: one pass of the reference model over the training and evaluation pairs before training,
     stored in output_dir/ref_logps/ref_logps.safetensors with a fingerprint of the tokenised data, the reference and
     the options that change S^ref (a resumed run with the same fingerprint reuses it; a new run recomputes it); the
@@ -661,23 +663,23 @@ def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_
     B = len(rows)
     L = max(len(p) + len(c) + len(r) for p, c, r in rows)
     T = max(max(len(c) for c in chosen), max(len(r) for r in rejected))
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    seg = torch.full((B, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
     first = min(len(p) for p, _, _ in rows) - 1  # the earliest predicting position: logits from there on
     assert first >= 0, "every prompt has at least one token (tokenize_pairs drops the others)"
-    targets = torch.full((2 * B, T), pad_id, dtype=torch.long)
-    cmask = torch.zeros((2 * B, T), dtype=torch.long)
-    pred = torch.full((2 * B, T), first, dtype=torch.long)  # the position (packed row) whose logits predict the token
-    for i, (p, c, r) in enumerate(rows):
+    ids, pos, seg, targets, cmask, pred = [], [], [], [[], []], [[], []], [[], []]  # lists first: one tensor each
+    for p, c, r in rows:
         P, Tc, Tr = len(p), len(c), len(r)
-        ids[i, :P + Tc + Tr] = torch.tensor(p + c + r)
-        seg[i, :P], seg[i, P:P + Tc], seg[i, P + Tc:P + Tc + Tr] = 0, 1, 2
-        pos[i, :P + Tc] = torch.arange(P + Tc)
-        pos[i, P + Tc:P + Tc + Tr] = torch.arange(P, P + Tr)
-        targets[i, :Tc], cmask[i, :Tc], pred[i, :Tc] = torch.tensor(c), 1, torch.arange(P - 1, P + Tc - 1)
-        targets[B + i, :Tr], cmask[B + i, :Tr] = torch.tensor(r), 1
-        pred[B + i, :Tr] = torch.tensor([P - 1] + list(range(P + Tc, P + Tc + Tr - 1)))  # the first from the prompt
+        pad = L - P - Tc - Tr
+        ids.append(p + c + r + [pad_id] * pad)
+        pos.append(list(range(P + Tc)) + list(range(P, P + Tr)) + [0] * pad)
+        seg.append([0] * P + [1] * Tc + [2] * Tr + [3] * pad)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        # the position (in the packed row) whose logits predict each token; the first rejected token's is the prompt's
+        for side, (comp, at) in enumerate(((c, list(range(P - 1, P + Tc - 1))),
+                                           (r, [P - 1] + list(range(P + Tc, P + Tc + Tr - 1))))):
+            targets[side].append(comp + [pad_id] * (T - len(comp)))
+            cmask[side].append([1] * len(comp) + [0] * (T - len(comp)))
+            pred[side].append(at + [first] * (T - len(comp)))
+    ids, pos, seg = torch.tensor(ids), torch.tensor(pos), torch.tensor(seg)
+    targets, cmask, pred = (torch.tensor(x[0] + x[1]) for x in (targets, cmask, pred))  # (2B, T) each
     q, k = seg[:, :, None], seg[:, None, :]
     ar = torch.arange(L)
     mask = (ar[:, None] >= ar[None, :]) & ~((q == 2) & (k == 1)) & (k != 3)  # (B, L, L)
@@ -807,7 +809,10 @@ def main(args: Args):
         ref_cache = load_or_precompute(args, ref_model, train, eval_rows, make_batch, accelerator, resume is not None)
         ref_model = None
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # the fused kernel (TRL's default optimizer too); not under DeepSpeed / FSDP, which manage their own parameters
+    fused = accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU") and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=fused)
 
     def lr_lambda(step):
         if step < args.warmup_steps:

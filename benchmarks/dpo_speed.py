@@ -5,9 +5,9 @@
 
 Matched settings: the same model folder (the toy SFT policy, toy-sft, about 0.9M parameters), the toy:add preference
 pairs, 64 pairs per optimizer step (one micro-batch, one process), β = 0.1, the sigmoid loss, a reference model held
-in memory, float32, AdamW at lr 1e-4, gradient clipping at 1.0, the same thread count (--threads), metrics logged
-every --logging_steps steps (default every step), no evaluation, no checkpoints. TRL runs with gradient
-checkpointing off and on (its DPOConfig default is on).
+in memory, float32, fused AdamW at lr 1e-4 (TRL's default optimizer), gradient clipping at 1.0, the same thread
+count (--threads), metrics logged every --logging_steps steps (default every step), no evaluation, no checkpoints.
+TRL runs with gradient checkpointing off and on (its DPOConfig default is on).
 
 dpo.py runs in its default layout (one row per pair, the prompt shared by chosen and rejected) and in TRL's (two
 rows per pair, --share_prompt False). The plain loop does the same forwards as dpo.py's default (one policy forward
@@ -100,7 +100,7 @@ def child_plain(a) -> dict:
     model = model_utils.load_causal_lm(a.model, tok)
     ref = copy.deepcopy(model).eval()
     rows, _ = tokenize_pairs(data.load_data("toy:add", "train", toy_kind="preference"), tok, 1024, None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as dpo.py and TRL
     model.train()
     points = []
     for step in range(a.steps):
