@@ -20,6 +20,10 @@ Implementation details (numbered; tests name the detail they check):
   4. NEFTune (Jain et al., arXiv 2310.05914, Alg. 1): in training only, the input embeddings get
      ε ~ Uniform(-1, 1) · α / sqrt(L · d) (L the padded sequence length of the micro-batch, d the hidden size), added
      by a forward hook on the input embedding layer; evaluation and the saved model are untouched.
+  5. `--packing`: each micro-batch's sequences are packed into rows as long as its longest sequence (best-fit
+     decreasing; so no row is longer than a padded one and attention costs no more), position ids restart at every
+     sequence and attention stays within it (common/packing.py), and the head runs only where a token is trained. Same sequences, same loss (a global token mean), same gradient as the
+     padded batch up to float rounding; only the padding's compute is gone. NEFTune's L is then the packed row length.
 
 Data: language modelling (`text` / `messages`) or prompt-completion (`prompt`, `completion`), standard or
 conversational. Default: the built-in toy addition task and a freshly initialised toy Llama (no network).
@@ -28,6 +32,7 @@ Run:
     python algos/sft.py                                   # toy model on toy:add, about two minutes on 2 CPU cores
     python algos/sft.py --max_steps 475 --lr_decay_steps 1000   # the RL scripts' start policy (toy-sft)
     python algos/sft.py --dataset_name toy:reverse:conversational
+    python algos/sft.py --packing True                     # padding-free micro-batches (detail 5)
     python algos/sft.py --dataset_name my_data.jsonl --eval_fraction 0.05   # eval/loss on 5% held-out rows
     accelerate launch --multi_gpu --num_processes 2 algos/sft.py   # same global batch, same result (--multi_gpu: also on CPU)
     python algos/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \
@@ -46,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -114,6 +119,10 @@ class Args:
     # --- SFT
     max_length: int = 128
     """longest tokenised sequence kept (prompt tokens are cut from the left first)"""
+    packing: bool = False
+    """padding-free micro-batches: the micro-batch's sequences packed into rows as long as its longest sequence
+    (best-fit decreasing; positions restart and attention stays within each sequence; common/packing.py). The same
+    sequences and loss as without it, less compute on padding"""
     completion_only_loss: bool = True
     """prompt-completion data: loss on completion tokens only (False: on every token)"""
     assistant_only_loss: bool = False
@@ -254,10 +263,7 @@ def tokenize_rows(ds, tokenizer, completion_only: bool, max_length: int, assista
 
 def weight_mask(rows: list, T: int, device) -> torch.Tensor:
     """(B, T) 0/1 loss mask from the rows' target weights, right-padded like the completions."""
-    mask = torch.zeros(len(rows), T)
-    for i, r in enumerate(rows):
-        mask[i, :len(r[2])] = torch.tensor(r[2], dtype=torch.float)
-    return mask.to(device)
+    return torch.tensor([list(r[2]) + [0] * (T - len(r[2])) for r in rows], dtype=torch.float).to(device)
 
 
 @torch.no_grad()
@@ -357,15 +363,24 @@ def main(args: Args):
         num_items = distributed.gather_sum(accelerator, local_tokens)  # label tokens in the whole step
         for mb in micro:
             rows = [train[i] for i in mb]
-            batch = data.batch_prompt_completion([r[0] for r in rows], [r[1] for r in rows], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if args.packing:  # one flat (K,) vector of trained tokens instead of (B, T); rows as long as the longest
+                seqs = [r[0] + r[1] for r in rows]  # sequence, so attention is never longer than with padding
+                batch = packing.pack_rows(seqs, [[0] * len(r[0]) + list(r[2]) for r in rows],
+                                          max(len(q) for q in seqs), pad_id, accelerator.device)
+            else:
+                batch = data.batch_prompt_completion([r[0] for r in rows], [r[1] for r in rows], pad_id)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                T = batch["completion_mask"].shape[1]
                 # the head chunk by chunk: no (B, T, V) logits (common/model.py)
-                logps, entropy, argmax = model_utils.completion_logps(
-                    model, batch["input_ids"], batch["attention_mask"], T, return_entropy=True, return_argmax=True)
-                targets = batch["input_ids"][:, -T:]
-                mask = weight_mask(rows, T, accelerator.device)
+                if args.packing:
+                    logps, entropy, argmax = packing.packed_token_logps(model, batch, return_entropy=True,
+                                                                        return_argmax=True)
+                    targets, mask = batch["targets"], batch["weights"]
+                else:
+                    T = batch["completion_mask"].shape[1]
+                    logps, entropy, argmax = model_utils.completion_logps(
+                        model, batch["input_ids"], batch["attention_mask"], T, return_entropy=True, return_argmax=True)
+                    targets, mask = batch["input_ids"][:, -T:], weight_mask(rows, T, accelerator.device)
                 loss = (dft_loss if args.loss_type == "dft" else sft_loss)(logps, mask, num_items)
                 # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
                 # gradient is exactly that of the global token mean
@@ -374,13 +389,13 @@ def main(args: Args):
                     _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
                                                             args.max_grad_norm)
                     skipped_steps += not stepped
-            with torch.no_grad():
-                stats["loss"] += loss.item() * num_items  # the trained loss (NLL or DFT) summed over tokens
-                stats["correct"] += ((argmax == targets) * mask).sum().item()
-                stats["tokens"] += mask.sum().item()
+            with torch.no_grad():  # summed as tensors: read (one device sync) on logged steps only
+                stats["loss"] += loss.detach() * num_items  # the trained loss (NLL or DFT) summed over tokens
+                stats["correct"] += ((argmax == targets) * mask).sum()
+                stats["tokens"] += mask.sum()
                 if log_step:
-                    stats["entropy"] += (entropy * mask).sum().item()
-                    stats["entropy_tokens"] += mask.sum().item()
+                    stats["entropy"] += (entropy * mask).sum()
+                    stats["entropy_tokens"] += mask.sum()
 
         done = step + 1
         if log_step:

@@ -168,37 +168,45 @@ def chunked_head(model):
     return head
 
 
+HEAD_STATS = ("entropy", "argmax", "mean_logits", "log_sum_sq")  # what head_logps can return besides the log-probs
+
+
 class _ChunkedHeadLogps(torch.autograd.Function):
     """log softmax(head(h) / τ)[target] for (N, H) hidden states, one block of rows at a time: the forward keeps only
     the log-normaliser per row, the backward recomputes each block's logits. Never more than one block of float32
-    logits exists, and no (N, V) tensor is saved for the backward. Entropy and argmax (no gradient) come along."""
+    logits exists, and no (N, V) tensor is saved for the backward. Statistics of each row's distribution come along
+    as an (N, S) float32 tensor without gradient (see head_logps)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, temperature, rows, want_stats):
+    def forward(ctx, h, weight, bias, targets, temperature, rows, stats):
         N = h.shape[0]
         w = weight.to(h.dtype)
         b = bias.to(h.dtype) if bias is not None else None
         logps = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
-        entropy = torch.empty(N if want_stats else 0, dtype=torch.float32, device=h.device)
-        argmax = torch.empty(N if want_stats else 0, dtype=torch.long, device=h.device)
+        out = torch.empty((N, len(stats)), dtype=torch.float32, device=h.device)
         for s in range(0, N, rows):
-            z = torch.nn.functional.linear(h[s:s + rows], w, b).float()
-            if temperature != 1.0:
-                z = z / temperature
-            lse[s:s + rows] = z.logsumexp(-1)
-            logps[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1) - lse[s:s + rows]
-            if want_stats:
-                p = torch.exp(z - lse[s:s + rows, None])
-                entropy[s:s + rows] = lse[s:s + rows] - (p * z).sum(-1)
-                argmax[s:s + rows] = z.argmax(-1)
+            raw = torch.nn.functional.linear(h[s:s + rows], w, b).float()
+            z = raw / temperature if temperature != 1.0 else raw
+            l_ = z.logsumexp(-1)
+            lse[s:s + rows] = l_
+            logps[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1) - l_
+            for k, name in enumerate(stats):
+                if name == "entropy":  # H = lse - Σ p z
+                    out[s:s + rows, k] = l_ - (torch.softmax(z, -1) * z).sum(-1)
+                elif name == "argmax":
+                    out[s:s + rows, k] = z.argmax(-1).float()  # exact for vocabularies below 2^24
+                elif name == "mean_logits":  # of the head's raw logits (before the temperature)
+                    out[s:s + rows, k] = raw.mean(-1)
+                elif name == "log_sum_sq":  # log Σ_v p_v²
+                    out[s:s + rows, k] = (2 * z).logsumexp(-1) - 2 * l_
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.temperature, ctx.rows = temperature, rows
-        ctx.mark_non_differentiable(entropy, argmax)
-        return logps, entropy, argmax
+        ctx.mark_non_differentiable(out)
+        return logps, out
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, _grad_argmax):
+    def backward(ctx, grad_logps, _grad_stats):
         h, weight, bias, targets, lse = ctx.saved_tensors
         tau, rows = ctx.temperature, ctx.rows
         w = weight.to(h.dtype)
@@ -232,18 +240,25 @@ class _ChunkedHeadLogps(torch.autograd.Function):
 
 
 def head_logps(h: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-               want_stats: bool = False, chunk_elements: int | None = None):
+               stats: tuple[str, ...] = (), chunk_elements: int | None = None):
     """Per-row log-probs of `targets` (...,) under softmax(head(h) / τ) for hidden states h (..., H), through the
-    chunked head; with want_stats also the exact entropy and the argmax token (no gradient). Shapes follow targets."""
+    chunked head (float32 from the head's output on). With `stats` (names from HEAD_STATS), also a dict of no-grad
+    per-row statistics: entropy (exact, of the tempered distribution), argmax (long), mean_logits (mean over the
+    vocabulary of the raw logits), log_sum_sq (log Σ_v p_v²). Shapes follow targets."""
+    bad = [s for s in stats if s not in HEAD_STATS]
+    if bad:
+        raise ValueError(f"head_logps: unknown statistics {bad}; choose from {HEAD_STATS}")
     shape = targets.shape
-    V = head.out_features
     budget = chunk_elements or LOGPS_CHUNK_ELEMENTS["cpu" if h.device.type == "cpu" else "other"]
-    rows = max(1, budget // V)
-    logps, entropy, argmax = _ChunkedHeadLogps.apply(h.reshape(-1, h.shape[-1]), head.weight, head.bias,
-                                                     targets.reshape(-1), float(temperature), rows, want_stats)
-    if not want_stats:
+    rows = max(1, budget // head.out_features)
+    logps, out = _ChunkedHeadLogps.apply(h.reshape(-1, h.shape[-1]), head.weight, head.bias, targets.reshape(-1),
+                                         float(temperature), rows, tuple(stats))
+    if not stats:
         return logps.view(shape)
-    return logps.view(shape), entropy.view(shape), argmax.view(shape)
+    named = {name: out[:, k].view(shape) for k, name in enumerate(stats)}
+    if "argmax" in named:
+        named["argmax"] = named["argmax"].long()
+    return logps.view(shape), named
 
 
 def hidden_before_head(model, head: torch.nn.Module, keep: int, **inputs) -> torch.Tensor:
@@ -285,8 +300,10 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if head is not None:
         h = hidden_before_head(model, head, T + 1, input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids)[:, :-1]  # (B, T, H): position t-1 predicts token t
-        out = head_logps(h, head, targets, temperature, want_stats, chunk_elements)
-        logps, entropy, argmax = out if want_stats else (out, None, None)
+        stats = ("entropy",) * return_entropy + ("argmax",) * return_argmax
+        out = head_logps(h, head, targets, temperature, stats, chunk_elements)
+        logps, named = out if stats else (out, {})
+        entropy, argmax = named.get("entropy"), named.get("argmax")
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=T + 1, use_cache=False).logits[:, :-1, :]  # (B, T, V)
@@ -295,24 +312,51 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         logps = selective_log_softmax(logits, targets)
         entropy = argmax = None
         if want_stats:
-            with torch.no_grad():
-                entropy, argmax = logits_stats(logits)
+            named = logits_stats(logits)
+            entropy, argmax = named["entropy"], named["argmax"]
     if not want_stats:
         return logps
     return (logps,) + ((entropy,) if return_entropy else ()) + ((argmax,) if return_argmax else ())
 
 
+def logps_at(model, inputs: dict, keep: int, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
+             temperature: float = 1.0, stats: tuple[str, ...] = ()):
+    """Log-probs of `targets` (...,) predicted at positions (rows, cols) (...,) of the model's last `keep` positions
+    (column 0 = position L - keep), for layouts where the predicting position is not simply the previous column
+    (prompts shared by two completions, packed rows). Through the chunked head when the model allows it, else from
+    the forward's logits. `inputs`: the forward's keyword arguments (input_ids, attention_mask, position_ids). With
+    `stats`, also the dict of head_logps' statistics."""
+    head = chunked_head(model)
+    if head is not None:
+        h = hidden_before_head(model, head, keep, **inputs)  # (B, keep, H)
+        return head_logps(h[rows, cols], head, targets, temperature, stats)
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[rows, cols]  # (..., V)
+    z = logits / temperature if temperature != 1.0 else logits
+    logps = selective_log_softmax(z, targets)
+    return (logps, logits_stats(logits, stats, temperature)) if stats else logps
+
+
 @torch.no_grad()
-def logits_stats(logits: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact entropy (float32) and argmax of softmax(logits) along the last dim, a block of rows at a time."""
+def logits_stats(logits: torch.Tensor, stats: tuple[str, ...] = ("entropy", "argmax"), temperature: float = 1.0,
+                 chunk: int = 4096) -> dict:
+    """head_logps' statistics (HEAD_STATS) of softmax(logits / τ) along the last dim, a block of rows at a time."""
     flat = logits.reshape(-1, logits.shape[-1])
-    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    argmax = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    out = {name: torch.empty(flat.shape[0], dtype=torch.long if name == "argmax" else torch.float32,
+                             device=logits.device) for name in stats}
     for s in range(0, flat.shape[0], chunk):
-        lp = torch.log_softmax(flat[s:s + chunk].float(), -1)
-        entropy[s:s + chunk] = -(lp.exp() * lp).sum(-1)
-        argmax[s:s + chunk] = lp.argmax(-1)
-    return entropy.view(logits.shape[:-1]), argmax.view(logits.shape[:-1])
+        raw = flat[s:s + chunk].float()
+        z = raw / temperature if temperature != 1.0 else raw
+        lse = z.logsumexp(-1)
+        for name in stats:
+            if name == "entropy":
+                out[name][s:s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
+            elif name == "argmax":
+                out[name][s:s + chunk] = z.argmax(-1)
+            elif name == "mean_logits":
+                out[name][s:s + chunk] = raw.mean(-1)
+            elif name == "log_sum_sq":
+                out[name][s:s + chunk] = (2 * z).logsumexp(-1) - 2 * lse
+    return {k: v.view(logits.shape[:-1]) for k, v in out.items()}
 
 
 def sequence_classifier_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -164,3 +164,114 @@ def test_bfloat16_model_close_to_full_logits():
     ref, _, _ = straightforward(model, ids, am, 5)
     assert lp.dtype == torch.float32
     assert (lp - ref).abs().max().item() < 2e-2  # both use bf16 logits; ours never rounds the division by τ
+
+
+def test_head_statistics_match_the_full_distribution():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    h = torch.randn(5, 16) * 3
+    y = torch.randint(0, 300, (5,))
+    tau = 0.8
+    raw = head(h).float()
+    lp = torch.log_softmax(raw / tau, -1)
+    p = lp.exp()
+    want = {"entropy": -(p * lp).sum(-1), "argmax": raw.argmax(-1), "mean_logits": raw.mean(-1),
+            "log_sum_sq": (p ** 2).sum(-1).log()}
+    logps, got = model_utils.head_logps(h, head, y, tau, tuple(want), chunk_elements=300 * 2)
+    assert _close(logps, lp.gather(-1, y[:, None]).squeeze(-1))
+    from_logits = model_utils.logits_stats(raw, tuple(want), tau, chunk=3)
+    for name, ref in want.items():
+        assert torch.equal(got[name], ref) if name == "argmax" else _close(got[name], ref), name
+        assert torch.equal(from_logits[name], ref) if name == "argmax" else _close(from_logits[name], ref), name
+    with pytest.raises(ValueError, match="unknown statistics"):
+        model_utils.head_logps(h, head, y, stats=("perplexity",))
+
+
+def test_logps_at_gathers_the_predicting_positions(monkeypatch):
+    """logps_at with the previous column as the predicting position = completion_logps; the fallback agrees."""
+    model = _toy_model()
+    ids, am = _batch()
+    T, L = 5, ids.shape[1]
+    inputs = {"input_ids": ids, "attention_mask": am, "position_ids": model_utils.position_ids_from_mask(am)}
+    rows = torch.arange(4)[:, None].expand(4, T)
+    cols = torch.arange(T)[None].expand(4, T)  # keep = T + 1: column j predicts token L - T + j
+    lp, st = model_utils.logps_at(model, inputs, T + 1, rows, cols, ids[:, -T:], stats=("mean_logits",))
+    ref = model_utils.completion_logps(model, ids, am, T)
+    assert _close(lp, ref) and st["mean_logits"].shape == (4, T)
+    monkeypatch.setattr(model_utils, "PLAIN_HEAD_MODELS", set())
+    lp2, st2 = model_utils.logps_at(model, inputs, T + 1, rows, cols, ids[:, -T:], stats=("mean_logits",))
+    assert _close(lp2, ref) and _close(st2["mean_logits"], st["mean_logits"])
+    assert L > T + 1
+
+
+# ----------------------------------------------------------------------------- packing
+def test_best_fit_decreasing():
+    from common.packing import best_fit_decreasing
+
+    lengths = [7, 5, 5, 4, 3, 3, 2, 1]  # 30 tokens into rows of 10: 3 rows exactly full
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins) and len(bins) == 3
+    assert bins[0][0] == 0  # the longest goes first
+    with pytest.raises(ValueError, match="does not fit"):
+        best_fit_decreasing([11], 10)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_gives_each_sequences_logps(attn):
+    """Sequences packed into rows (positions restart, attention within a sequence): each trained token's log-prob
+    and the gradient of a weighted sum equal those of the padded batch, one row per sequence."""
+    from common import data
+    from common.packing import pack_rows, packed_token_logps
+
+    model = _toy_model()
+    model.config._attn_implementation = attn
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(8, 100, (int(n),), generator=g).tolist() for n in torch.randint(3, 30, (9,), generator=g)]
+    weights = [[0] + [int(j % 3 != 1) for j in range(1, len(s))] for s in seqs]  # some tokens not trained
+    b = pack_rows(seqs, weights, 40, pad_id=0)
+    assert b["input_ids"].shape[0] < len(seqs) and b["input_ids"].shape[1] <= 40
+    lp, ent = packed_token_logps(model, b, return_entropy=True)
+    g_packed = _grads(model, lp, b["weights"])
+    # reference: the padded batch (prefix = first token, targets = the rest), per-token log-probs
+    batch = data.batch_prompt_completion([s[:1] for s in seqs], [s[1:] for s in seqs], 0)
+    T = batch["completion_mask"].shape[1]
+    ref, ref_ent = model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T,
+                                                return_entropy=True)
+    w = torch.zeros(len(seqs), T)
+    for i, ws in enumerate(weights):
+        w[i, :len(ws) - 1] = torch.tensor(ws[1:], dtype=torch.float)
+    keep = w > 0
+    assert _close(lp, ref[keep]) and _close(ent, ref_ent[keep])
+    g_ref = _grads(model, ref, w)
+    for n in g_ref:
+        assert _close(g_packed[n], g_ref[n]), n
+    assert torch.equal(b["seq"], torch.nonzero(keep)[:, 0])  # in the order of the input sequences
+
+
+def test_sft_packing_trains_exactly_like_padding(tmp_path):
+    """sft.py --packing True through its entry point: the same logged losses, accuracies and token counts as the
+    padded run, and the same final weights up to float rounding (language-modelling rows of varied length)."""
+    import json
+
+    from conftest import run_script
+    from safetensors.torch import load_file
+
+    rows = tmp_path / "lm.jsonl"
+    texts = [f"{a}+{b}={a + b};" * (1 + (a * 7 + b) % 5) for a in range(12) for b in range(8)]  # 6 to 45 tokens
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = {}
+    for mode in ("padded", "packed"):
+        d = tmp_path / mode
+        run_script("sft.py", "--dataset_name", str(rows), "--max_steps", "4", "--logging_steps", "2",
+                   "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2", "--max_length", "64",
+                   "--eval_steps", "0", "--save_steps", "0", "--output_dir", str(d), "--packing",
+                   str(mode == "packed"), env={"OMP_NUM_THREADS": "1"})
+        out[mode] = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()],
+                     load_file(str(d / "model.safetensors")))
+    for a, b in zip(out["padded"][0], out["packed"][0]):
+        assert a["num_tokens"] == b["num_tokens"]
+        for k in ("loss", "mean_token_accuracy", "entropy"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
+    wa, wb = out["padded"][1], out["packed"][1]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
