@@ -174,6 +174,14 @@ def run_child(python: str, kind: str, a, extra: list[str], out: Path) -> dict:
     return json.loads(res.read_text())
 
 
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def trl_python(venv: Path) -> str:
     py = venv / "bin" / "python"
     ok = py.exists() and subprocess.run([str(py), "-c", f"import trl; assert trl.__version__ == '{TRL_VERSION}'"],
@@ -251,7 +259,7 @@ def main():
         checks[f"overhead vs the plain loop ({what}); target <= 15%"] = ours[key] / plain[key] - 1
     checks["peak RSS vs TRL, checkpointing off; target <= 1"] = ours["peak_rss_mb"] / trl_off["peak_rss_mb"]
     meta = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "batch_pairs": a.batch, "threads": a.threads,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_name(), "cores": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +273,8 @@ def main():
     for k, v in checks.items():
         lines.append(f"| {k} | {v:+.1%} |" if "overhead" in k else f"| {k} | {v:.2f}x |")
     lines += ["", f"{a.repeats} interleaved repeats x {a.steps} steps (per run: the median step after {a.warmup} "
-              f"warm-up steps), {a.batch} pairs per step, {a.threads} thread(s) per program, {meta['cores']} cores, "
+              f"warm-up steps), {a.batch} pairs per step, {a.threads} thread(s) per program, {meta['cores']} cores "
+              f"({meta['cpu']}), "
               f"load average {meta['loadavg_before']} before and {meta['loadavg_after']} after, {meta['date']}."]
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
