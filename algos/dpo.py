@@ -970,7 +970,8 @@ def main(args: Args):
             state["bco_delta"], state["bco_count"] = running_mean_update(state["bco_delta"], state["bco_count"],
                                                                          step_mean)
         if args.sync_ref_model and done % args.ref_model_sync_steps == 0:  # detail 4
-            mix_reference(ref_model, accelerator.unwrap_model(model), args.ref_model_mixup_alpha)
+            with distributed.whole_parameters(accelerator, model) as policy:  # ZeRO-3 / FSDP2: gathered to read
+                mix_reference(ref_model, policy, args.ref_model_mixup_alpha)
             state["ref_syncs"] += 1
 
         eval_step = args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps)

@@ -27,6 +27,7 @@ What `make_accelerator` does beyond `Accelerator(...)`, so that every mode runs 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -233,6 +234,65 @@ def optimizer_elements(model, optimizer) -> int:
         for p in group["params"]:
             local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
     return local
+
+
+def _zero3_partitioned(module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def whole_parameters(accelerator, model):
+    """Collective (every rank enters it): the unwrapped prepared model with every parameter whole on every process
+    while inside (ZeRO-3: gathered; FSDP2: every unit unsharded; other modes: as it is), to read them, e.g. to mix
+    them into a plain model. Changes made to them inside are not kept under ZeRO-3 / FSDP2."""
+    unwrapped = accelerator.unwrap_model(model)
+    if _zero3_partitioned(unwrapped):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            yield unwrapped
+    elif any(hasattr(p, "to_local") for p in unwrapped.parameters()):
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in unwrapped.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.unshard()
+        try:
+            yield unwrapped
+        finally:
+            for m in units:
+                m.reshard()
+    else:
+        yield unwrapped
+
+
+def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """Collective: the prepared model's whole weights on every process, under the plain model's names, as copies.
+    For copying the policy into a plain model (an old policy, a reset) in every mode."""
+    unwrapped = accelerator.unwrap_model(model)
+    if _zero3_partitioned(unwrapped):
+        with whole_parameters(accelerator, model) as m:
+            return {k: v.detach().clone() for k, v in m.state_dict().items()}
+    # FSDP2's state_dict() holds DTensors even while unsharded: make each whole (collective, same order everywhere)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in unwrapped.state_dict().items()}
+
+
+def load_full_state_dict(accelerator, model, state: dict[str, torch.Tensor]) -> None:
+    """Collective: write whole weights (the same on every rank) into the prepared model; each process keeps its own
+    partition / shard. The inverse of full_state_dict."""
+    unwrapped = accelerator.unwrap_model(model)
+    if _zero3_partitioned(unwrapped):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=0):
+            unwrapped.load_state_dict(state)  # rank 0's values are partitioned out to every rank on exit
+    elif any(hasattr(p, "to_local") for p in unwrapped.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(unwrapped, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrapped.load_state_dict(state)
 
 
 class _Accelerator(Accelerator):

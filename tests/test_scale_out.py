@@ -239,8 +239,13 @@ for share in range(2):  # with 2 processes, rank r generates share r; one proces
     texts[share] = gen.generate(model, ids[share * 4:(share + 1) * 4], n=1, greedy=True).texts
 state = policy_state(acc, model)  # what a vLLM weight push sends
 saved = model_utils.load_causal_lm(folder).state_dict()
+full = distributed.full_state_dict(acc, model)  # whole weights, e.g. for an old policy
+distributed.load_full_state_dict(acc, model, {{k: v * 0.5 for k, v in full.items()}})
+halved = distributed.full_state_dict(acc, model)
 result = {{"texts": texts, "keys": sorted(state),
-          "max_diff": max((state[k].float() - saved[k].float()).abs().max().item() for k in state)}}
+          "max_diff": max((state[k].float() - saved[k].float()).abs().max().item() for k in state),
+          "full_diff": max((full[k] - saved[k]).abs().max().item() for k in saved),
+          "halved_diff": max((halved[k] - 0.5 * saved[k]).abs().max().item() for k in saved)}}
 every = [None] * acc.num_processes
 if acc.num_processes > 1:
     torch.distributed.all_gather_object(every, result)
@@ -265,8 +270,9 @@ def gen_probe(tmp_path_factory, init_model) -> tuple[Path, dict]:
                                   pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_generation_and_weight_push_match_one_process(init_model, gen_probe, tmp_path, mode):
     """Greedy HF generation of the prepared (partitioned / sharded) policy gives one process's completions, with
-    the two ranks stopping at different steps (synced ranks: no hang), and the vLLM weight push (policy_state)
-    holds every weight whole, equal to the saved ones, on every rank."""
+    the two ranks stopping at different steps (synced ranks: no hang); the vLLM weight push (policy_state) and
+    distributed.full_state_dict hold every weight whole, equal to the saved ones, on every rank; whole weights
+    written with distributed.load_full_state_dict come back whole."""
     probe, ref = gen_probe
     two = tmp_path / "two.json"
     proc = run(launcher(mode), probe, [str(init_model), str(two)])
@@ -276,6 +282,7 @@ def test_generation_and_weight_push_match_one_process(init_model, gen_probe, tmp
     assert len(ref["texts"]["1"][0]) > len(ref["texts"]["0"][0])  # the shares did stop at different steps
     for r in ranks:
         assert r["keys"] == ref["keys"] and r["max_diff"] == 0.0
+        assert r["full_diff"] == 0.0 and r["halved_diff"] == 0.0  # distributed.full_state_dict / load_full_state_dict
 
 
 # ----------------------------------------------------------------------------- grpo and dpo in every mode (slow)
@@ -308,10 +315,12 @@ def test_grpo_two_processes_match_one(init_model, tmp_path, mode):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", *SHARDED])
 def test_dpo_two_processes_match_one(init_model, tmp_path, mode):
-    """dpo.py (reference model whole on every process) on toy preference pairs: losses, rewards and final weights
-    equal one process with twice the per-device batch."""
-    flags = ["--model_name_or_path", str(init_model), "--max_steps", "2", "--logging_steps", "1",
-             "--eval_steps", "0", "--save_steps", "0"]
+    """dpo.py (reference model whole on every process) on toy preference pairs, with TR-DPO's reference update
+    after every step (the policy's parameters gathered to read them): losses, rewards and final weights equal one
+    process with twice the per-device batch."""
+    flags = ["--model_name_or_path", str(init_model), "--max_steps", "3", "--logging_steps", "1",
+             "--eval_steps", "0", "--save_steps", "0", "--sync_ref_model", "True", "--ref_model_sync_steps", "1",
+             "--ref_model_mixup_alpha", "0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
     run([sys.executable], ROOT / "algos" / "dpo.py", [*flags, "--per_device_train_batch_size", "8",
                                                      "--output_dir", str(one)])
