@@ -410,10 +410,16 @@ def main(args: Args):
             # ---------------------------------------------------------------- old/ref log-probs, KL-shaped rewards
             old_logps, ref_logps = [None] * A_steps, [None] * A_steps
             need_old = mu > 1 or out.sampler_logps is not None or ref_model is not None  # detail 3, 5
+            # one iteration over one micro-batch: the update's own forward gives π_old (its values, detached), so it
+            # runs here, with gradient, and the optimizer step below reuses it (one policy forward saved)
+            kept = None
+            if need_old and mu == 1 and A_steps == 1 and out.sampler_logps is None:
+                kept = sequence_logps(model, batch, slice(0, B), args.temperature, return_entropy=True)
+                old_logps[0] = kept[0][0].detach()
             with torch.no_grad():
                 for m in range(A_steps):
                     rows = slice(m * B, (m + 1) * B)
-                    if need_old:
+                    if need_old and kept is None:
                         old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
                     if ref_model is not None:
                         ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
@@ -465,7 +471,9 @@ def main(args: Args):
         for m in range(A_steps):
             rows = slice(m * B, (m + 1) * B)
             with accelerator.accumulate(model):
-                (logps, entropy), T = sequence_logps(model, batch, rows, args.temperature, return_entropy=True)
+                (logps, entropy), T = kept if kept is not None else sequence_logps(model, batch, rows,
+                                                                                    args.temperature, True)
+                kept = None
                 mask = batch["loss_mask"][rows, :T]
                 old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one iteration: ρ exactly 1
                 adv = advantages[rows]
