@@ -369,7 +369,9 @@ def apo_down_loss(lr_w: torch.Tensor, lr_l: torch.Tensor, beta: float) -> torch.
 
 
 def discopop_loss(h: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
-    """Log-ratio modulated loss: a σ(βh/τ) gate blends the logistic loss and the exponential loss e^{-βh}."""
+    """Log-ratio modulated loss: a σ(βh/τ) gate blends the logistic loss and the exponential loss e^{-βh}. Its slope
+    at h = 0 is β((1 - log 2)/(4τ) - 3/4), positive for τ < 0.10: from policy = reference the margins first go down
+    (a local minimum near βh = -0.12 at τ = 0.05)."""
     z = beta * h
     gate = torch.sigmoid(z / tau)
     return (1 - gate) * (-F.logsigmoid(z)) + gate * torch.exp(-z)

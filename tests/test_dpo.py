@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import accelerate_launcher, assert_fails_at_startup, read_metrics, run_script
-from dpo import (LOSS_TYPES, Args, PairLogps, check_args, combined_loss, f_divergence_scores, forward_pairs,
-                 ld_sequence_logps, mix_reference, pair_batch, pair_loss, running_mean_update, token_statistics,
-                 tokenize_pairs, wpo_weights)
+from dpo import (LOSS_TYPES, Args, PairLogps, check_args, combined_loss, discopop_loss, f_divergence_scores,
+                 forward_pairs, ld_sequence_logps, mix_reference, pair_batch, pair_loss, running_mean_update,
+                 token_statistics, tokenize_pairs, wpo_weights)
 
 TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "logits/chosen", "logits/rejected"]
@@ -104,6 +104,15 @@ def test_losses_at_policy_equal_reference():
         assert got.tolist() == pytest.approx([v, v], rel=1e-9), loss_type
     # robust is unbiased, not smoothed: at h = 0 it is log 2 for every flip rate ε < 1/2
     assert pair_loss("robust", q, b, label_smoothing=0.3).tolist() == pytest.approx([log2, log2])
+
+
+def test_discopop_slope_at_the_reference():
+    """dL/dh at h = 0 is β((1 - log 2)/(4τ) - 3/4): positive for τ < 0.10 (the margin first moves down from policy =
+    reference, see benchmarks/results/dpo), negative above."""
+    for beta, tau in ((0.1, 0.05), (0.5, 0.05), (0.1, 0.2)):
+        h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        discopop_loss(h, beta, tau).backward()
+        assert h.grad.item() == pytest.approx(beta * ((1 - math.log(2)) / (4 * tau) - 0.75), rel=1e-9)
 
 
 def test_sigmoid_gradient_and_robust_at_zero_flip_rate():
