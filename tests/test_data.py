@@ -179,7 +179,9 @@ def test_accelerate_config_files_load():
     for f in sorted(folder.glob("*.yaml")):
         cfg = load_config_from_file(str(f))
         kinds[f.stem] = getattr(cfg.distributed_type, "value", cfg.distributed_type)
-    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    # every shipped config in its GPU and its CPU variant, and each variant the same distributed mode
+    assert kinds == {"ddp": "MULTI_GPU", "ddp_cpu": "MULTI_GPU", "fsdp2": "FSDP", "fsdp2_cpu": "FSDP",
+                     "zero2": "DEEPSPEED", "zero2_cpu": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_cpu": "DEEPSPEED"}
 
 
 # ----------------------------------------------------------------------------- train/eval splits
