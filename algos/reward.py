@@ -8,6 +8,21 @@ Implements, for preference pairs (x, y_w, y_l) with scalar scores r = r_φ(x, y)
 margin_i comes from an optional `margin` column (0 when absent). The model is a `*ForSequenceClassification` with
 one output, saved so that `AutoModelForSequenceClassification.from_pretrained` loads it back.
 
+Implementation details (numbered; tests name the detail they check):
+  1. The score is read at the last real token of prompt+completion (the completion ends with EOS), whatever the
+     padding side (`common/model.sequence_classifier_scores`); rows are cut from the LEFT to --max_length so that
+     token is always kept.
+  2. Chosen and rejected rows of a micro-batch go through one forward (2B rows), so both see the same weights and
+     the same dropout mode.
+  3. The loss is the pair mean of -log σ(r_w - r_l - margin) (+ the centring term); micro-batches hold equally many
+     pairs, so the mean over accumulation steps and processes equals the mean over the whole optimizer-step batch.
+  4. The optional `margin` column is subtracted inside the sigmoid (Llama 2, Eq. 2); centring penalises
+     (r_w + r_l)^2, pulling the scores' mean to 0 without changing any difference (the loss is shift-invariant without
+     it).
+  5. Accuracy counts a pair as right only when r_w > r_l strictly (ties are wrong); `margin` logs mean(r_w - r_l).
+  6. The toy default starts from the fully trained toy SFT model (`toy-sft-full`) with a fresh one-output head, as
+     InstructGPT starts its reward model from the SFT model.
+
 Data: preference (`prompt, chosen, rejected`, or implicit prompt `chosen, rejected`), standard or conversational.
 Default: the toy addition task's pairs (chosen correct, rejected a plausible wrong answer), toy Llama backbone.
 

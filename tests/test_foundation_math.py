@@ -42,7 +42,7 @@ def test_sft_loss_of_a_uniform_model_is_log_vocab():
     assert sft_script.sft_loss(logps, torch.ones(2, 4), 8).item() == pytest.approx(math.log(V), rel=1e-6)
 
 
-def test_bradley_terry_loss_hand_values():
+def test_reward_detail_4_bradley_terry_loss_hand_values_with_margin_and_centring():
     rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
     hand = (-math.log(1 / (1 + math.exp(-1.0))) + math.log(2)) / 2
     assert reward_script.bradley_terry_loss(rc, rr).item() == pytest.approx(hand)
@@ -53,7 +53,7 @@ def test_bradley_terry_loss_hand_values():
     assert reward_script.bradley_terry_loss(rc, rr, None, 0.01).item() == pytest.approx(hand + 0.045)
 
 
-def test_bradley_terry_properties():
+def test_reward_detail_4_bradley_terry_properties():
     s = torch.tensor([0.3, -1.2, 4.0])
     assert reward_script.bradley_terry_loss(s, s).item() == pytest.approx(math.log(2))
     rc, rr = torch.randn(5), torch.randn(5)
@@ -160,7 +160,7 @@ def test_extra_columns_reach_reward_functions():
     assert out[:, 0].tolist() == [1.0, 0.0] and seen["answer"] == ["1", "3"]
 
 
-def test_sequence_classifier_score_ignores_padding_side(tok):
+def test_reward_detail_1_sequence_classifier_score_ignores_padding_side(tok):
     from transformers import AutoModelForSequenceClassification
 
     cfg = toy.make_config(tok, hidden_size=32, num_layers=2)
