@@ -40,10 +40,12 @@ the last step's).
 
 Data: stepwise supervision (`prompt`, `completions` = list of steps, `labels` = one per step), standard or
 conversational prompts. Default: the toy stepwise rows of toy:add (one step per answer digit; half the rows carry a
-plausible wrong answer, whose steps are labelled incorrect from the first wrong digit on).
+plausible wrong answer, whose steps are labelled incorrect from the first wrong digit on). Judging a digit means
+redoing the addition, and the toy PRM first learns only where errors tend to be: its held-out step accuracy stays
+at the share of correct steps (about 0.71) for roughly 1000 steps before it rises (benchmarks/results/prm).
 
 Run:
-    python algos/prm.py                                    # toy PRM, about two minutes on 2 CPU cores
+    python algos/prm.py                                    # toy PRM, about four minutes on 2 CPU cores
     python algos/prm.py --train_on_last_step_only True     # outcome labels only
     accelerate launch --multi_gpu --num_processes 2 algos/prm.py --per_device_train_batch_size 32
     python algos/grpo.py --reward_funcs prm:runs/my_prm    # the trained PRM as the reward of GRPO
@@ -119,8 +121,9 @@ class Args:
     """AdamW weight decay"""
     warmup_steps: int = 20
     """linear warm-up steps, then linear decay to 0"""
-    max_steps: int = 300
-    """optimizer steps"""
+    max_steps: int = 2000
+    """optimizer steps (on the toy task the held-out step accuracy stays at the step-position baseline for about
+    1000 steps, then rises)"""
     per_device_train_batch_size: int = 64
     """stepwise rows (sequences) per micro-batch per process"""
     gradient_accumulation_steps: int = 1

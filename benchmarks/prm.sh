@@ -5,18 +5,18 @@
 # rows), per true class, and the outcome accuracy of the minimum-aggregated score (the prm: reward's decision at 0.5).
 # Runs go to runs/bench/prm/; curves, a table and a README to benchmarks/results/prm/.
 #   bash benchmarks/prm.sh                                    # 6 runs, 2 at a time
-#   SEEDS=1 MAX_STEPS=100 PARALLEL=1 bash benchmarks/prm.sh   # the short version
+#   SEEDS=1 bash benchmarks/prm.sh                           # the short version (1 seed)
 #   PLOT_ONLY=1 bash benchmarks/prm.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
 PARALLEL=${PARALLEL:-2}
 SEEDS=${SEEDS:-"1 2 3"}
-MAX_STEPS=${MAX_STEPS:-300}
+MAX_STEPS=${MAX_STEPS:-2000}
 RUNS=${RUNS:-runs/bench/prm}
 OUT=${OUT:-benchmarks/results/prm}
 mkdir -p "$RUNS" "$OUT"
-COMMON="--max_steps $MAX_STEPS --eval_steps 50 --logging_steps 10 --save_steps 0 --overwrite_output_dir True"
+COMMON="--max_steps $MAX_STEPS --eval_steps 100 --logging_steps 20 --save_steps 0 --overwrite_output_dir True"
 
 if [ -z "${PLOT_ONLY:-}" ]; then
   echo "load average (1, 5, 15 min) at the start: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/load.txt"
