@@ -888,8 +888,8 @@ def main(args: Args):
             for k, v in vals.items():
                 acc[k] = acc.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
 
-    def reduce_stats(acc: dict, prefix: str = "") -> dict:
-        """One all-reduce of every sum, then the means."""
+    def reduce_stats(acc: dict, prefix: str = "") -> tuple[dict, dict]:
+        """One all-reduce of every sum; the means (prefixed) and the totals."""
         keys = sorted(acc)
         vec = torch.tensor([float(acc[k]) for k in keys], dtype=torch.float64, device=device)
         if world > 1:
