@@ -581,7 +581,7 @@ def main():
         results_path.write_text(json.dumps(results, indent=1) + "\n")
     if "kto" in a.workloads and (ROOT / "benchmarks" / "kto_speed.py").exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kto_speed.py"), "--repeats", str(a.repeats),
-                        "--steps", str(a.steps + a.warmup), "--warmup", str(a.warmup), "--out", str(out / "kto")],
+                        "--steps", str(max(a.steps, 30)), "--warmup", "10", "--out", str(out / "kto")],
                        check=True, cwd=ROOT)
     write_readme(results, out)
 
