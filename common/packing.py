@@ -46,9 +46,10 @@ def pack_rows(sequences: list[list[int]], weights: list[list[float]], capacity: 
     """Pack token sequences with per-token loss weights (weight of token j = weight of predicting it from token
     j-1; the first token of a sequence is never a target) into rows of at most `capacity` tokens.
 
-    Returns input_ids and position_ids (R, L), and for the trained tokens (weight != 0), in the order of the input
-    sequences: `pred` (K, 2) = (row, column) of the position whose output predicts the token, `targets` (K,),
-    `weights` (K,), `seq` (K,) = the index of the sequence each belongs to."""
+    Returns input_ids and position_ids (R, L), `last` (N, 2) = (row, column) of each sequence's last token, and for
+    the trained tokens (weight != 0), in the order of the input sequences: `pred` (K, 2) = (row, column) of the
+    position whose output predicts the token, `targets` (K,), `weights` (K,), `seq` (K,) = the index of the sequence
+    each belongs to."""
     assert len(sequences) == len(weights)
     bins = best_fit_decreasing([len(s) for s in sequences], capacity)
     L = max(sum(len(sequences[i]) for i in b) for b in bins)
@@ -73,7 +74,8 @@ def pack_rows(sequences: list[list[int]], weights: list[list[float]], capacity: 
                 targets.append(s[j])
                 w.append(float(ws[j]))
                 seq.append(i)
-    out = {"input_ids": ids, "position_ids": pos,
+    last = [(r, c + len(s) - 1) for (r, c), s in zip(where, sequences)]
+    out = {"input_ids": ids, "position_ids": pos, "last": torch.tensor(last, dtype=torch.long).view(-1, 2),
            "pred": torch.tensor(pred, dtype=torch.long).view(-1, 2), "targets": torch.tensor(targets, dtype=torch.long),
            "weights": torch.tensor(w, dtype=torch.float32), "seq": torch.tensor(seq, dtype=torch.long)}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
@@ -104,3 +106,15 @@ def packed_token_logps(model, batch: dict, temperature: float = 1.0, return_argm
     if not want:
         return logps
     return (logps,) + ((entropy,) if return_entropy else ()) + ((argmax,) if return_argmax else ())
+
+
+def packed_sequence_scores(model, sequences: list[list[int]], pad_id: int, device, score_head=None) -> torch.Tensor:
+    """Scalar scores (N,) of a one-output `*ForSequenceClassification` model, read at each sequence's last token,
+    with the sequences packed into rows as long as the longest one (the padded batch's scores; see
+    common/model.sequence_classifier_scores). The model runs through its own forward (DDP / DeepSpeed wrappers see a
+    normal forward); pass the unwrapped model's head as `score_head` when `model` is wrapped."""
+    b = pack_rows(sequences, [[0] * len(s) for s in sequences], max(len(s) for s in sequences), pad_id, device)
+    hidden = model(input_ids=b["input_ids"], position_ids=b["position_ids"], output_hidden_states=True,
+                   use_cache=False).hidden_states[-1]  # (R, L, H), after the final norm
+    head = score_head if score_head is not None else model.score
+    return head(hidden[b["last"][:, 0], b["last"][:, 1]])[:, 0].float()

@@ -275,3 +275,26 @@ def test_sft_packing_trains_exactly_like_padding(tmp_path):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
     wa, wb = out["padded"][1], out["packed"][1]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_packed_sequence_scores_match_the_padded_batch():
+    """A reward model's scores (and their gradients) with the sequences packed = with left padding."""
+    from transformers import AutoModelForSequenceClassification
+
+    from common import data
+    from common.packing import packed_sequence_scores
+
+    torch.manual_seed(0)
+    config = toy.make_config(toy.make_tokenizer())
+    config.num_labels, config.pad_token_id = 1, 0
+    model = AutoModelForSequenceClassification.from_config(config)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(8, 100, (int(n),), generator=g).tolist() for n in torch.randint(2, 25, (10,), generator=g)]
+    ids, mask = data.pad(seqs, 0, "left")
+    ref = model_utils.sequence_classifier_scores(model, ids, mask)
+    g_ref = _grads(model, ref, torch.arange(10.0))
+    got = packed_sequence_scores(model, seqs, 0, "cpu")
+    g_got = _grads(model, got, torch.arange(10.0))
+    assert _close(got, ref)
+    for n in g_ref:
+        assert _close(g_got[n], g_ref[n]), n
