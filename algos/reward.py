@@ -22,6 +22,9 @@ Implementation details (numbered; tests name the detail they check):
   5. Accuracy counts a pair as right only when r_w > r_l strictly (ties are wrong); `margin` logs mean(r_w - r_l).
   6. The toy default starts from the fully trained toy SFT model (`toy-sft-full`) with a fresh one-output head, as
      InstructGPT starts its reward model from the SFT model.
+  7. `--packing`: the micro-batch's 2B sequences are packed into rows as long as the longest (best-fit decreasing,
+     positions restart and attention stays within each sequence; common/packing.py) and each score is read at its
+     sequence's last token: the same scores and loss as left padding, without the padding's compute.
 
 Data: preference (`prompt, chosen, rejected`, or implicit prompt `chosen, rejected`), standard or conversational.
 Default: the toy addition task's pairs (chosen correct, rejected a plausible wrong answer), toy Llama backbone.
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, tracking
 
 
 @dataclass
@@ -110,6 +113,8 @@ class Args:
     # --- reward model
     max_length: int = 128
     """longest tokenised prompt+completion kept (cut from the left)"""
+    packing: bool = False
+    """padding-free micro-batches: chosen and rejected sequences packed into rows as long as the longest (detail 7)"""
     center_rewards_coefficient: float | None = None
     """c in + c·mean((r_w + r_l)^2), keeps scores centred on 0 (2312.09244 recommends 0.01; None: off)"""
     eval_steps: int = 100
@@ -162,8 +167,11 @@ def tokenize_pairs(ds, tokenizer, max_length: int):
     return [(c[-max_length:], r[-max_length:], m) for c, r, m in zip(chosen, rejected, margins)]
 
 
-def score_pairs(model, rows, pad_id, device, score_head=None):
-    """Scores (2B,) for the chosen rows then the rejected rows, in one left-padded forward."""
+def score_pairs(model, rows, pad_id, device, score_head=None, packed: bool = False):
+    """Scores (2B,) for the chosen rows then the rejected rows, in one left-padded (or packed, detail 7) forward."""
+    if packed:
+        return packing.packed_sequence_scores(model, [r[0] for r in rows] + [r[1] for r in rows], pad_id, device,
+                                              score_head)
     ids, mask = data.pad([r[0] for r in rows] + [r[1] for r in rows], pad_id, "left")
     return model_utils.sequence_classifier_scores(model, ids.to(device), mask.to(device), score_head)
 
@@ -239,7 +247,7 @@ def main(args: Args):
         for mb in distributed.micro_batches(indices, args, accelerator):
             rows = [train[i] for i in mb]
             with accelerator.accumulate(model):
-                scores = score_pairs(model, rows, pad_id, accelerator.device, score_head)
+                scores = score_pairs(model, rows, pad_id, accelerator.device, score_head, args.packing)
                 rc, rr = scores[: len(rows)], scores[len(rows):]
                 margin = torch.tensor([r[2] for r in rows], device=rc.device)
                 # each micro-batch holds the same number of pairs, so the mean of micro-batch means is the batch mean
@@ -249,15 +257,16 @@ def main(args: Args):
                     _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
                                                             args.max_grad_norm)
                     skipped_steps += not stepped
-            with torch.no_grad():
-                stats["loss"] += loss.item() * len(rows)
-                stats["correct"] += (rc > rr).float().sum().item()
-                stats["margin"] += (rc - rr).sum().item()
-                stats["chosen"] += rc.sum().item()
-                stats["rejected"] += rr.sum().item()
+            with torch.no_grad():  # summed as tensors: read (one device sync) on logged steps only
+                stats["loss"] += loss.detach() * len(rows)
+                stats["correct"] += (rc > rr).float().sum()
+                stats["margin"] += (rc - rr).sum()
+                stats["chosen"] += rc.sum()
+                stats["rejected"] += rr.sum()
                 stats["pairs"] += len(rows)
                 stats["tokens"] += sum(len(r[0]) + len(r[1]) for r in rows)
-                rmin, rmax = min(rmin, scores.min().item()), max(rmax, scores.max().item())
+                rmin, rmax = torch.minimum(scores.min(), torch.as_tensor(rmin)), torch.maximum(scores.max(),
+                                                                                               torch.as_tensor(rmax))
 
         done = step + 1
         if done % args.logging_steps == 0 or done == args.max_steps:
@@ -265,7 +274,7 @@ def main(args: Args):
             n = tot["pairs"]
             metrics = {"loss": tot["loss"] / n, "accuracy": tot["correct"] / n, "margin": tot["margin"] / n,
                        "mean_reward": (tot["chosen"] + tot["rejected"]) / (2 * n), "chosen_reward": tot["chosen"] / n,
-                       "rejected_reward": tot["rejected"] / n, "min_reward": rmin, "max_reward": rmax,
+                       "rejected_reward": tot["rejected"] / n, "min_reward": float(rmin), "max_reward": float(rmax),
                        "num_tokens": tot["tokens"], "learning_rate": scheduler.get_last_lr()[0],
                        "train/skipped_steps": skipped_steps}
             stats, rmin, rmax = dict.fromkeys(stats, 0.0), float("inf"), float("-inf")
