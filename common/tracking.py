@@ -43,6 +43,9 @@ class Tracker:
             raise RunFolderError(f"--output_dir {self.dir} already holds another run's metrics.jsonl; a new run would "
                                  f"mix with it: pass --resume_from auto, --overwrite_output_dir True, or another "
                                  f"--output_dir")
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # no rank writes metrics.jsonl before every rank has checked for it
         if not is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
