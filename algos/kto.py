@@ -41,7 +41,9 @@ Implementation details (numbered so the tests and the README can point at them):
  6. Metrics follow TRL: kl (= z), rewards/chosen = mean β r over desirable examples, rewards/rejected over
     undesirable ones, rewards/margins = their difference, logps/chosen|rejected = mean S^θ, logits/chosen|rejected
     = mean over completion tokens of the mean logit, loss, entropy (on logging steps), num_tokens, grad_norm,
-    learning_rate, plus count/chosen|rejected (examples per step). Sums accumulate over every micro-batch since the
+    learning_rate, plus count/chosen|rejected (examples per step) and, for kto, kl_estimate: the mismatched-pair
+    mean before the clamp at 0 (when it is negative z = 0, and kto's loss is then exactly apo_zero_unpaired's:
+    1 - σ(β(0 - r)) = σ(βr)). Sums accumulate over every micro-batch since the
     last log and are reduced across processes once. The same with an eval/ prefix on the evaluation rows (their z
     from the mismatched pairs of each evaluation batch), and on toy tasks eval/gold_reward: greedy exact match on
     held-out prompts (common/evaluation.py).
@@ -387,13 +389,14 @@ def main(args: Args):
         batch = batch_of([rows[j][0] for j in positions], [rows[shift[j]][1] for j in positions])
         return float((sequence_logps(m, batch)[0] - sequence_logps(ref_model, batch)[0]).sum())
 
-    def step_z(m, rows: list, my_positions: list[list[int]]) -> float:
-        """z of a global batch `rows` (every process holds the same list), from this process's share."""
+    def step_z(m, rows: list, my_positions: list[list[int]]) -> tuple[float, float]:
+        """(z, the unclamped estimate Σ / N) of a global batch `rows` (every process holds the same list), from this
+        process's share."""
         if not use_z:
-            return 0.0
+            return 0.0, 0.0
         shift = mismatched_completions(len(rows))
-        mine = sum(kl_sum(m, rows, pos, shift) for pos in my_positions)
-        return reference_point(distributed.gather_sum(accelerator, mine), len(rows))
+        total = distributed.gather_sum(accelerator, sum(kl_sum(m, rows, pos, shift) for pos in my_positions))
+        return reference_point(total, len(rows)), total / len(rows)
 
     def micro_step(m, rows: list, z: float, want_entropy: bool, acc: dict):
         """Losses (B,) of one micro-batch (policy with grad when enabled), and the metric sums added to `acc`."""
@@ -448,20 +451,23 @@ def main(args: Args):
         if eval_rows:
             model.eval()
             acc: dict = {}
-            zs = []
+            zs, raws = [], []
             E = args.per_device_eval_batch_size * world
             for s in range(0, len(eval_rows), E):
                 rows = eval_rows[s:s + E]
                 if len(rows) < 2:
                     break
                 mine = list(range(accelerator.process_index, len(rows), world))
-                z = step_z(model, rows, [mine])
+                z, raw = step_z(model, rows, [mine])
                 zs.append(z)
+                raws.append(raw)
                 if mine:
                     micro_step(model, [rows[j] for j in mine], z, False, acc)
             stats, tot = reduce_stats(acc, "eval/")
             out.update(stats)
             out["eval/kl"] = sum(zs) / len(zs)
+            if use_z:
+                out["eval/kl_estimate"] = sum(raws) / len(raws)
             out["eval/count/chosen"], out["eval/count/rejected"] = tot["count/chosen"], tot["count/rejected"]
             model.train()
         out.update(heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
@@ -472,7 +478,7 @@ def main(args: Args):
         tracker.log(evaluate(), 0, args.max_steps)
 
     acc: dict = {}
-    grad_norms, zs = [], []
+    grad_norms, zs, raws = [], [], []
     model.train()
     for step in range(start_step, args.max_steps):
         done = step + 1
@@ -480,8 +486,9 @@ def main(args: Args):
         indices = data.batch_indices(len(train), global_bs, step, args.seed)
         rows = [train[i] for i in indices]  # the global batch, in global order, on every process
         micro = distributed.micro_batches(list(range(global_bs)), args, accelerator)  # positions in `rows`
-        z = step_z(model, rows, micro)  # detail 3: before the update, detached
+        z, raw = step_z(model, rows, micro)  # detail 3: before the update, detached
         zs.append(z)
+        raws.append(raw)
         for pos in micro:
             with accelerator.accumulate(model):
                 losses = micro_step(model, [rows[j] for j in pos], z, log_step, acc)
@@ -505,7 +512,9 @@ def main(args: Args):
                                 "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                                 "learning_rate": scheduler.get_last_lr()[0], "num_tokens": state["num_tokens"],
                                 "train/skipped_steps": state["skipped_steps"]})
-                acc, grad_norms, zs = {}, [], []
+                if use_z:
+                    metrics["kl_estimate"] = sum(raws) / len(raws)
+                acc, grad_norms, zs, raws = {}, [], [], []
             if eval_step:
                 metrics.update(evaluate())
             tracker.log(metrics, done, args.max_steps)

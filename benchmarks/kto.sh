@@ -32,7 +32,7 @@ if [ -z "${PLOT_ONLY:-}" ]; then
 fi
 
 python benchmarks/plot.py --runs "kto=$RUNS/kto__*" "apo_zero_unpaired=$RUNS/apo_zero_unpaired__*" \
-    --metrics eval/gold_reward eval/rewards/margins loss kl --out "$OUT"
+    --metrics eval/gold_reward eval/rewards/margins loss kl kl_estimate --out "$OUT"
 {
   echo "# KTO on toy:add (unpaired rows)"
   echo
@@ -41,14 +41,15 @@ python benchmarks/plot.py --runs "kto=$RUNS/kto__*" "apo_zero_unpaired=$RUNS/apo
   cat "$OUT/load.txt" 2>/dev/null || true
   echo "Start: the toy SFT policy toy-sft ($(python -c "from common import toy; print(toy.toy_policy_path('add').name)")). eval/gold_reward: greedy exact match on 256 held-out prompts;"
   echo "eval/rewards/margins: mean implicit reward β·r of desirable minus undesirable held-out rows (512 rows)."
-  echo "kl: the reference point z (mean over the logged steps). On toy:add the mismatched-pair estimate of the KL is"
-  echo "negative at almost every step, so z is clamped to 0, and with z = 0 kto's loss is exactly apo_zero_unpaired's:"
-  echo "the two rows then differ only where some z > 0."
+  echo "kl: the reference point z (mean over the logged steps); kl_estimate: the mismatched-pair estimate before the"
+  echo "clamp at 0 (kto only). On toy:add it is negative at almost every step (the policy lowers the log-prob of a"
+  echo "sum given to the wrong prompt), so z is clamped to 0, and with z = 0 kto's loss is exactly apo_zero_unpaired's"
+  echo "(1 - σ(β(0 - r)) = σ(βr)): the two rows then differ only through the few steps where z > 0."
   echo
   cat "$OUT/table.md"
   echo
   echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![vs time](eval_gold_reward_vs_time.png)"
-  echo "![eval reward margin vs step](eval_rewards_margins_vs_step.png) ![kl (z) vs step](kl_vs_step.png)"
+  echo "![eval reward margin vs step](eval_rewards_margins_vs_step.png) ![kl (z) vs step](kl_vs_step.png) ![the estimate before the clamp](kl_estimate_vs_step.png)"
   [ -f "$OUT/speed.md" ] && { echo; echo "## Speed vs TRL 1.16 KTOTrainer (\`python benchmarks/kto_speed.py\`)"; echo; cat "$OUT/speed.md"; }
   [ -f "$OUT/trl_check.md" ] && { echo; echo "## Same numbers as TRL 1.16 (\`python benchmarks/kto_trl_check.py\`)"; echo; cat "$OUT/trl_check.md"; }
   true

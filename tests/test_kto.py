@@ -47,6 +47,20 @@ def test_kto_and_apo_zero_unpaired_losses_hand_computation():
     assert rg.grad[0].item() == pytest.approx(-beta * wd * s * (1 - s))
 
 
+def test_kto_with_z_clamped_to_zero_is_exactly_apo_zero_unpaired():
+    """Detail 6: once the mismatched-pair estimate is negative, z = 0 and 1 - σ(β(0 - r)) = σ(βr): kto's losses and
+    gradients are apo_zero_unpaired's (on toy:add the estimate is negative at almost every step, so the two
+    benchmark rows nearly coincide); any z > 0 separates them."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(16, generator=g, dtype=torch.float64) * 5
+    labels = torch.rand(16, generator=g) > 0.5
+    kto0 = kto_losses(r, labels, reference_point(-7.0, 16), 0.3, 1.1, 0.8)
+    apo = kto_losses(r, labels, 0.0, 0.3, 1.1, 0.8, "apo_zero_unpaired")
+    assert torch.allclose(kto0, apo, rtol=1e-12, atol=0)
+    shifted = kto_losses(r, labels, reference_point(7.0, 16), 0.3, 1.1, 0.8)
+    assert (shifted[labels] > apo[labels]).all() and (shifted[~labels] < apo[~labels]).all()
+
+
 def test_detail2_mismatched_pairs_and_detail3_clamped_reference_point():
     assert mismatched_completions(2) == [1, 0]
     assert mismatched_completions(5) == [4, 0, 1, 2, 3]
@@ -206,6 +220,7 @@ def test_run_first_step_matches_a_hand_computation_of_z_and_the_loss(base_run):
         r = sequence_logps(policy, batch)[0] - sequence_logps(ref, batch)[0]
     assert raw > 0.5  # not clamped here: the check has teeth
     assert first["kl"] == pytest.approx(raw, rel=1e-5)
+    assert first["kl_estimate"] == pytest.approx(raw, rel=1e-5)  # the estimate before the clamp, logged beside z
     labels = torch.tensor([row[2] for row in rows])
     assert 0 < labels.sum() < 8
     want = [(1.2 if y else 0.9) * (1 - sig(0.1 * ((ri - raw) if y else (raw - ri)))) for ri, y in
