@@ -85,7 +85,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rollout, tracking
-from common import agents, peft_utils, rewards as reward_utils
+from common import agents, async_rollout, peft_utils, rewards as reward_utils
 from common.generation import build_generator
 
 
@@ -179,6 +179,18 @@ class Args:
     vllm_importance_sampling_cap: float | None = 3.0
     """when the sampler returns its log-probs: multiply each token's loss by min(π_old/π_sampler, cap) (truncated
     importance sampling); None: only log the mismatch"""
+    # --- asynchronous generation (common/async_rollout.py, detail 12)
+    async_generation: bool = False
+    """sample the next generation batches in a worker (an HF-generate process; with --use_vllm, the vLLM server)
+    while the trainer takes its optimizer steps; the sampler's log-probs give the truncated importance-sampling
+    correction of vllm_importance_sampling_cap"""
+    max_staleness: int = 1
+    """with --async_generation: a batch is sampled by weights at most this many optimizer steps older than the ones
+    its first optimizer step starts from (0: the synchronous schedule, through the worker)"""
+    async_timeout: float = 600.0
+    """seconds the trainer waits for the generation worker (a weight push or a batch) before it stops with an error"""
+    async_worker_threads: int = 0
+    """torch threads of the generation worker process (0: as many as the trainer uses)"""
     # --- rewards
     reward_funcs: list[str] | None = None
     """reward functions: 'add'/'reverse' (toy gold rewards), 'path/file.py:fn', 'module:fn', 'model:<name or dir>';
@@ -322,6 +334,12 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: fl
     return -torch.min(unclipped * adv, clipped * adv)
 
 
+def truncated_is_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token min(π_old / π_sampler, cap) (B, T) from the two log-probs of the sampled tokens (detail 7)."""
+    assert old_logps.shape == sampler_logps.shape
+    return torch.exp(old_logps - sampler_logps).clamp(max=cap)
+
+
 def k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(π_θ || π_ref): exp(ℓ_ref - ℓ) - (ℓ_ref - ℓ) - 1 >= 0. (B, T)."""
     d = ref_logps - logps
@@ -366,6 +384,17 @@ def check_args(args: Args) -> int:
         raise ValueError(f"--importance_sampling_level {args.importance_sampling_level!r}: use 'token' or 'sequence'")
     if args.delta is not None and args.delta <= 1 + (args.epsilon_high if args.epsilon_high is not None else args.epsilon):
         raise ValueError("--delta must be > 1 + epsilon_high (it caps the unclipped ratio above the clip range)")
+    if args.async_generation:
+        if args.max_staleness < 0:
+            raise ValueError(f"--max_staleness must be >= 0 (optimizer steps), got {args.max_staleness}")
+        if args.async_timeout <= 0:
+            raise ValueError(f"--async_timeout must be > 0 seconds, got {args.async_timeout}")
+        if args.tools or args.environment or args.agent_command:
+            raise ValueError("--async_generation samples single-turn completions: drop it with --tools, "
+                             "--environment or --agent_command")
+        if args.use_vllm and args.vllm_mode != "server":
+            raise ValueError("--async_generation with --use_vllm needs --vllm_mode server (a colocated engine shares "
+                             "the trainer's process); or drop --use_vllm to sample in an HF-generate worker process")
     return check_batch(args)
 
 
@@ -453,7 +482,7 @@ def main(args: Args):
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
     sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
     peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
-    resume = checkpoint.prepare_output_dir(args)
+    resume = checkpoint.prepare_output_dir(args, may_change=("async_timeout", "async_worker_threads"))
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
@@ -489,143 +518,178 @@ def main(args: Args):
                                          accelerator=accelerator)
 
     def save(step: int):
-        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "skipped_steps": skipped},
+        extra = {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "skipped_steps": skipped}
+        if worker_rng is not None:  # every rank's worker RNG, where its next batch's sampling starts (detail 12)
+            extra["async_rng"] = accelerator.gather(worker_rng[None].to(device)).cpu()
+        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args, extra,
                                    args.save_total_limit)
 
-    if start_step == 0 and args.eval_steps and eval_ds is not None:
-        tracker.log(evaluate(), 0, args.max_steps)
+    def round_rows(gen_round: int) -> list[int]:  # this process's prompts of generation batch gen_round
+        indices = data.batch_indices(len(ds), prompts_per_process * W, gen_round, args.seed)
+        return indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
+
+    async_ro, worker_rng = None, None
+    if args.async_generation:  # detail 12: the worker samples ahead, from weights at most max_staleness steps old
+        saved = state.get("async_rng")
+        if args.use_vllm:
+            worker = async_rollout.ThreadWorker(generator, accelerator, args.async_timeout)
+        else:
+            worker = async_rollout.ProcessWorker.for_policy(
+                model, tokenizer, generator.cfg, accelerator, args.async_timeout, args.async_worker_threads,
+                rng_state=saved[rank] if saved is not None and len(saved) == W else None)
+        async_ro = async_rollout.AsyncRollout(worker, lambda r: [prompt_ids[i] for i in round_rows(r)], G, mu,
+                                              args.max_staleness, -(-args.max_steps // mu))
 
     window, first_rewards = defaultdict(list), []  # per-step metrics since the last log; rewards until the first log
     batch = None
-    model.train()
-    for step in range(start_step, args.max_steps):
-        if batch is None or step % mu == 0:
-            # ---------------------------------------------------------------- generate (every μ steps)
+    try:
+        if async_ro is not None:
+            async_ro.start(model, start_step)  # the first batches are sampled during the step-0 evaluation
+        if start_step == 0 and args.eval_steps and eval_ds is not None:
+            tracker.log(evaluate(), 0, args.max_steps)
+        model.train()
+        for step in range(start_step, args.max_steps):
+            if batch is None or step % mu == 0:
+                # ---------------------------------------------------------------- generate (every μ steps)
+                t0 = time.time()
+                gen_round = step // mu
+                local = round_rows(gen_round)
+                p_ids = [prompt_ids[i] for i in local]
+                if async_ro is not None:  # sampled ahead by the worker, with its log-probs (detail 12)
+                    out, info = async_ro.get(gen_round, step)
+                    worker_rng = async_rollout.worker_rng_state(info)
+                    window["async/staleness"].append(float(info["staleness"]))
+                    window["async/wait_seconds"].append(info["wait"])
+                elif agent is None:
+                    out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
+                else:  # multi-turn episodes, same row layout (detail 11)
+                    out = agent.rollout(generator, model, p_ids, [ds[i] for i in local], G)
+                gen_time = info["seconds"] if async_ro is not None else time.time() - t0
+                batch = rollout_batch(p_ids, out, G, tokenizer.pad_token_id, args.mask_truncated_completions, device)
+                if agent is not None:  # tool and environment tokens: no loss, no KL
+                    batch["loss_mask"] = batch["loss_mask"] * out.policy_mask.to(device)
+
+                # ---------------------------------------------------------------- score (detail 2)
+                prompts, columns = rollout.repeat_rows(local, ds["prompt"], extra_columns, G)
+                if agent is not None:
+                    columns["env_reward"] = out.env_rewards
+                rpf = sources(prompts, rollout.as_completions(prompts, out.texts), batch["completion_ids"], columns)
+                rpf_all = distributed.gather_cat(accelerator, rpf)  # (N_all, F): 'batch' scaling and metrics need all
+
+                # ---------------------------------------------------------------- advantages, old/ref log-probs
+                r_all = combine_rewards(rpf_all, sources.weights)
+                adv_all = group_advantages(r_all, G, args.scale_rewards)
+                N = rpf.shape[0]
+                advantages = adv_all[rank * N:(rank + 1) * N].to(device)
+                old_logps, ref_logps = [None] * A_steps, [None] * A_steps
+                sampler_lp = [None if out.sampler_logps is None else out.sampler_logps[m * B:(m + 1) * B].to(device)
+                              for m in range(A_steps)]  # detail 7: the sampler's log-probs, when it gave them
+                with torch.no_grad():
+                    for m in range(A_steps):
+                        rows = slice(m * B, (m + 1) * B)
+                        if mu > 1:  # detail 4 (with μ = 1, π_old = sg(π_θ) of the training forward)
+                            old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
+                        if ref_model is not None:
+                            ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
+
+                # ---- plumbing (safe to skip): rollout metrics over every process, sample completions
+                if out.sampler_logps is not None and mu > 1:  # (μ = 1: after the step, from the training forward)
+                    window_add(window, rollout.sampler_gap_metrics(
+                        accelerator, old_logps, sampler_lp,
+                        [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
+                window_add(window, sources.metrics(rpf_all))
+                window_add(window, rollout.completion_metrics(accelerator, batch["completion_mask"], out.terminated))
+                if agent is not None:
+                    window_add(window, agents.episode_metrics(accelerator, out))
+                scored = r_all[~torch.isnan(r_all)]
+                window["reward"].append(scored.mean().item() if scored.numel() else float("nan"))
+                window["reward_std"].append(scored.std().item() if scored.numel() > 1 else 0.0)
+                window["frac_reward_zero_std"].append(rollout.frac_zero_std(r_all, G))
+                gen_tokens = distributed.gather_sum(accelerator, batch["completion_mask"].sum().item())
+                window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9))
+                num_tokens += gen_tokens + distributed.gather_sum(accelerator, sum(len(p) for p in p_ids) * G)
+                if not sources.checked:
+                    first_rewards.append(rpf_all)
+                if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
+                    tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
+                                                **{n: rpf[i, f].item() for f, n in enumerate(sources.names)},
+                                                "advantage": advantages[i].item()}
+                                               for i in range(min(args.num_completions_to_log, N))])
+
+            # ---------------------------------------------------------------- one optimizer step over the batch
             t0 = time.time()
-            gen_round = step // mu
-            indices = data.batch_indices(len(ds), prompts_per_process * W, gen_round, args.seed)
-            local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
-            p_ids = [prompt_ids[i] for i in local]
-            if agent is None:
-                out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
-            else:  # multi-turn episodes, same row layout (detail 11)
-                out = agent.rollout(generator, model, p_ids, [ds[i] for i in local], G)
-            gen_time = time.time() - t0
-            batch = rollout_batch(p_ids, out, G, tokenizer.pad_token_id, args.mask_truncated_completions, device)
-            if agent is not None:  # tool and environment tokens: no loss, no KL
-                batch["loss_mask"] = batch["loss_mask"] * out.policy_mask.to(device)
-
-            # ---------------------------------------------------------------- score (detail 2)
-            prompts, columns = rollout.repeat_rows(local, ds["prompt"], extra_columns, G)
-            if agent is not None:
-                columns["env_reward"] = out.env_rewards
-            rpf = sources(prompts, rollout.as_completions(prompts, out.texts), batch["completion_ids"], columns)
-            rpf_all = distributed.gather_cat(accelerator, rpf)  # (N_all, F): 'batch' scaling and metrics need all
-
-            # ---------------------------------------------------------------- advantages, old/ref log-probs
-            r_all = combine_rewards(rpf_all, sources.weights)
-            adv_all = group_advantages(r_all, G, args.scale_rewards)
-            N = rpf.shape[0]
-            advantages = adv_all[rank * N:(rank + 1) * N].to(device)
-            old_logps, ref_logps, is_weights = [None] * A_steps, [None] * A_steps, [None] * A_steps
-            need_old = mu > 1 or out.sampler_logps is not None  # detail 4 (and the sampler correction needs π_old)
-            with torch.no_grad():
-                for m in range(A_steps):
-                    rows = slice(m * B, (m + 1) * B)
-                    if need_old:
-                        old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
+            num_items = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())  # dapo: the whole step
+            sums, trainer_lp = defaultdict(float), [None] * A_steps
+            for m in range(A_steps):
+                rows = slice(m * B, (m + 1) * B)
+                with accelerator.accumulate(model):
+                    (logps, entropy), T = sequence_logps(model, batch, rows, args.temperature, return_entropy=True)
+                    mask = batch["loss_mask"][rows, :T]
+                    old = old_logps[m] if old_logps[m] is not None else logps.detach()  # μ = 1: ratio exactly 1
+                    ratio = importance_ratio(logps, old, mask, args.importance_sampling_level)
+                    adv = advantages[rows]
+                    per_token = clipped_surrogate(ratio, adv, eps_low, eps_high, args.delta)
+                    if sampler_lp[m] is not None:  # detail 7: truncated importance sampling to the sampler
+                        trainer_lp[m] = old
+                        if args.vllm_importance_sampling_cap is not None:
+                            per_token = per_token * truncated_is_weights(old, sampler_lp[m][:, :T],
+                                                                         args.vllm_importance_sampling_cap)
                     if ref_model is not None:
-                        ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
-                    if out.sampler_logps is not None and args.vllm_importance_sampling_cap is not None:  # detail 7
-                        d = old_logps[m] - out.sampler_logps[rows, :old_logps[m].shape[1]].to(device)
-                        is_weights[m] = torch.exp(d).clamp(max=args.vllm_importance_sampling_cap)
-
-            # ---- plumbing (safe to skip): rollout metrics over every process, sample completions
-            if out.sampler_logps is not None:
+                        kl = k3(logps, ref_logps[m])
+                        per_token = per_token + args.beta * kl  # detail 5: not multiplied by ρ
+                    loss = aggregate(per_token, mask, args.loss_type, num_items, args.max_new_tokens)
+                    scaled = loss * (A_steps * W if args.loss_type == "dapo" else 1.0)  # detail 6
+                    accelerator.backward(scaled)
+                    if accelerator.sync_gradients:
+                        sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                                                args.max_grad_norm)
+                        skipped += not stepped
+                with torch.no_grad():
+                    sums["loss"] += scaled.item()
+                    sums["tokens"] += mask.sum().item()
+                    sums["entropy"] += (entropy * mask).sum().item()
+                    for k_, v in clip_fractions(ratio, adv, mask, eps_low, eps_high).items():
+                        sums[f"clip_{k_}"] += v.item()
+                    if ref_model is not None:
+                        sums["kl"] += (kl * mask).sum().item()
+            if async_ro is not None:
+                async_ro.weights_updated(model, step + 1)  # push, and request the batches now allowed (detail 12)
+            else:
+                generator.sync_weights(model)
+            if sampler_lp[0] is not None and mu == 1:
                 window_add(window, rollout.sampler_gap_metrics(
-                    accelerator, old_logps, [out.sampler_logps[m * B:(m + 1) * B] for m in range(A_steps)],
+                    accelerator, trainer_lp, sampler_lp,
                     [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
-            window_add(window, sources.metrics(rpf_all))
-            window_add(window, rollout.completion_metrics(accelerator, batch["completion_mask"], out.terminated))
-            if agent is not None:
-                window_add(window, agents.episode_metrics(accelerator, out))
-            scored = r_all[~torch.isnan(r_all)]
-            window["reward"].append(scored.mean().item() if scored.numel() else float("nan"))
-            window["reward_std"].append(scored.std().item() if scored.numel() > 1 else 0.0)
-            window["frac_reward_zero_std"].append(rollout.frac_zero_std(r_all, G))
-            gen_tokens = distributed.gather_sum(accelerator, batch["completion_mask"].sum().item())
-            window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9))
-            num_tokens += gen_tokens + distributed.gather_sum(accelerator, sum(len(p) for p in p_ids) * G)
-            if not sources.checked:
-                first_rewards.append(rpf_all)
-            if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
-                tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
-                                            **{n: rpf[i, f].item() for f, n in enumerate(sources.names)},
-                                            "advantage": advantages[i].item()}
-                                           for i in range(min(args.num_completions_to_log, N))])
 
-        # ---------------------------------------------------------------- one optimizer step over the batch
-        t0 = time.time()
-        num_items = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())  # dapo: the whole step
-        sums = defaultdict(float)
-        for m in range(A_steps):
-            rows = slice(m * B, (m + 1) * B)
-            with accelerator.accumulate(model):
-                (logps, entropy), T = sequence_logps(model, batch, rows, args.temperature, return_entropy=True)
-                mask = batch["loss_mask"][rows, :T]
-                old = old_logps[m] if old_logps[m] is not None else logps.detach()  # μ = 1: ratio exactly 1
-                ratio = importance_ratio(logps, old, mask, args.importance_sampling_level)
-                adv = advantages[rows]
-                per_token = clipped_surrogate(ratio, adv, eps_low, eps_high, args.delta)
-                if is_weights[m] is not None:
-                    per_token = per_token * is_weights[m]
-                if ref_model is not None:
-                    kl = k3(logps, ref_logps[m])
-                    per_token = per_token + args.beta * kl  # detail 5: not multiplied by ρ
-                loss = aggregate(per_token, mask, args.loss_type, num_items, args.max_new_tokens)
-                scaled = loss * (A_steps * W if args.loss_type == "dapo" else 1.0)  # detail 6
-                accelerator.backward(scaled)
-                if accelerator.sync_gradients:
-                    sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                                            args.max_grad_norm)
-                    skipped += not stepped
-            with torch.no_grad():
-                sums["loss"] += scaled.item()
-                sums["tokens"] += mask.sum().item()
-                sums["entropy"] += (entropy * mask).sum().item()
-                for k_, v in clip_fractions(ratio, adv, mask, eps_low, eps_high).items():
-                    sums[f"clip_{k_}"] += v.item()
-                if ref_model is not None:
-                    sums["kl"] += (kl * mask).sum().item()
-        generator.sync_weights(model)
-
-        # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
-        train_time = time.time() - t0
-        tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
-        ntok = max(tot["tokens"], 1)
-        window["loss"].append(tot["loss"] / (A_steps * W))
-        window["entropy"].append(tot["entropy"] / ntok)
-        for k_ in ("low", "high", "region"):
-            window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / ntok)
-        if ref_model is not None:
-            window["kl"].append(tot["kl"] / ntok)
-        window["grad_norm"].append(sums["grad_norm"])
-        window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
-        done = step + 1
-        if done % args.logging_steps == 0 or done == args.max_steps:
-            if first_rewards:
-                sources.check_varies(first_rewards, accelerator.is_main_process)
-                first_rewards = []
-            metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
-            metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0],
-                            "train/skipped_steps": skipped})
-            window = defaultdict(list)
-            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
-                metrics.update(evaluate())
-            tracker.log(metrics, done, args.max_steps)
-        if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
-            save(done)
+            # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
+            train_time = time.time() - t0
+            tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
+            ntok = max(tot["tokens"], 1)
+            window["loss"].append(tot["loss"] / (A_steps * W))
+            window["entropy"].append(tot["entropy"] / ntok)
+            for k_ in ("low", "high", "region"):
+                window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / ntok)
+            if ref_model is not None:
+                window["kl"].append(tot["kl"] / ntok)
+            window["grad_norm"].append(sums["grad_norm"])
+            window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
+            done = step + 1
+            if done % args.logging_steps == 0 or done == args.max_steps:
+                if first_rewards:
+                    sources.check_varies(first_rewards, accelerator.is_main_process)
+                    first_rewards = []
+                metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
+                metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0],
+                                "train/skipped_steps": skipped})
+                window = defaultdict(list)
+                if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                    metrics.update(evaluate())
+                tracker.log(metrics, done, args.max_steps)
+            if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
+                save(done)
+    finally:
+        if async_ro is not None:
+            async_ro.close()
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
