@@ -39,10 +39,11 @@ Implementation details (numbered so the tests and the README can point at them):
     (prefix sharing, as in arXiv 2410.20305). It needs an attention that takes a custom 4D mask (sdpa, eager) and no
     sliding window shorter than a sequence (the mask replaces it); otherwise, or with --share_prompt False, each pair
     is two rows [left-padded prompt | right-padded completion] (TRL's layout). Only the logits from the first
-    position that predicts a completion token on are computed (`logits_to_keep`); log-probs go through a chunked
-    float32 log-softmax (common/model.py), and the no-grad statistics (mean logits, WPO's log Σ p², the entropy) are
-    reduced chunk by chunk, so no full-vocabulary float32 copy of the batch is made beyond what a float32 model
-    already holds. Masks are explicit, never from pad ids.
+    position that predicts a completion token on go through the model (`logits_to_keep`), and only up to the final
+    hidden states: the hidden state that predicts each completion token is picked, and the output head, the float32
+    log-softmax and the no-grad statistics (mean logits, WPO's log Σ p², the entropy) are applied a block of tokens
+    at a time, forward and backward (common/model.py's logps_at), so no (2B, T, V) logits tensor is ever made (models
+    that post-process their logits get them from their forward). Masks are explicit, never from pad ids.
  2. Tokenisation: prompt and prompt+completion are tokenised whole and split where they first differ (so merges across
     the boundary do not corrupt the split, as TRL does); completions end with EOS. Truncation: the prompt is cut to
     --max_prompt_length keeping its LAST tokens (left side); then each completion is cut to fit --max_length keeping
@@ -482,7 +483,8 @@ def mix_reference(ref_model: torch.nn.Module, model: torch.nn.Module, alpha: flo
 # ----------------------------------------------------------------------------- forwards
 def token_statistics(logits: torch.Tensor, want_log_sum_sq: bool, want_entropy: bool, chunk: int = 4096) -> dict:
     """No-grad per-token statistics of logits (N, T, V), one row block at a time in float32: mean logit over the
-    vocabulary (N, T), argmax (N, T), and optionally log Σ_v p_v² and the entropy (N, T)."""
+    vocabulary (N, T), argmax (N, T), and optionally log Σ_v p_v² and the entropy (N, T). The definitions that
+    forward_pairs' chunked head statistics follow, for logits already at hand."""
     with torch.no_grad():
         flat = logits.detach().reshape(-1, logits.shape[-1])
         out = {"mean_logits": flat.mean(-1, dtype=torch.float32), "argmax": flat.argmax(-1)}
@@ -504,19 +506,23 @@ def token_statistics(logits: torch.Tensor, want_log_sum_sq: bool, want_entropy: 
 
 
 def forward_pairs(model, batch: dict, want_log_sum_sq: bool = False, want_entropy: bool = False):
-    """Token log-probs (2B, T) of the [chosen | rejected] completions in one forward (detail 1), and no-grad
-    statistics. Only the last `logits_to_keep` positions get logits; `pred` picks, for the shared-prompt layout, the
-    position that predicts each completion token."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"], use_cache=False)
-    if batch["pred"] is None:  # two rows per pair: position t-1 predicts token t
-        logits = out.logits[:, :-1]  # (2B, T, V)
-    else:  # one row per pair: gather the predicting positions of the chosen, then of the rejected, tokens
-        B = out.logits.shape[0]
-        rows = torch.arange(B, device=out.logits.device).repeat(2)[:, None]  # (2B, 1)
-        logits = out.logits[rows, batch["pred"]]  # (2B, T, V)
-    token_logps = model_utils.selective_log_softmax(logits, batch["targets"])
-    return token_logps, token_statistics(logits, want_log_sum_sq, want_entropy)
+    """Token log-probs (2B, T) of the [chosen | rejected] completions in one forward (detail 1), and the no-grad
+    token statistics (2B, T): mean_logits, argmax, and log_sum_sq / entropy when asked for. The model runs up to its
+    final hidden states at the last `logits_to_keep` positions; the hidden state that predicts each completion token
+    is picked (`pred`, for the shared-prompt layout; else position t-1 predicts token t) and the output head and the
+    float32 log-softmax are applied a block of tokens at a time (common/model.py's logps_at), so no (2B, T, V)
+    logits tensor is made, forward or backward."""
+    targets = batch["targets"]
+    n, T = targets.shape
+    device = targets.device
+    if batch["pred"] is None:  # two rows per pair: column t of the kept positions predicts token t
+        rows, cols = torch.arange(n, device=device)[:, None], torch.arange(T, device=device)[None, :]
+    else:  # one row per pair: the predicting positions of the chosen, then of the rejected, tokens
+        rows, cols = torch.arange(n // 2, device=device).repeat(2)[:, None], batch["pred"]
+    stats = ("mean_logits", "argmax") + ("log_sum_sq",) * want_log_sum_sq + ("entropy",) * want_entropy
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    return model_utils.logps_at(model, inputs, batch["logits_to_keep"], rows.expand(n, T), cols.expand(n, T),
+                                targets, stats=stats)
 
 
 @torch.no_grad()

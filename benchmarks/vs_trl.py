@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py                                 # every section, 3 interleaved repeats
     python benchmarks/vs_trl.py --sections speed --workloads sft grpo --repeats 1 --steps 20   # a quicker look
     python benchmarks/vs_trl.py --sections memory               # 150k-vocabulary model: peak memory of a step
+    python benchmarks/vs_trl.py --sections memory --workloads dpo   # re-measure some workloads, keep the others'
     python benchmarks/vs_trl.py --sections packing              # variable-length SFT: tokens/s, packed vs padded
 
 Results: benchmarks/results/vs_trl/README.md (tables with the machine load) and results.json.
@@ -551,7 +552,7 @@ def main():
             workloads = [w for w in a.workloads if w != "kto"]
         elif section == "memory":
             a.model = str(big_vocab_model())
-            workloads = ["dpo", "grpo"]
+            workloads = [w for w in ("dpo", "grpo") if w in a.workloads]
         else:
             a.model = str(toy.toy_policy_path("add"))
             a.varlen_file = scratch / "varlen.jsonl"
@@ -577,7 +578,12 @@ def main():
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                 "minutes": round((time.time() - t_start) / 60, 1), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "model": Path(a.model).name}
-        results[section] = {"meta": meta, "runs": runs}
+        # a run of some workloads replaces theirs and keeps the others' (each with the conditions it was measured in)
+        prev = results.get(section, {})
+        metas = prev.get("meta_by_workload") or {w: prev["meta"] for w in prev.get("runs", {})}
+        metas.update({w: meta for w in runs})
+        merged = {**prev.get("runs", {}), **runs}
+        results[section] = {"meta": meta, "meta_by_workload": {w: metas[w] for w in merged}, "runs": merged}
         results_path.write_text(json.dumps(results, indent=1) + "\n")
     if "kto" in a.workloads and (ROOT / "benchmarks" / "kto_speed.py").exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kto_speed.py"), "--repeats", str(a.repeats),
@@ -611,7 +617,7 @@ def write_readme(results: dict, out: Path):
             lines.append(f"| {w} | {o:.1f} | {t0:.1f} | {t1:.1f} | {p:.1f} | {t0 / o:.2f}x | {t1 / o:.2f}x | "
                          f"{o / p:.2f}x | {wl['ours']:.0f}, {wl['TRL, checkpointing off']:.0f}, "
                          f"{wl['TRL defaults']:.0f}, {wl['plain PyTorch loop']:.0f} |")
-        lines += ["", _meta_line(s["meta"]), ""]
+        lines += ["", *_meta_lines(s), ""]
         kto = out / "kto" / "speed.json"
         if kto.exists():
             k = json.loads(kto.read_text())
@@ -635,7 +641,7 @@ def write_readme(results: dict, out: Path):
                   "interpreter, libraries, weights, optimizer state, generation); step extra = that peak minus the "
                   "resident set between two steps, i.e. what a step allocates on top of what stays. The padded rows "
                   "of the vocabulary have zero weights, so the model samples nearly uniformly over 151,936 tokens "
-                  "and completions run to the 8-token limit in every program alike.", "", _meta_line(s["meta"]), ""]
+                  "and completions run to the 8-token limit in every program alike.", "", *_meta_lines(s), ""]
     if "packing" in results:
         s = results["packing"]
         progs = s["runs"]["sft"]
@@ -650,7 +656,7 @@ def write_readme(results: dict, out: Path):
                          f"{_med(rs, 'loss'):.3f} |")
         lines += ["", "TRL's padding_free and bfd packing put a whole micro-batch in one row; on CPU (sdpa, no varlen "
                   "kernels) attention then spans the whole row under a block-diagonal mask. sft.py --packing packs "
-                  "into rows no longer than the micro-batch's longest sequence.", "", _meta_line(s["meta"]), ""]
+                  "into rows no longer than the micro-batch's longest sequence.", "", *_meta_lines(s), ""]
     lines += targets(results)
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -690,6 +696,17 @@ def targets(results: dict) -> list[str]:
         return []
     return ["## Targets", "", "| target | measured | |", "|---|---|---|"] + [
         f"| {t} | {m} | {'met' if ok else 'missed'} |" for t, m, ok in rows] + [""]
+
+
+def _meta_lines(s: dict) -> list[str]:
+    """One line per measurement run of a section (workloads re-measured later carry their own conditions)."""
+    by = s.get("meta_by_workload") or {w: s["meta"] for w in s["runs"]}
+    groups: dict[str, list[str]] = {}
+    for w, m in by.items():
+        groups.setdefault(json.dumps(m, sort_keys=True), []).append(w)
+    if len(groups) == 1:
+        return [_meta_line(s["meta"] if not by else next(iter(by.values())))]
+    return ["\n\n".join(f"{', '.join(ws)}: {_meta_line(json.loads(m))}" for m, ws in groups.items())]
 
 
 def _meta_line(m: dict) -> str:

@@ -228,8 +228,11 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             dz = dz.to(h.dtype)  # the gradient reaches the head in the model's dtype, as through the model's own head
             if need_h:
                 grad_h[s:s + rows] = dz @ w
-            if need_w:
-                grad_w += (dz.t() @ hs).float()
+            if need_w:  # accumulated in place: no second (V, H) tensor per block
+                if hs.dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), hs)
+                else:
+                    grad_w += (dz.t() @ hs).float()
             if grad_b is not None:
                 grad_b += dz.float().sum(0)
         if grad_w is not None:
