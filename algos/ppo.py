@@ -24,9 +24,10 @@ Implementation details (numbered so tests and the README can point at them; "tes
  1. Models. Policy π_θ (trained), reference π_ref = the initial policy (frozen), reward model (frozen) and a separate
     value model V_φ: a sequence classifier whose one-output head is applied at every position. V_φ starts from the
     reward model (backbone and head; `--value_model_name_or_path` overrides), or, with `--reward_funcs`, from the
-    policy with a fresh head initialised to zero (every value starts at 0). V_φ has its own AdamW, learning rate and
-    gradient-norm clip (classic, and the simplest to read). DEVIATION(TRL): TRL wraps policy and value in one module
-    with one optimizer and one clip over both.
+    policy with a fresh head initialised to zero (every value starts at 0). Policy and value model are trained as
+    one module (PolicyAndValue, as TRL does): one forward gives both models' outputs, one AdamW with a parameter
+    group per model (each its own learning rate), one gradient-norm clip over both. Prepared once, so DeepSpeed (one
+    engine per run) and FSDP2 shard both models, and every distributed mode runs the same update.
  2. Dropout off: every forward runs in eval mode, so the rollout and the update compute the same function.
  3. Sampling at temperature τ (top-k off, top-p 1 by default: the sampled distribution is the one the log-probs
     describe, and the k1 KL is not biased negative). The old, reference and trained log-probs all divide the logits
@@ -72,10 +73,10 @@ Implementation details (numbered so tests and the README can point at them; "tes
     policy and the value loss alike. With one micro-batch this is TRL's masked_mean; DEVIATION(TRL) otherwise (TRL
     averages per-micro-batch means, which changes with the micro-batch split).
 16. Clipped value loss: ½ max((V - G)², (V_clip - G)²), V_clip = V_old + clip(V - V_old, ±cliprange_value), weighted
-    by vf_coef. With the separate value model and optimizer (detail 1), vf_coef scales only the value gradient, which
-    Adam mostly normalises away; it matters through the gradient clip and Adam's ε.
-17. Each optimizer step clips each model's gradient norm (max_grad_norm) and is skipped when that norm is not finite
-    (distributed.optimizer_step; logged as train/skipped_steps, both models counted).
+    by vf_coef. The value model has its own parameters (detail 1), so vf_coef scales only the value gradient, which
+    Adam mostly normalises away; it matters through the shared gradient clip and Adam's ε.
+17. Each optimizer step clips the gradient norm over both models (max_grad_norm; logged as grad_norm) and is skipped
+    when that norm is not finite (distributed.optimizer_step; logged as train/skipped_steps).
 18. Bad reward values stop the run before any update: a NaN/inf from a reward function (rewards.RewardSources) or
     from the reward model. A completion that no reward function scores (all None) has no score: it is left out of
     the losses, the whitening and the score metrics (its mask is zeroed), never scored 0.
@@ -101,6 +102,7 @@ Run:
     python algos/ppo.py --reward_funcs add                     # the gold reward; value model from the policy
     python algos/ppo.py --kl_target 0.5 --kl_horizon 2000      # adaptive β
     accelerate launch --multi_gpu --num_processes 2 algos/ppo.py --per_device_train_batch_size 32  # = 1 process x 64
+    accelerate launch --config_file configs/accelerate/zero3.yaml algos/ppo.py --per_device_train_batch_size 32
     python algos/ppo.py --use_vllm True                        # sample with vLLM
     bash benchmarks/ppo.sh                                     # 3 seeds, reward model and gold reward
 """
@@ -172,7 +174,7 @@ class Args:
     learning_rate: float = 3e-5
     """policy AdamW learning rate (the toy policy is tiny; ~1e-6 to 3e-6 for a pretrained LM, as in the paper)"""
     value_learning_rate: float | None = None
-    """value model AdamW learning rate; default: learning_rate"""
+    """learning rate of the value model's parameter group; default: learning_rate"""
     weight_decay: float = 0.0
     """AdamW weight decay (both models)"""
     warmup_steps: int = 0
@@ -188,7 +190,7 @@ class Args:
     num_ppo_epochs: int = 4
     """passes over each rollout"""
     max_grad_norm: float = 1.0
-    """gradient clipping, each model on its own (0 to disable)"""
+    """gradient clipping of the norm over both models' gradients (0 to disable)"""
     # --- sampling (common/generation.py)
     num_generations: int = 1
     """completions per prompt"""
@@ -481,6 +483,28 @@ def token_values(value_model, head, input_ids: torch.Tensor, attention_mask: tor
     return head(out.hidden_states[-1][:, -(T + 1):-1])[..., 0].float()
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The trained models as one module (detail 1), prepared once with one optimizer: DeepSpeed runs one engine per
+    run, and FSDP2 then shards both models (each decoder layer of either is its own unit). Its forward computes both
+    models' outputs for the same rows, so every distributed wrapper sees one forward per backward."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self._no_split_modules = sorted({n for m in (policy, value)
+                                         for n in getattr(model_utils._unwrap(m), "_no_split_modules", None) or []})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
+                temperature: float, return_entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(policy log-probs (B, T), their entropy (B, T) or None, values V(s_t) (B, T)) of the last T tokens."""
+        out = model_utils.completion_logps(self.policy, input_ids, attention_mask, completion_len, temperature,
+                                           return_entropy=return_entropy)
+        logps, entropy = out if return_entropy else (out, None)
+        head = model_utils._unwrap(self.value).score
+        return logps, entropy, token_values(self.value, head, input_ids, attention_mask, completion_len)
+
+
 def micro_rows(perm: torch.Tensor, j: int, m: int, rank: int, B: int, W: int, GA: int) -> torch.Tensor:
     """Rows of micro-batch m of mini-batch j on process `rank` (detail 13)."""
     start = j * B * W * GA + (m * W + rank) * B
@@ -550,17 +574,17 @@ def main(args: Args):
     for frozen in (ref_model, reward_model):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
-    opt_p = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    opt_v = torch.optim.AdamW(value_model.parameters(), lr=args.value_learning_rate or args.learning_rate,
-                              weight_decay=args.weight_decay)
-    warmup = lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1))  # noqa: E731
-    sched_p, sched_v = (torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (opt_p, opt_v))
-    policy, value_model, opt_p, opt_v = accelerator.prepare(policy, value_model, opt_p, opt_v)
-    for s in (sched_p, sched_v):
-        accelerator.register_for_checkpointing(s)  # stepped once per optimizer step
-    policy.eval(), value_model.eval()  # detail 2: no dropout anywhere
-    v_head = accelerator.unwrap_model(value_model).score
-    generator = build_generator(args, tokenizer, accelerator, policy)
+    model = PolicyAndValue(policy, value_model)  # detail 1: one module, one optimizer, one clip
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    opt = torch.optim.AdamW([{"params": trainable(policy), "lr": args.learning_rate},
+                             {"params": trainable(value_model), "lr": args.value_learning_rate or args.learning_rate}],
+                            lr=args.learning_rate, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.register_for_checkpointing(sched)  # stepped once per optimizer step
+    model.eval()  # detail 2: no dropout anywhere
+    with distributed.submodule_for_generation(accelerator, model, "policy") as gen_policy:
+        generator = build_generator(args, tokenizer, accelerator, gen_policy)
 
     start, elapsed, num_tokens, beta, skipped = 0, 0.0, 0.0, args.beta, 0
     if resume is not None:
@@ -568,7 +592,8 @@ def main(args: Args):
         start, elapsed, num_tokens = state["step"], state["elapsed"], state["num_tokens"]
         beta, skipped = state["kl_coef"], state["skipped_steps"]
         accelerator.print(f"resumed from {resume} at rollout {start} (beta {beta:.4g})")
-        generator.sync_weights(policy)
+        with distributed.submodule_for_generation(accelerator, model, "policy") as gen_policy:
+            generator.sync_weights(gen_policy)
     tracker = tracking.Tracker(args, accelerator.is_main_process, start, elapsed, show=(
         "objective/scores", "objective/kl", "loss/value_avg", "eval/reward", "eval/gold_reward"))
     accelerator.print(f"ppo: {len(ds)} prompts; {W} process(es) x {prompts_per_process} prompts x {G} completion(s) "
@@ -577,9 +602,9 @@ def main(args: Args):
                       f"-> {args.output_dir}")
 
     def evaluate() -> dict:  # greedy completions of the held-out prompts, scored by the same reward sources
-        return evaluation.heldout_reward(accelerator.unwrap_model(policy), tokenizer, eval_ds, sources,
-                                         args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
-                                         accelerator=accelerator)
+        with distributed.submodule_for_generation(accelerator, model, "policy") as gen_policy:
+            return evaluation.heldout_reward(gen_policy, tokenizer, eval_ds, sources, args.dataset_name,
+                                             args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
 
     if start == 0 and args.eval_steps and eval_ds is not None:
         tracker.log(evaluate(), 0, args.max_steps)
@@ -593,7 +618,8 @@ def main(args: Args):
         t0 = time.time()
         indices = data.batch_indices(len(ds), N // G, step, args.seed)  # the rollout's prompts, all processes
         local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
-        out = generator.generate(policy, [prompt_ids[i] for i in local], n=G)  # row i*G + j: sample j of prompt i
+        with distributed.submodule_for_generation(accelerator, model, "policy") as gen_policy:
+            out = generator.generate(gen_policy, [prompt_ids[i] for i in local], n=G)  # row i*G + j: sample j of i
         gen_time = time.time() - t0
         c_ids = torch.full((out.completion_ids.shape[0], T_max), pad_id, dtype=torch.long)
         c_ids[:, :out.completion_ids.shape[1]] = out.completion_ids.cpu()[:, :T_max]
@@ -621,9 +647,8 @@ def main(args: Args):
                 for m in range(GA):
                     rows = micro_rows(perm0, j, m, rank, B, W, GA)
                     ids, am, T = micro_inputs(batch, rows)
-                    old_logps[rows, :T] = model_utils.completion_logps(policy, ids, am, T, args.temperature)
+                    old_logps[rows, :T], _, values[rows, :T] = model(ids, am, T, args.temperature)
                     ref_logps[rows, :T] = model_utils.completion_logps(ref_model, ids, am, T, args.temperature)
-                    values[rows, :T] = token_values(value_model, v_head, ids, am, T)
                     if reward_model is not None:
                         rm_scores[rows] = model_utils.sequence_classifier_scores(reward_model, ids, am)
         old_logps, ref_logps, values, rm_scores = (to_global(accelerator, t) for t in
@@ -663,7 +688,7 @@ def main(args: Args):
         # ---------------------------------------------------------------- num_ppo_epochs x num_mini_batches steps
         t1 = time.time()
         sums = torch.zeros(9, dtype=torch.float64)  # tokens, pg, vf, pg_clip, vf_clip, approxkl, entropy, ρ, ρ²
-        grad_norms, value_grad_norms = [], []
+        grad_norms = []
         for epoch in range(args.num_ppo_epochs):
             perm = perm0 if epoch == 0 else epoch_permutation(N, args.seed, step, epoch).to(device)
             for j in range(nmb):
@@ -672,10 +697,8 @@ def main(args: Args):
                     rows = micro_rows(perm, j, m, rank, B, W, GA)
                     ids, am, T = micro_inputs(batch, rows)
                     mk = mask[rows, :T]
-                    with accelerator.accumulate(policy, value_model):
-                        logps, entropy = model_utils.completion_logps(policy, ids, am, T, args.temperature,
-                                                                      return_entropy=True)
-                        vpred = token_values(value_model, v_head, ids, am, T)
+                    with accelerator.accumulate(model):
+                        logps, entropy, vpred = model(ids, am, T, args.temperature, return_entropy=True)
                         pg, ratio, pg_clipped = clipped_policy_loss(logps, old_logps[rows, :T], advantages[rows, :T],
                                                                     args.cliprange)
                         vf, vf_clipped = clipped_value_loss(vpred, values[rows, :T], returns[rows, :T],
@@ -684,19 +707,17 @@ def main(args: Args):
                         # accelerate divides by the accumulation steps and DDP averages over processes; the
                         # normaliser n_tok already covers both
                         accelerator.backward(loss * GA * W)
-                        if accelerator.sync_gradients:
-                            gn, ok_p = distributed.optimizer_step(accelerator, policy, opt_p, sched_p,
-                                                                  args.max_grad_norm)
-                            vgn, ok_v = distributed.optimizer_step(accelerator, value_model, opt_v, sched_v,
-                                                                   args.max_grad_norm)
-                            skipped += (not ok_p) + (not ok_v)
-                            grad_norms.append(gn), value_grad_norms.append(vgn)
+                        if accelerator.sync_gradients:  # detail 17: one clip over both models
+                            gn, ok = distributed.optimizer_step(accelerator, model, opt, sched, args.max_grad_norm)
+                            skipped += not ok
+                            grad_norms.append(gn)
                     with torch.no_grad():
                         d = (logps - old_logps[rows, :T]) * mk
                         sums += torch.tensor([mk.sum(), (pg * mk).sum(), (vf * mk).sum(), (pg_clipped * mk).sum(),
                                               (vf_clipped * mk).sum(), 0.5 * (d ** 2).sum(), (entropy * mk).sum(),
                                               (ratio * mk).sum(), (ratio ** 2 * mk).sum()], dtype=torch.float64)
-        generator.sync_weights(policy)
+        with distributed.submodule_for_generation(accelerator, model, "policy") as gen_policy:
+            generator.sync_weights(gen_policy)
         train_time = time.time() - t1
         if W > 1:
             sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
@@ -709,7 +730,6 @@ def main(args: Args):
                    "val/ratio": ratio_mean, "val/ratio_var": max(sums[8].item() / tok - ratio_mean ** 2, 0.0),
                    "val/num_eos_tokens": float(((batch["completion_ids"] == stop_id) & (cmask > 0)).sum().item()),
                    "grad_norm": sum(grad_norms) / len(grad_norms),
-                   "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms),
                    "tokens_per_second/generation": cmask.sum().item() / max(gen_time, 1e-9),
                    "tokens_per_second/training": args.num_ppo_epochs * cmask.sum().item() / max(train_time, 1e-9)}
         metrics.update(rollout.completion_metrics(accelerator, c_mask, terminated))
@@ -739,7 +759,7 @@ def main(args: Args):
         done = step + 1
         if done % args.logging_steps == 0 or done == args.max_steps:
             logged = {k: sum(v) / len(v) for k, v in window.items()}
-            logged.update({"num_tokens": num_tokens, "episode": done * N, "learning_rate": sched_p.get_last_lr()[0],
+            logged.update({"num_tokens": num_tokens, "episode": done * N, "learning_rate": sched.get_last_lr()[0],
                            "train/skipped_steps": skipped})
             window = defaultdict(list)
             if args.eval_steps and eval_ds is not None and (done % args.eval_steps == 0 or done == args.max_steps):
@@ -747,10 +767,10 @@ def main(args: Args):
             tracker.log(logged, done, args.max_steps)
         state = {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "kl_coef": beta, "skipped_steps": skipped}
         if args.save_steps and (done % args.save_steps == 0 or done == args.max_steps):
-            checkpoint.save_checkpoint(accelerator, args.output_dir, done, policy, tokenizer, args, state,
-                                       args.save_total_limit)
+            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args, state,
+                                       args.save_total_limit, part="policy")
 
-    checkpoint.save_model(accelerator, policy, tokenizer, args.output_dir, args.max_steps)
+    checkpoint.save_model(accelerator, model, tokenizer, args.output_dir, args.max_steps, part="policy")
     tracker.close()
     accelerator.print(f"saved the final policy to {args.output_dir}")
     accelerator.end_training()

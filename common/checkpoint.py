@@ -290,19 +290,26 @@ def _move_in(src: Path, dst: Path) -> None:
     src.rmdir()
 
 
-def save_model(accelerator, model, tokenizer, out_dir, step: int | None = None, merged: bool | None = None):
+def save_model(accelerator, model, tokenizer, out_dir, step: int | None = None, merged: bool | None = None,
+               part: str | None = None):
     """from_pretrained-loadable weights + tokenizer (collective: call on every rank). Written into a temporary folder
     and then moved into out_dir, config.json last, so an interrupted save never looks complete. Refuses weights
     that are not finite (FloatingPointError naming the step and the first such parameter).
     A LoRA model (peft PeftModel, common/peft_utils.py): out_dir is an adapter folder (adapter_config.json last,
     adapter_model.safetensors: `PeftModel.from_pretrained(base, out_dir)`), and with `merged` (default: the run's
-    --merge_adapter) also out_dir/merged, the model with the adapters merged (plain `from_pretrained`)."""
+    --merge_adapter) also out_dir/merged, the model with the adapters merged (plain `from_pretrained`).
+    part: the name of the submodule to save when the prepared `model` holds several models (e.g. a policy and a
+    value model prepared as one module); its weights are gathered from the whole prepared module and saved under
+    the submodule's own names."""
     from common import peft_utils
 
     _refuse_nonfinite(accelerator, [("", model)], step, f"the model to {out_dir}")
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
-    state = _without_tied_copies(accelerator.unwrap_model(model), state)
     unwrapped = accelerator.unwrap_model(model)
+    if part is not None:
+        unwrapped = getattr(unwrapped, part)
+        state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")} if state else state
+    state = _without_tied_copies(unwrapped, state)
     lora = peft_utils.is_peft_model(unwrapped)
     if merged is None:
         merged = lora and getattr(unwrapped, "cleanalign_merge_on_save", False)
@@ -484,13 +491,14 @@ def load_module(module, path, device) -> None:
 
 def save_checkpoint(accelerator, output_dir, step: int, model, tokenizer, args, extra: dict | None = None,
                     keep_last: int | None = None, models: dict | None = None,
-                    optimizers: dict | None = None) -> Path:
+                    optimizers: dict | None = None, part: str | None = None) -> Path:
     """Collective: every rank must call it. Saves everything registered with accelerator.prepare (models,
     optimizers, schedulers) or register_for_checkpointing, the grad scaler, every rank's RNG, `extra` (numbers,
     strings, lists, tuples, dicts, tensors: the algorithm's state), and named further `models` (nn.Module, e.g. an
     old policy) and `optimizers` (e.g. of dual variables) that load_checkpoint restores when given the same names.
     keep_last: afterwards keep this many checkpoints, always including the one just written. Refuses non-finite
-    weights (FloatingPointError)."""
+    weights (FloatingPointError). part: as in save_model, the submodule whose weights form the checkpoint's
+    from_pretrained-loadable model (the whole prepared module is still saved in state/)."""
     output_dir = Path(output_dir)
     models, optimizers = models or {}, optimizers or {}
     _refuse_nonfinite(accelerator, [("", model), *[(f"{k}.", m) for k, m in models.items()]], step, "a checkpoint")
@@ -510,7 +518,7 @@ def save_checkpoint(accelerator, output_dir, step: int, model, tokenizer, args, 
         (state_dir / "sharded" / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
     fsdp_models, fsdp_optims = _fsdp_full_states(accelerator) if _fsdp(accelerator) else ([], [])
     _save_safe(_rng_state(), state_dir / f"rng_{accelerator.process_index}.pt")
-    save_model(accelerator, model, tokenizer, tmp, step, merged=False)
+    save_model(accelerator, model, tokenizer, tmp, step, merged=False, part=part)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 

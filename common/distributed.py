@@ -266,6 +266,37 @@ def whole_parameters(accelerator, model):
         yield unwrapped
 
 
+@contextlib.contextmanager
+def submodule_for_generation(accelerator, model, name: str):
+    """Collective (every rank enters it). The submodule `name` of a prepared module that holds several models (e.g.
+    a policy and a value model prepared as one module, since DeepSpeed runs one engine), ready to be called outside
+    the prepared module's own forward: for `generate`, held-out evaluation or a weight push.
+      - ZeRO-3: the submodule as it is (partitioned); the generation helpers gather its parameters for the call.
+      - FSDP2: the parameters of every unit whole while inside, kept whole across forwards, so the submodule's
+        forward talks to no other rank (ranks may stop generating at different steps). The prepared module is
+        made the FSDP root first (FSDP takes the first module that runs a forward as its root).
+      - other modes: the submodule."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not any(hasattr(p, "to_local") for p in unwrapped.parameters()):
+        yield getattr(unwrapped, name)
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    unwrapped._get_fsdp_state()._lazy_init()  # no-op once the prepared module has run a forward
+    units = [m for m in unwrapped.modules() if isinstance(m, FSDPModule)]
+    kept = [[g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield getattr(unwrapped, name)
+    finally:
+        for m, infos in zip(units, kept):
+            for g, info in zip(m._get_fsdp_state()._fsdp_param_groups, infos):
+                g.post_forward_mesh_info = info
+            m.reshard()
+
+
 def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     """Collective: the prepared model's whole weights on every process, under the plain model's names, as copies.
     For copying the policy into a plain model (an old policy, a reset) in every mode."""

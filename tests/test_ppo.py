@@ -211,7 +211,7 @@ def test_d3_d14_first_minibatch_ratio_is_exactly_one_and_beta_zero_gives_rlhf_re
     assert recs[0]["step"] == 0 and "eval/gold_reward" in recs[0]
     r = recs[-1]
     for k in TRL_NAMES + ("eval/gold_reward", "eval/reward", "rewards/toy-rm/mean", "completions/mean_length",
-                          "episode", "train/skipped_steps", "grad_norm", "value_grad_norm"):
+                          "episode", "train/skipped_steps", "grad_norm"):
         assert r.get(k) is not None and math.isfinite(r[k]), k
     assert r["val/ratio"] == 1.0 and r["val/ratio_var"] == 0.0
     assert r["policy/clipfrac_avg"] == 0.0 and r["policy/approxkl_avg"] == 0.0 and r["val/clipfrac_avg"] == 0.0
@@ -254,15 +254,16 @@ def test_gradient_accumulation_4x2_equals_1x8(shared_runs):
     for ra, rb in zip(ma, mb):
         assert ra["objective/scores"] == pytest.approx(rb["objective/scores"], abs=1e-5)  # the same samples
         for k in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "val/ratio", "objective/kl",
-                  "objective/kl_coef", "grad_norm", "value_grad_norm"):
+                  "objective/kl_coef", "grad_norm"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
     assert_params_close(shared_runs / "a", shared_runs / "b", atol=2e-6)
 
 
 def test_resume_is_exact_and_checkpoints_hold_both_models(shared_runs, toy_rm):
     """3 rollouts in one go == 2, stop, resume from checkpoint-2 for 1 more: data order, sampling RNG, both models,
-    both optimizers and the adaptive β restored. The checkpoint holds the value model (trained away from the reward
-    model it started from), both optimizers' states and β."""
+    the optimizer (one parameter group per model) and the adaptive β restored. The checkpoint holds the value model
+    (trained away from the reward model it started from) beside the policy, the optimizer state of both groups and
+    β; its top-level model is the policy alone."""
     from safetensors.torch import load_file
 
     full, cut = read_metrics(shared_runs / "a"), read_metrics(shared_runs / "cut")
@@ -272,11 +273,19 @@ def test_resume_is_exact_and_checkpoints_hold_both_models(shared_runs, toy_rm):
         assert full[2][k] == pytest.approx(cut[2][k], rel=1e-6, abs=1e-7), k
     assert_params_close(shared_runs / "a", shared_runs / "cut", atol=1e-7)
     ckpt = shared_runs / "a" / "checkpoint-2"
-    value = load_file(str(ckpt / "state" / "model_1.safetensors"))
+    both = load_file(str(ckpt / "state" / "model_0.safetensors"))
+    value = {k[len("value."):]: v for k, v in both.items() if k.startswith("value.")}
     rm = load_params(toy_rm)
     assert value.keys() == rm.keys() and any(not torch.equal(value[k], rm[k]) for k in rm)
-    for i in (0, 1):
-        assert torch.load(ckpt / "state" / f"optimizer_{i}.pt", weights_only=True)["state"], f"optimizer {i} empty"
+    policy = {k[len("policy."):]: v for k, v in both.items() if k.startswith("policy.")}
+    top = load_params(ckpt)  # the from_pretrained-loadable model: the policy
+    for k, v in top.items():  # a tied embedding is stored once, under either name
+        other = policy.get(k, policy.get("lm_head.weight") if k == "model.embed_tokens.weight" else None)
+        assert other is not None and torch.equal(v, other), k
+    assert not (ckpt / "state" / "model_1.safetensors").exists()
+    opt = torch.load(ckpt / "state" / "optimizer_0.pt", weights_only=True)
+    assert len(opt["param_groups"]) == 2  # policy, value model
+    assert set(opt["state"]) == {i for g in opt["param_groups"] for i in g["params"]}  # both groups stepped
     saved = json.loads((ckpt / "trainer_state.json").read_text())["state"]
     assert saved["kl_coef"] == pytest.approx(full[2]["objective/kl_coef"])  # the β the third rollout used
 
@@ -292,7 +301,7 @@ def test_two_processes_match_one_process(tmp_path, toy_policy):
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
-        for k in (*TRL_NAMES, "objective/kl_coef", "grad_norm", "value_grad_norm", "completions/mean_length"):
+        for k in (*TRL_NAMES, "objective/kl_coef", "grad_norm", "completions/mean_length"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert_params_close(tmp_path / "one", tmp_path / "two", atol=2e-6)
 
