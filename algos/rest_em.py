@@ -441,7 +441,7 @@ def main(args: Args):
         # ---------------------------------------------------------------- M-step: SFT on the kept samples
         t0 = time.time()
         if base_state is not None:  # ReST-EM: from π_0
-            accelerator.unwrap_model(model).load_state_dict(base_state)
+            distributed.load_full_state_dict(accelerator, model, base_state)  # each rank keeps its ZeRO-3 / FSDP2 part
         optimizer.state.clear()  # detail 5: fresh AdamW moments
         sums = defaultdict(float)
         model.train()

@@ -707,7 +707,7 @@ def main(args: Args):
                           f"log-probs?)")
         # old-policy snapshot: hard copy every old_policy_sync_steps optimizer steps
         if old_model is not None and done % args.old_policy_sync_steps == 0:
-            old_model.load_state_dict(accelerator.unwrap_model(model).state_dict())
+            old_model.load_state_dict(distributed.full_state_dict(accelerator, model))  # gathered: ZeRO-3, FSDP2
             state["syncs"] += 1
         if generator is not None and (old_model is None or done % args.old_policy_sync_steps == 0):
             generator.sync_weights(sampler)
