@@ -36,6 +36,12 @@ Implementation details (numbered so the tests and the README can point at them):
     penalty; the completion mask comes from generation (cut after the first EOS, EOS kept), never from pad_token_id.
  9. Non-finite safety: a non-finite gradient norm skips the optimizer step (train/skipped_steps); when no reward
     varied over the first logging window, one loud warning names the sources.
+10. Tools and environments (--tools / --environment / --agent_command, common/agents.py; as grpo.py detail 11):
+    each completion is an episode of policy turns and tool/environment turns; the loss mask is the policy's own
+    sampled tokens only (kept as sampled, no re-tokenisation), so S_θ(y) and the KL penalty's sum run over the
+    policy's tokens and tool and environment tokens get no gradient. Reward functions see the decoded transcript;
+    the environment's (or agent program's) summed rewards are the reward source environment_reward. Evaluation
+    runs greedy episodes. max_new_tokens is per turn.
 
 Defaults differ from TRL's (k = 2, lr 1e-6) to suit the toy task: k = 8 completions per prompt (as GRPO/GMPO here,
 for a like-for-like benchmark), β = 0.05 (TRL's).
@@ -43,6 +49,8 @@ for a like-for-like benchmark), β = 0.05 (TRL's).
 Run:
     python algos/rloo.py                                  # toy SFT policy on toy:add, a few minutes on 2 CPU cores
     python algos/rloo.py --num_generations 2 --beta 0.0   # two samples, no KL: A_1 = r_1 - r_2 = -A_2
+    python algos/rloo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32 --max_turns 2
+    python algos/rloo.py --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 3 --max_turns 5
     accelerate launch --multi_gpu --num_processes 2 algos/rloo.py --per_device_train_batch_size 32   # same update as 1 process x 64
     bash benchmarks/pg.sh                                 # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
 """
@@ -61,7 +69,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rollout, tracking
-from common import peft_utils, rewards as reward_utils
+from common import agents, peft_utils, rewards as reward_utils
 from common.generation import build_generator
 
 
@@ -135,7 +143,7 @@ class Args:
     min_p: float | None = None
     """min-p sampling"""
     max_new_tokens: int = 8
-    """longest completion"""
+    """longest completion (per policy turn with --tools / --environment)"""
     max_prompt_length: int | None = 256
     """prompts longer than this keep their last tokens"""
     use_vllm: bool = False
@@ -174,6 +182,25 @@ class Args:
     """optimizer steps per generation batch (off-policy reuse with the PPO clip)"""
     mask_truncated_completions: bool = False
     """leave completions that did not end with EOS out of the loss"""
+    # --- tools and environments: multi-turn episodes (common/agents.py, detail 10)
+    tools: list[str] | None = None
+    """tool functions 'path/file.py:fn' or 'module:fn' (name, signature and docstring describe them); the policy
+    calls them as <tool>fn(args)</tool> (or the chat template's <tool_call> JSON) and continues after the result"""
+    environment: str | None = None
+    """an environment class 'path/file.py:Env': reset(row) -> first observation, step(text) -> (observation | None,
+    reward | None, done); its summed reward is a reward source (environment_reward)"""
+    agent_command: str | None = None
+    """an agent program run once per generation batch; it plays the episodes through an OpenAI-compatible endpoint
+    served from the policy and reports each episode's reward (common/agents.py ExternalAgent; conversational
+    prompts)"""
+    agent_timeout: float = 600.0
+    """seconds the agent program may take per generation batch"""
+    max_turns: int = 4
+    """most policy turns per episode (max_new_tokens is per turn); an episode still going is truncated"""
+    tool_timeout: float = 5.0
+    """seconds a tool call may run (in a child process) before it becomes an error turn"""
+    max_tool_output_chars: int = 1000
+    """a tool result longer than this becomes an error turn"""
     # --- evaluation and logging
     eval_steps: int = 25
     """held-out reward (eval/reward; eval/gold_reward on the toy tasks) every this many steps, at step 0 and at the
@@ -338,10 +365,14 @@ def main(args: Args):
     B = args.per_device_train_batch_size
     accelerator = distributed.make_accelerator(args)
     W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    specs = reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name)
+    specs = agents.reward_specs(args.reward_funcs, args.reward_model_name_or_path, args.dataset_name,
+                                args.environment or args.agent_command)
     reward_utils.check_weights(specs, args.reward_weights)
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     ds, prompt_ids, eval_ds = load_prompts(args, tokenizer, "rloo.py")
+    agent = agents.Agent.from_args(args, tokenizer)  # None without --tools / --environment (detail 10)
+    eval_prompt_ids = None if agent is None or eval_ds is None else data.tokenize(tokenizer, [
+        data.prompt_text(p, tokenizer) for p in eval_ds["prompt"][:args.num_eval_prompts]])
     data.check_batch_fits(len(ds), prompts_per_process * W, "--per_device_train_batch_size x "
                           "--gradient_accumulation_steps / --num_generations (prompts per generation batch)")
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
@@ -375,6 +406,9 @@ def main(args: Args):
                       f"generation, {mu} optimizer step(s) each, {args.max_steps} steps -> {args.output_dir}")
 
     def evaluate() -> dict:  # greedy completions of the held-out prompts, scored by the same sources
+        if agent is not None:
+            return agents.heldout_reward(agent, generator, model, eval_ds, sources, args.dataset_name,
+                                         eval_prompt_ids, args.num_eval_prompts)
         return evaluation.heldout_reward(accelerator.unwrap_model(model), tokenizer, eval_ds, sources,
                                          args.dataset_name, args.num_eval_prompts, args.max_new_tokens,
                                          accelerator=accelerator)
@@ -398,12 +432,19 @@ def main(args: Args):
             indices = data.batch_indices(len(ds), prompts_per_process * W, gen_round, args.seed)
             local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
             p_ids = [prompt_ids[i] for i in local]
-            out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
+            if agent is None:
+                out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
+            else:  # multi-turn episodes, same row layout (detail 10)
+                out = agent.rollout(generator, model, p_ids, [ds[i] for i in local], G)
             gen_time = time.time() - t0
             batch = rollout_batch(p_ids, out, G, tokenizer.pad_token_id, args.mask_truncated_completions, device)
+            if agent is not None:  # tool and environment tokens: no loss, no KL penalty
+                batch["loss_mask"] = batch["loss_mask"] * out.policy_mask.to(device)
 
             # ---------------------------------------------------------------- score (detail 2)
             prompts, columns = rollout.repeat_rows(local, ds["prompt"], extra_columns, G)
+            if agent is not None:
+                columns["env_reward"] = out.env_rewards
             rpf = sources(prompts, rollout.as_completions(prompts, out.texts), batch["completion_ids"], columns)
             rpf_all = distributed.gather_cat(accelerator, rpf)  # (N_all, F): 'batch' scaling and metrics need all
 
@@ -450,6 +491,8 @@ def main(args: Args):
                     [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
             window_add(window, sources.metrics(rpf_all))
             window_add(window, rollout.completion_metrics(accelerator, batch["completion_mask"], out.terminated))
+            if agent is not None:
+                window_add(window, agents.episode_metrics(accelerator, out))
             scored = r_all[~torch.isnan(r_all)]
             window["reward"].append(scored.mean().item() if scored.numel() else float("nan"))
             window["reward_std"].append(scored.std().item() if scored.numel() > 1 else 0.0)

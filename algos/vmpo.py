@@ -61,6 +61,13 @@ shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
 11. Non-finite safety: a NaN or inf from a reward source stops the run at that step, before its update (naming the
     source and a sample); a non-finite gradient norm skips the optimizer step and the dual step with it, counted in
     `train/skipped_steps`; non-finite weights are never saved.
+12. Tools and environments (online mode; --tools / --environment / --agent_command, common/agents.py, as grpo.py
+    detail 11): each completion is an episode of policy turns and tool/environment turns, sampled from the sampler
+    of choice 1. The sequence log-probs S (of the policy, π_old and the reference: the M-step, the KL and the
+    anchor) sum over the policy's own sampled tokens only (kept as sampled, no re-tokenisation), so tool and
+    environment tokens get no gradient. Reward functions see the decoded transcript; the environment's (or agent
+    program's) summed rewards are the reward source environment_reward. Evaluation runs greedy episodes.
+    max_new_tokens is per turn.
 
 Defaults are the toy benchmark's (why these values: benchmarks/results/vmpo/README.md): toy-sft policy on toy:add,
 64 completions (32 prompts x K = 2) per step, lr 3e-5, ε_η = 1.0, ε_α = 0.05, batch baseline and scale. The fork's
@@ -96,7 +103,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout, tracking
-from common import peft_utils
+from common import agents, peft_utils
 from common.generation import build_generator
 
 KL_ESTIMATORS = ("ref", "behavior", "old_policy", "old_policy_ref")
@@ -187,7 +194,7 @@ class Args:
     min_p: float | None = None
     """min-p sampling"""
     max_new_tokens: int = 8
-    """longest completion"""
+    """longest completion (per policy turn with --tools / --environment)"""
     max_prompt_length: int = 128
     """prompts keep their last this many tokens"""
     use_vllm: bool = False
@@ -204,6 +211,25 @@ class Args:
     """GPU memory share of a colocated vLLM"""
     vllm_kv_cache_gb: float = 1.0
     """KV-cache space of a CPU vLLM"""
+    # --- tools and environments: multi-turn episodes, online mode (common/agents.py, choice 12)
+    tools: list[str] | None = None
+    """tool functions 'path/file.py:fn' or 'module:fn' (name, signature and docstring describe them); the policy
+    calls them as <tool>fn(args)</tool> (or the chat template's <tool_call> JSON) and continues after the result"""
+    environment: str | None = None
+    """an environment class 'path/file.py:Env': reset(row) -> first observation, step(text) -> (observation | None,
+    reward | None, done); its summed reward is a reward source (environment_reward)"""
+    agent_command: str | None = None
+    """an agent program run once per micro-batch; it plays the episodes through an OpenAI-compatible endpoint served
+    from the sampling policy and reports each episode's reward (common/agents.py ExternalAgent; conversational
+    prompts)"""
+    agent_timeout: float = 600.0
+    """seconds the agent program may take per micro-batch"""
+    max_turns: int = 4
+    """most policy turns per episode (max_new_tokens is per turn); an episode still going is truncated"""
+    tool_timeout: float = 5.0
+    """seconds a tool call may run (in a child process) before it becomes an error turn"""
+    max_tool_output_chars: int = 1000
+    """a tool result longer than this becomes an error turn"""
     # --- V-MPO
     topk_fraction: float = 0.5
     """ρ: share of the step's samples (highest advantage first) kept in the E-step"""
@@ -551,6 +577,12 @@ def main(args: Args):
     mode, k, rows, eval_ds = load_rows(args, tokenizer)
     online = mode == "online"
     check_batch(args, k, online)
+    agent = agents.Agent.from_args(args, tokenizer)  # None without --tools / --environment (choice 12)
+    if agent is not None and not online:
+        raise ValueError(f"--tools / --environment / --agent_command sample episodes: they need online mode (prompt-only "
+                         f"data), not --data_mode {mode}")
+    eval_prompt_ids = None if agent is None or eval_ds is None else data.tokenize(tokenizer, [
+        data.prompt_text(p, tokenizer) for p in eval_ds["prompt"][:args.num_eval_prompts]])
     P = args.per_device_train_batch_size // k  # prompts per micro-batch (choice 10)
     num_global = distributed.global_batch_size(args, accelerator)  # N: completions per optimizer step, all processes
     data.check_batch_fits(len(rows), num_global // k, ["--per_device_train_batch_size / K (prompts)",
@@ -558,8 +590,8 @@ def main(args: Args):
     check_degenerate(args, k, num_global, has_behavior=not online and "behavior_logps" in rows[0])
     if not online and args.k != k:
         accelerator.print(f"offline data has K = {k} completions per prompt (--k {args.k} is ignored)")
-    sources = reward_utils.RewardSources(reward_utils.default_specs(args.reward_funcs, args.reward_model_name_or_path,
-                                                                    args.dataset_name),
+    sources = reward_utils.RewardSources(agents.reward_specs(args.reward_funcs, args.reward_model_name_or_path,
+                                                             args.dataset_name, args.environment or args.agent_command),
                                          args.reward_weights, args.dataset_name, device) if online else None
     peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
     resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
@@ -600,6 +632,9 @@ def main(args: Args):
                                    models=saved_models, optimizers={"duals": dual_opt})
 
     def evaluate() -> dict:  # greedy completions of held-out prompts, scored by the run's reward sources
+        if agent is not None:
+            return agents.heldout_reward(agent, generator, model, eval_ds, sources, args.dataset_name,
+                                         eval_prompt_ids, args.num_eval_prompts)
         if online:
             return evaluation.heldout_reward(model, tokenizer, eval_ds, sources, args.dataset_name,
                                              args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
@@ -619,7 +654,12 @@ def main(args: Args):
         # ---- 1. generate: K completions per prompt from the sampler (online) or the data's; frozen log-probs
         mbs = []
         for mb in micro:
-            if online:
+            if agent is not None:  # multi-turn episodes, same row layout (choice 12)
+                gen = agent.rollout(generator, sampler, [rows[i]["prompt_ids"] for i in mb],
+                                    [{"prompt": rows[i]["prompt"], **rows[i]["columns"]} for i in mb], k)
+                c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
+                texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
+            elif online:
                 gen = generator.generate(sampler, [rows[i]["prompt_ids"] for i in mb], n=k)
                 c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)  # EOS kept (choice 7)
                 texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
@@ -632,6 +672,8 @@ def main(args: Args):
                          if "behavior_logps" in rows[mb[0]] else None)
             batch = data.batch_prompt_completion([rows[i]["prompt_ids"] for i in mb for _ in range(k)], c_ids, pad_id)
             batch = {key: v.to(device) for key, v in batch.items()}  # completion mask from token counts (choice 7)
+            if agent is not None:  # S sums over the policy's own tokens: tool and environment tokens are not trained
+                batch["completion_mask"] = batch["completion_mask"] * gen.policy_mask.to(device)
             with torch.no_grad():
                 s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
                 s_old, old_tok = (sequence_logps(old_model, batch, args.temperature) if old_model is not None
@@ -645,6 +687,8 @@ def main(args: Args):
             for m in mbs:
                 prompts = [rows[i]["prompt"] for i in m["mb"] for _ in range(k)]
                 cols = {c: [rows[i]["columns"][c] for i in m["mb"] for _ in range(k)] for c in rows[0]["columns"]}
+                if agent is not None:
+                    cols["env_reward"] = m["gen"].env_rewards
                 m["rpf"] = sources(prompts, rollout.as_completions(prompts, m["texts"]), m["ids"], cols)
                 m["rewards"] = combine_rewards(m["rpf"], sources.weights)
             rpf_all = distributed.gather_cat(accelerator, torch.cat([m["rpf"] for m in mbs]).to(device)).cpu()
@@ -721,6 +765,9 @@ def main(args: Args):
             window_add(window, rollout.sampler_gap_metrics(accelerator, [m["trainer_tok"] for m in mbs],
                                                            [m["gen"].sampler_logps for m in mbs],
                                                            [m["batch"]["completion_mask"] for m in mbs]))
+        if agent is not None:
+            for m in mbs:
+                window_add(window, agents.episode_metrics(accelerator, m["gen"]))
         if online:
             window_add(window, sources.metrics(rpf_all))
             first_rpf = first_rpf + [rpf_all] if first_rpf is not None else None
