@@ -7,6 +7,7 @@
 #   SEEDS=1 STEPS=60 bash benchmarks/bco.sh                 # a 1-seed short version
 #   PARALLEL=1 bash benchmarks/bco.sh                       # one run at a time (cleaner wall-time numbers)
 #   PLOT_ONLY=1 bash benchmarks/bco.sh
+#   SKIP_DONE=1 bash benchmarks/bco.sh                  # only the runs without a finished folder (perf.json)
 #   python benchmarks/bco_trl_check.py                      # first-step metrics vs TRL 1.13's BCOTrainer
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +24,13 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   python -c "from common import toy; toy.toy_policy_path('add')"  # build the starting policy once, outside the timings
   cmds=()
   for seed in $SEEDS; do
-    cmds+=("python algos/bco.py --seed $seed --max_steps $STEPS --eval_steps $(( STEPS / 4 )) --output_dir $RUNS/bco__$seed --overwrite_output_dir True")
-    cmds+=("python algos/bco.py --udm True --seed $seed --max_steps $STEPS --eval_steps $(( STEPS / 4 )) --output_dir $RUNS/bco_udm__$seed --overwrite_output_dir True")
+    for name in ${ORDER:-bco bco_udm}; do  # a subset: ORDER=bco
+      [ -n "${SKIP_DONE:-}" ] && [ -f "$RUNS/${name}__$seed/perf.json" ] && continue
+      flags=""; [ "$name" = bco_udm ] && flags="--udm True"
+      cmds+=("python algos/bco.py $flags --seed $seed --max_steps $STEPS --eval_steps $(( STEPS / 4 )) --output_dir $RUNS/${name}__$seed --overwrite_output_dir True")
+    done
   done
-  printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+  [ ${#cmds[@]} -eq 0 ] || printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
   echo "Load average (1, 5, 15 min) before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other jobs shared the cores)." > "$OUT/load.txt"
 fi
 

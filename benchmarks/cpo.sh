@@ -11,6 +11,7 @@
 #   SEEDS=1 bash benchmarks/cpo.sh                       # a short look (one seed)
 #   PARALLEL=1 bash benchmarks/cpo.sh                    # one run at a time (cleaner wall-time numbers)
 #   PLOT_ONLY=1 bash benchmarks/cpo.sh
+#   SKIP_DONE=1 bash benchmarks/cpo.sh                   # only the runs without a finished folder (perf.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
@@ -29,18 +30,19 @@ declare -A CONFIGS=(
   [cpo_simpo]="$SIMPO --cpo_alpha 1"
   [alphapo]="$SIMPO --cpo_alpha 0 --alpha 0.25"
 )
-ORDER="cpo simpo cpo_simpo alphapo"
+ORDER=${ORDER:-"cpo simpo cpo_simpo alphapo"}  # a subset: ORDER="cpo ..." bash benchmarks/cpo.sh
 
 if [ -z "${PLOT_ONLY:-}" ]; then
   python -c "from common import toy; toy.toy_policy_path('add')"  # build the starting policy once, outside the timings
   cmds=()
   for seed in $SEEDS; do
     for name in $ORDER; do
+      [ -n "${SKIP_DONE:-}" ] && [ -f "$RUNS/${name}__$seed/perf.json" ] && continue
       cmds+=("python algos/cpo.py ${CONFIGS[$name]} --seed $seed --max_steps $MAX_STEPS --eval_steps $EVAL_STEPS \
 --output_dir $RUNS/${name}__$seed --overwrite_output_dir True")
     done
   done
-  printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+  [ ${#cmds[@]} -eq 0 ] || printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
 fi
 
 runs=()

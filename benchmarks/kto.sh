@@ -7,6 +7,7 @@
 #   SEEDS=1 STEPS=60 bash benchmarks/kto.sh                 # a 1-seed short version
 #   PARALLEL=1 bash benchmarks/kto.sh                       # one run at a time (cleaner wall-time numbers)
 #   PLOT_ONLY=1 bash benchmarks/kto.sh
+#   SKIP_DONE=1 bash benchmarks/kto.sh                  # only the runs without a finished folder (perf.json)
 #   python benchmarks/kto_speed.py                          # seconds per step vs TRL 1.16's KTOTrainer
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +24,12 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   python -c "from common import toy; toy.toy_policy_path('add')"  # build the starting policy once, outside the timings
   cmds=()
   for seed in $SEEDS; do
-    for loss in kto apo_zero_unpaired; do
+    for loss in ${ORDER:-kto apo_zero_unpaired}; do  # a subset: ORDER=kto
+      [ -n "${SKIP_DONE:-}" ] && [ -f "$RUNS/${loss}__$seed/perf.json" ] && continue
       cmds+=("python algos/kto.py --loss_type $loss --seed $seed --max_steps $STEPS --eval_steps $(( STEPS / 4 )) --output_dir $RUNS/${loss}__$seed --overwrite_output_dir True")
     done
   done
-  printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
+  [ ${#cmds[@]} -eq 0 ] || printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
   echo "Load average (1, 5, 15 min) before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) (other jobs shared the cores)." > "$OUT/load.txt"
 fi
 
