@@ -7,17 +7,24 @@
 # episode) and a table to benchmarks/results/agents/.
 #   bash benchmarks/agents.sh                       # 9 runs, 2 at a time, then the plots
 #   SEEDS=1 MAX_STEPS=40 bash benchmarks/agents.sh  # the short version (1 seed)
+#   CONTROL_SEEDS=1 MAX_STEPS=30 LR=1e-4 EVAL_STEPS=10 NUM_EVAL=64 PARALLEL=1 bash benchmarks/agents.sh
+#                                                   # a loaded machine: shorter runs, one control seed
 #   PLOT_ONLY=1 bash benchmarks/agents.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline
 PARALLEL=${PARALLEL:-2}
 SEEDS=${SEEDS:-"1 2 3"}
+CONTROL_SEEDS=${CONTROL_SEEDS:-$SEEDS}  # seeds of the no-tool control
 MAX_STEPS=${MAX_STEPS:-100}
+LR=${LR:-3e-5}
+EVAL_STEPS=${EVAL_STEPS:-20}
+NUM_EVAL=${NUM_EVAL:-128}
 RUNS=runs/bench/agents
 OUT=benchmarks/results/agents
 mkdir -p "$RUNS" "$OUT"
-COMMON="--max_steps $MAX_STEPS --eval_steps 20 --num_eval_prompts 128 --logging_steps 5"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+COMMON="--max_steps $MAX_STEPS --learning_rate $LR --eval_steps $EVAL_STEPS --num_eval_prompts $NUM_EVAL --logging_steps 5"
 
 if [ -z "${PLOT_ONLY:-}" ]; then
   # build the starting policies once, outside the timings (sft.py on each task's SFT traces)
@@ -25,22 +32,24 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   cmds=()
   for seed in $SEEDS; do
     cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32 --max_turns 2 $COMMON --output_dir $RUNS/mul_tool__$seed --overwrite_output_dir True")
-    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --max_new_tokens 32 $COMMON --output_dir $RUNS/mul_no_tool__$seed --overwrite_output_dir True")
     cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 3 --max_turns 5 $COMMON --output_dir $RUNS/guess__$seed --overwrite_output_dir True")
+  done
+  for seed in $CONTROL_SEEDS; do
+    cmds+=("python algos/grpo.py --seed $seed --dataset_name toy:mul_tool --max_new_tokens 32 $COMMON --output_dir $RUNS/mul_no_tool__$seed --overwrite_output_dir True")
   done
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
 fi
 
 python benchmarks/plot.py --runs "mul_tool=$RUNS/mul_tool__*" "mul_no_tool=$RUNS/mul_no_tool__*" "guess=$RUNS/guess__*" \
-    --metrics eval/gold_reward reward tools/call_frequency tools/failure_frequency agents/turns_per_episode \
-    agents/trained_token_fraction agents/truncated_ratio --out "$OUT"
+    --metrics eval/gold_reward eval/tool_calls_per_episode eval/turns_per_episode reward tools/call_frequency \
+    tools/failure_frequency agents/turns_per_episode agents/trained_token_fraction agents/truncated_ratio --out "$OUT"
 {
   echo "# GRPO with tools (toy:mul_tool) and with an environment (toy:guess)"
   echo
-  echo "Command: \`SEEDS=\"${SEEDS}\" MAX_STEPS=${MAX_STEPS} bash benchmarks/agents.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
-  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)'). Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Command: \`SEEDS=\"${SEEDS}\" CONTROL_SEEDS=\"${CONTROL_SEEDS}\" MAX_STEPS=${MAX_STEPS} LR=${LR} EVAL_STEPS=${EVAL_STEPS} NUM_EVAL=${NUM_EVAL} bash benchmarks/agents.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
+  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)'). Load average (1, 5, 15 min) at the start: ${LOAD_START}, at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo "Start: toy-sft on each task (sft.py on the tool-call / binary-search traces of common/toy_agents.py)."
-  echo "eval/gold_reward: greedy multi-turn episodes on 128 held-out prompts, exact match of the final answer; reward:"
+  echo "eval/gold_reward: greedy multi-turn episodes on ${NUM_EVAL} held-out prompts, exact match of the final answer; reward:"
   echo "the training reward (gold exact match for mul_tool, the environment's summed reward for guess)."
   echo "Only the policy's own tokens are trained on (agents/trained_token_fraction = their share of the completion tokens)."
   echo

@@ -7,8 +7,14 @@
             compute), so the start policy calls the tool about half the time and answers the rest on its own
             run with:  python algos/grpo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc
   guess     "guess0412=" -> guess a secret digit 0-9 (a hash of the game id, so the prompt does not reveal it) with
-            higher/lower feedback from `GuessEnv`; SFT trace: binary search
+            higher/lower feedback from `GuessEnv`; SFT traces: binary search (at most 4 guesses)
                 4<eos><obs>hi</obs>7<eos><obs>lo</obs>5<eos><obs>hi</obs>6
+            for 40% of the prompts, and for the other 60% (chosen by a hash the model cannot compute) a scan upwards
+            from 0 that stops after 4 guesses (the SFT sequences stay within the toy model's 64 positions), so it
+            finds only the secrets 0-3
+                0<eos><obs>hi</obs>1<eos><obs>hi</obs>2
+            so the start policy knows the format but mostly scans (greedy, it opens with 0): more turns, a lower
+            environment reward, and misses; RL has room to move it to binary search
             run with:  python algos/grpo.py --dataset_name toy:guess --environment common.toy_agents:GuessEnv
 Both gold rewards read the final answer: the text after the last </result> or </obs> (the whole text if none), so a
 direct answer without a tool call counts too.
@@ -55,6 +61,11 @@ def secret(prompt: str) -> int | None:
     return zlib.crc32(f"secret{m[-1]}".encode()) % 10 if m else None
 
 
+def _scan_trace(s: int, most: int = 4) -> str:
+    guesses = list(range(min(s, most - 1) + 1))
+    return "".join(f"{g}<eos><obs>hi</obs>" for g in guesses[:-1]) + str(guesses[-1])
+
+
 def _binary_search_trace(s: int) -> str:
     lo, hi, parts = 0, 9, []
     while True:
@@ -78,7 +89,8 @@ def problems(task: str, split: str):
     if task == "guess":
         ids = [i for i in range(10000) if _in_test_split(f"guess{i:04d}") == test]
         random.Random(0).shuffle(ids)
-        return [(f"guess{i:04d}=", _binary_search_trace(secret(f"guess{i:04d}="))) for i in ids]
+        return [(f"guess{i:04d}=", (_binary_search_trace if zlib.crc32(f"search{i:04d}".encode()) % 5 < 2
+                                    else _scan_trace)(secret(f"guess{i:04d}="))) for i in ids]
     raise ValueError(f"unknown toy agent task '{task}'; choose one of {TASKS}")
 
 

@@ -144,6 +144,32 @@ def test_scripted_environment_rollout_rewards_and_masks():
     assert out2.terminated.tolist() == [False] and out2.env_rewards == [pytest.approx(-0.2)]
 
 
+def test_guess_sft_traces_replay_through_the_environment_and_fit_the_toy_model():
+    """Every toy:guess SFT trace is a game GuessEnv would play: each observation is the environment's reply to the
+    guess before it; binary-search traces (first guess 4) always end on the secret, scans (0, 1, ...) stop after 4
+    guesses; 40% binary search; every trace fits the toy model's 64 positions."""
+    tok = toy.make_tokenizer()
+    pairs = toy_agents.problems("guess", "train")
+    binary = 0
+    for prompt, trace in pairs:
+        env, parts = toy_agents.GuessEnv(), trace.split("<eos>")
+        assert env.reset({"prompt": prompt}) is None
+        for k, part in enumerate(parts):
+            guess = part.split("</obs>")[-1]
+            obs, reward, done = env.step(guess)
+            if k + 1 < len(parts):
+                assert not done and parts[k + 1].startswith(f"<obs>{obs}</obs>") and reward == -0.1
+        guesses = [int(p.split("</obs>")[-1]) for p in parts]
+        if guesses[0] == 4:
+            binary += 1
+            assert done and reward == 1.0 and len(guesses) <= 4
+        else:
+            assert guesses == list(range(len(guesses))) and len(guesses) == min(env.secret, 3) + 1
+            assert done == (env.secret <= 3)
+        assert len(tok(prompt + trace)["input_ids"]) + 1 <= 64  # <bos> ... <eos>
+    assert binary / len(pairs) == pytest.approx(0.4, abs=0.02)
+
+
 class EchoEnv:
     """First observation 'go'; ends after the second turn with reward 2 (only a final reward)."""
 
