@@ -180,6 +180,45 @@ def test_lmbda_0_without_seq_kd_is_supervised_kd_on_the_dataset_completions(tmp_
     assert samples[0]["completion"] == ds[rows[0]]["completion"]
 
 
+def test_detail_2_an_on_policy_step_trains_exactly_like_a_dataset_step_on_the_same_completions(tmp_path, monkeypatch):
+    """The λ mixing: with a sampler that answers each prompt with its dataset completion, λ = 1 (every step sampled by
+    the student) gives the λ = 0 run's losses, divergences, gradient norms and final weights; the sampler is called
+    with the student (not the teacher) at its current weights, once per step, with the step's prompts."""
+    from common import data, generation, model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    ds = data.load_data("toy:add", "train", toy_kind="prompt_completion")
+    completion_of = {tuple(p): c for p, c in gkd.tokenize_rows(ds, tok, 128)}
+    calls = []
+
+    def dataset_sampler(self, model, prompt_ids, n=1, greedy=False):
+        assert not greedy and n == 1
+        first = next(model.parameters())
+        calls.append((model.config.num_hidden_layers, first.detach().clone(), [tuple(p) for p in prompt_ids]))
+        ids, mask = generation.pad_completions([completion_of[tuple(p)] for p in prompt_ids], tok.pad_token_id)
+        return generation.Generation(ids, mask, torch.ones(len(prompt_ids), dtype=torch.bool),
+                                     tok.batch_decode([completion_of[tuple(p)] for p in prompt_ids],
+                                                      skip_special_tokens=True))
+
+    monkeypatch.setattr(generation.HFGenerator, "generate", dataset_sampler)
+    common = dict(max_steps=3, per_device_train_batch_size=8, beta=0.5, logging_steps=1, eval_steps=0, save_steps=0,
+                  log_completions_steps=0, seed=4)
+    gkd.main(gkd.Args(output_dir=str(tmp_path / "dataset"), lmbda=0.0, **common))
+    assert calls == []  # λ = 0: nothing is sampled
+    gkd.main(gkd.Args(output_dir=str(tmp_path / "student"), lmbda=1.0, **common))
+    assert len(calls) == 3 and all(layers == 2 for layers, _, _ in calls)  # the 2-layer student samples every step
+    assert not torch.equal(calls[0][1], calls[1][1]) and not torch.equal(calls[1][1], calls[2][1])  # current weights
+    train = gkd.tokenize_rows(ds, tok, 128)
+    for step, (_, _, prompts) in enumerate(calls):
+        assert prompts == [tuple(train[i][0]) for i in data.batch_indices(len(train), 8, step, 4)]
+    on, off = read_metrics(tmp_path / "student"), read_metrics(tmp_path / "dataset")
+    assert [r["gkd/on_policy_fraction"] for r in on] == [1.0] * 3
+    for r_on, r_off in zip(on, off, strict=True):
+        for k in ("loss", "gkd/forward_kl", "gkd/reverse_kl", "entropy", "grad_norm", "num_tokens"):
+            assert r_on[k] == pytest.approx(r_off[k], rel=1e-6, abs=1e-9), (r_on["step"], k)
+    assert_params_close(tmp_path / "student", tmp_path / "dataset", atol=1e-6)
+
+
 def sources_of(seed: int, steps: int) -> list[str]:
     return [gkd.batch_source(seed, s, 0.5, True) for s in range(steps)]
 
