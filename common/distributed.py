@@ -311,7 +311,9 @@ def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(accelerator, model, state: dict[str, torch.Tensor]) -> None:
     """Collective: write whole weights (the same on every rank) into the prepared model; each process keeps its own
-    partition / shard. The inverse of full_state_dict."""
+    partition / shard. The inverse of full_state_dict. Under DeepSpeed (ZeRO-1/2/3) the optimizer's float32 master
+    copy of each trained parameter is set too: the engine's next step starts from the master copy and writes it
+    back into the model, so setting the model's weights alone would be undone by that step."""
     unwrapped = accelerator.unwrap_model(model)
     if _zero3_partitioned(unwrapped):
         import deepspeed
@@ -324,6 +326,12 @@ def load_full_state_dict(accelerator, model, state: dict[str, torch.Tensor]) -> 
         set_model_state_dict(unwrapped, state, options=StateDictOptions(full_state_dict=True))
     else:
         unwrapped.load_state_dict(state)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, p in unwrapped.named_parameters():  # each rank copies its own part of the whole value (local)
+            if p.requires_grad and name in state:
+                safe_set_full_fp32_param(p, state[name].to(device=accelerator.device, dtype=torch.float32))
 
 
 class _Accelerator(Accelerator):

@@ -330,6 +330,96 @@ def test_dpo_two_processes_match_one(init_model, tmp_path, mode):
     assert_matches_one_process(one, two, keys=("loss", "rewards/accuracies", "rewards/margins"), atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- ppo, rest_em, vmpo
+def ppo_flags(tmp_path, init_model) -> list[str]:
+    """2 rollouts of 16 completions, 2 epochs x 2 mini-batches (4 optimizer steps each), a length reward (so the value
+    model starts from the policy with a zero head), the KL to the replicated reference, and held-out greedy
+    evaluation at steps 0 and 2 through the partitioned / sharded policy."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    return ["--model_name_or_path", str(init_model), "--max_steps", "2", "--num_mini_batches", "2",
+            "--num_ppo_epochs", "2", "--eval_steps", "2", "--num_eval_prompts", "8", "--log_completions_steps", "0",
+            "--logging_steps", "1", "--reward_funcs", f"{tmp_path / 'length_reward.py'}:length"]
+
+
+PPO_KEYS = ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores", "policy/approxkl_avg",
+            "val/ratio", "grad_norm", "eval/gold_reward", "completions/mean_length")
+
+
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=pytest.mark.slow),
+                                  pytest.param("zero2", marks=[*needs_deepspeed, pytest.mark.slow]),
+                                  pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_ppo_two_processes_match_one(init_model, tmp_path, mode):
+    """ppo.py's policy and value model, prepared as one module, are partitioned / sharded together (per-process
+    shard sizes of both), on identical samples (a deterministic fake sampler): every logged loss and statistic of
+    both rollouts, the held-out greedy evaluation and the final policy equal one process with twice the per-device
+    batch; the final save is the policy alone (one process's files) and reloads with plain transformers to one
+    process's logits."""
+    wrapper = write_fake_sampler(tmp_path, "ppo.py")
+    flags = ppo_flags(tmp_path, init_model)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable], wrapper, [*flags, "--per_device_train_batch_size", "8", "--output_dir", str(one)])
+    proc = run(launcher(mode), wrapper, [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(two)])
+    assert f"distributed: {DESCRIPTION[mode]} on 2 processes" in proc.stdout
+    policy = load_params(init_model)
+    backbone = sum(v.numel() for k, v in policy.items() if k.startswith("model."))
+    assert sharding(proc.stdout)[0][1] == sum(v.numel() for v in policy.values()) + backbone + 192  # + value model
+    assert_really_sharded(mode, proc.stdout)
+    assert_matches_one_process(one, two, keys=PPO_KEYS, atol=1e-5)
+    assert read_metrics(one)[-1]["objective/kl"] != 0.0  # rollout 2 samples the updated policy: the KL works
+    ids = torch.tensor([[1, 20, 30, 11, 40, 29, 50]])
+    torch.testing.assert_close(logits(two, ids), logits(one, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("zero2", marks=[*needs_deepspeed, pytest.mark.slow]),
+                                  pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_rest_em_reset_to_the_base_model_matches_one_process(init_model, tmp_path, mode):
+    """rest_em.py restarts every M-step from the base model (distributed.load_full_state_dict into the partitioned /
+    sharded policy, and under DeepSpeed into the optimizer's float32 master copy, which the next step would
+    otherwise write back): on identical samples, both iterations' losses and saved weights equal one process's, so
+    the second M-step started from the base weights and not from the first's result."""
+    wrapper = write_fake_sampler(tmp_path, "rest_em.py")
+    flags = ["--model_name_or_path", str(init_model), "--iterations", "2", "--prompts_per_iteration", "8",
+             "--num_generations", "2", "--threshold", "-inf", "--sft_steps", "2", "--warmup_steps", "1",
+             "--eval_steps", "0", "--logging_steps", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable], wrapper, [*flags, "--per_device_train_batch_size", "8", "--output_dir", str(one)])
+    proc = run(launcher(mode), wrapper, [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(two)])
+    assert_really_sharded(mode, proc.stdout)
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert [r["kept"] for r in m1] == [r["kept"] for r in m2] == [16, 16]
+    for a, b in zip(m1, m2):
+        assert b["sft/loss"] == pytest.approx(a["sft/loss"], rel=1e-5)
+    for it in (1, 2):
+        p1, p2 = load_params(one / f"checkpoint-{it}"), load_params(two / f"checkpoint-{it}")
+        for k in p1:
+            torch.testing.assert_close(p2[k], p1[k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_vmpo_old_policy_copy_is_the_whole_policy(init_model, tmp_path, mode):
+    """vmpo.py's old policy (a plain model) is a hard copy of the partitioned / sharded policy every
+    --old_policy_sync_steps steps (distributed.full_state_dict): in the checkpoint written at a sync step, the old
+    policy's weights are exactly the gathered policy's, and both moved away from the initial weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    proc = run(launcher(mode), write_fake_sampler(tmp_path, "vmpo.py"),
+               ["--model_name_or_path", str(init_model), "--max_steps", "2", "--old_policy_sync_steps", "2",
+                "--save_steps", "2", "--k", "2", "--per_device_train_batch_size", "8", "--eval_steps", "0",
+                "--log_completions_steps", "0", "--logging_steps", "1", "--output_dir", str(out),
+                "--reward_funcs", f"{tmp_path / 'length_reward.py'}:length"])
+    assert_really_sharded(mode, proc.stdout)
+    assert read_metrics(out)[-1]["vmpo/old_policy_syncs"] == 1
+    ckpt = out / "checkpoint-2"
+    old, policy, init = load_file(str(ckpt / "state" / "model_old_policy.safetensors")), load_params(ckpt), \
+        load_params(init_model)
+    for k in policy:  # a tied embedding is stored once: under the head's name in a state/ file
+        tied = "lm_head.weight" if k == "model.embed_tokens.weight" and k not in old else k
+        torch.testing.assert_close(old[tied], policy[k], atol=0, rtol=0, msg=k)
+    assert any(not torch.equal(policy[k], init[k]) for k in init)
+
+
 # ----------------------------------------------------------------------------- start-up refusals
 BLOCK_DEEPSPEED = ("import runpy, sys; sys.modules['deepspeed'] = None; sys.argv = sys.argv[1:]; "
                    "runpy.run_path(sys.argv[0], run_name='__main__')")
