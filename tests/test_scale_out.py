@@ -7,12 +7,15 @@ optimizer state the mode promises (a silent fallback to DDP holds everything and
 final weights equal one process's (float tolerance: the reductions add in another order); the final save reloads
 with plain transformers and gives one process's logits; checkpoints resume to the uninterrupted run's weights;
 greedy generation and the vLLM weight push under ZeRO-3 and FSDP2 equal one process, also when the ranks stop
-generating at different steps; grpo.py (reference model on) and dpo.py equal one process in every mode. Bad
-launches fail at start-up with the fix.
+generating at different steps; grpo.py (reference model on), dpo.py and ppo.py (policy and value model prepared as
+one module) equal one process in every mode; rest_em.py's reset to the base model between iterations equals one
+process under ZeRO-2, ZeRO-3 and FSDP2; vmpo.py's old policy is an exact copy of the gathered policy under ZeRO-3
+and FSDP2. Bad launches fail at start-up with the fix.
 
-Default suite (one or two 2-process launches per mode, ~30 s each on 2 loaded cores): sft under ZeRO-2, ZeRO-3 and
-FSDP2, FSDP2 resume, ZeRO-3 generation, the start-up refusals. `-m slow` adds DDP, ZeRO-2 / ZeRO-3 resume, FSDP2
-generation, and grpo.py / dpo.py in all four modes.
+Default suite (one or two 2-process launches per mode, ~30-80 s each on 2 loaded cores): sft under ZeRO-2, ZeRO-3
+and FSDP2, FSDP2 resume, ZeRO-3 generation, ppo and vmpo under ZeRO-3 and FSDP2, rest_em under ZeRO-3, the
+start-up refusals. `-m slow` adds DDP, ZeRO-2 / ZeRO-3 resume, FSDP2 generation, grpo.py / dpo.py in all four modes,
+ppo.py under DDP and ZeRO-2, rest_em.py under ZeRO-2 and FSDP2.
 
 The DeepSpeed tests (marked `deepspeed`) skip when deepspeed is not installed (optional extra:
 `pip install deepspeed==0.19.8`); `bash scripts/test.sh` runs them in `.venv-deepspeed`, this environment plus
@@ -371,7 +374,8 @@ def test_ppo_two_processes_match_one(init_model, tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", [pytest.param("zero2", marks=[*needs_deepspeed, pytest.mark.slow]),
-                                  pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+                                  pytest.param("zero3", marks=needs_deepspeed),
+                                  pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_rest_em_reset_to_the_base_model_matches_one_process(init_model, tmp_path, mode):
     """rest_em.py restarts every M-step from the base model (distributed.load_full_state_dict into the partitioned /
     sharded policy, and under DeepSpeed into the optimizer's float32 master copy, which the next step would
