@@ -57,6 +57,22 @@ Implementation details (numbered so the tests and the README can point at them):
     transcript; an environment's (or --agent_command's) summed per-turn and final rewards are the reward source
     environment_reward. Evaluation runs greedy episodes. max_new_tokens is per turn; completions/* lengths count
     every completion token (tool turns too), and dr_grpo's constant stays max_new_tokens.
+12. Asynchronous generation (--async_generation, common/async_rollout.py): a worker samples the next generation
+    batches while the trainer takes its optimizer steps: an HF-generate process holding its own copy of the policy
+    (weights pushed through shared memory after each optimizer step), or with --use_vllm --vllm_mode server the
+    server driven from a thread. Batch j (trained from version j·μ, versions counting optimizer steps) is requested
+    once the trainer holds a version v with j·μ - v <= max_staleness and is sampled by exactly v; its staleness is
+    checked and logged per batch (async/staleness). The worker returns its log-probs of the sampled tokens and the
+    loss is corrected with detail 7's truncated importance weights min(π_old/π_sampler, cap); with μ = 1, π_old is
+    sg(π_θ) of the training forward, so the correction costs no extra forward (this holds for vLLM too).
+    max_staleness 0 is the synchronous schedule through the worker: it starts from the trainer's RNG state and
+    weights, so it draws the very samples of the synchronous path (same losses to ~1e-7, from IS weights exp(~0)).
+    A wait longer than --async_timeout (a weight push or a batch) stops the run with an error naming the flag; a
+    worker exception is raised with the worker's traceback; the worker is stopped on exit and on errors.
+    Resume: the checkpoint keeps each rank's worker RNG state; the resumed worker starts from the checkpoint's
+    weights. With max_staleness 0 a resumed run repeats the uninterrupted one exactly; with max_staleness k > 0 the
+    first k batches after a resume are sampled by fresher weights than in the uninterrupted run (staleness ramps
+    up 0, 1, .., k as at a start), so the runs differ from there on (the same prompts, RNG streams and schedule).
 
 Run:
     python algos/grpo.py                                           # toy SFT policy on toy:add, a few minutes on 2 CPU cores
@@ -68,7 +84,9 @@ Run:
     python algos/grpo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32
     python algos/grpo.py --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 4
     accelerate launch --multi_gpu --num_processes 2 algos/grpo.py --per_device_train_batch_size 32   # same update as 1 process x 64
+    python algos/grpo.py --async_generation True --max_staleness 1    # sample the next batch during the step (detail 12)
     bash benchmarks/pg.sh                                          # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
+    python benchmarks/async_grpo.py                                # sync vs async steps/s and gold reward
 """
 
 from __future__ import annotations

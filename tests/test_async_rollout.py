@@ -170,3 +170,16 @@ def test_grpo_async_staleness_1_and_resume(tmp_path, toy_policy):
     assert any(not torch.equal(before[k_], after[k_]) for k_ in before)
     assert [r["async/staleness"] for r in cut] == [0, 1, 0, 1]
     assert [r["reward"] for r in full[:2]] == [r["reward"] for r in cut[:2]]
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"max_staleness": -1}, "--max_staleness"),
+    ({"async_timeout": 0}, "--async_timeout"),
+    ({"use_vllm": True}, "--vllm_mode server"),
+    ({"tools": ["common.toy_agents:calc"]}, "--tools"),
+])
+def test_bad_async_flags_fail_before_anything_loads(flags, message):
+    import grpo
+
+    with pytest.raises(ValueError, match=message):
+        grpo.check_args(grpo.Args(async_generation=True, **flags))
