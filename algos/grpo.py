@@ -577,7 +577,8 @@ def main(args: Args):
                     out, info = async_ro.get(gen_round, step)
                     worker_rng = async_rollout.worker_rng_state(info)
                     window["async/staleness"].append(float(info["staleness"]))
-                    window["async/wait_seconds"].append(info["wait"])
+                    window["async/wait_seconds"].append(info["wait"])  # the trainer waited for the worker
+                    window["async/sampling_seconds"].append(info["seconds"])  # the worker sampled the batch
                 elif agent is None:
                     out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
                 else:  # multi-turn episodes, same row layout (detail 11)

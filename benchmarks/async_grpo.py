@@ -36,19 +36,57 @@ MODES = {
 WARMUP = 5
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of one process (all its threads) from /proc; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def last_step(path: Path) -> int:
+    try:
+        lines = path.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else -1
+    except (OSError, ValueError):
+        return -1
+
+
 def run(mode: str, seed: int, steps: int, work: Path) -> dict:
+    """One run; CPU seconds of the trainer and of its worker process between the warm-up and the last step."""
     env_extra, flags = MODES[mode]
     out = work / f"{mode}-{seed}"
     cmd = [sys.executable, str(ROOT / "algos" / "grpo.py"), "--seed", str(seed), "--max_steps", str(steps),
            "--logging_steps", "1", "--eval_steps", str(steps), "--log_completions_steps", "0",
            "--output_dir", str(out), "--overwrite_output_dir", "True", *flags]
     load = os.getloadavg()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env_extra})
+    log = open(work / f"{mode}-{seed}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env_extra})
+    snaps = {}
+    while proc.poll() is None:
+        s = last_step(out / "metrics.jsonl")
+        for mark in (WARMUP, steps - 1):
+            if s >= mark and mark not in snaps:
+                snaps[mark] = (cpu_seconds(proc.pid), sum(cpu_seconds(d) for d in descendants(proc.pid)))
+        time.sleep(0.05)
+    log.close()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed: see {log.name}")
     recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     t0, t1 = recs[WARMUP]["time"], recs[steps - 1]["time"]
-    return {"mode": mode, "seed": seed, "steps_per_s": (steps - 1 - WARMUP) / (t1 - t0),
+    n = steps - 1 - WARMUP
+    (a0, w0), (a1, w1) = snaps[WARMUP], snaps[steps - 1]
+    return {"mode": mode, "seed": seed, "steps_per_s": n / (t1 - t0),
+            "trainer_cpu_s_per_step": (a1 - a0) / n, "worker_cpu_s_per_step": (w1 - w0) / n,
             "gold_reward": recs[steps]["eval/gold_reward"], "gold_reward_start": recs[0]["eval/gold_reward"],
             "staleness": statistics.mean(recs[s].get("async/staleness", 0.0) for s in range(1, steps + 1)),
             "load_before": load, "load_after": os.getloadavg()}
@@ -74,18 +112,31 @@ def main():
     sps = {m: statistics.mean(r["steps_per_s"] for r in by[m]) for m in modes}
     best_sync = max((m for m in modes if m.startswith("sync")), key=lambda m: sps[m])
     speedup = sps["async"] / sps[best_sync]
+    # CPU seconds per step: if the trainer and the worker each had a core of their own (an idle 2-core machine),
+    # a step would take max(trainer, worker) CPU seconds instead of the synchronous process's total
+    cpu = {m: {k: statistics.mean(r[k] for r in by[m]) for k in ("trainer_cpu_s_per_step", "worker_cpu_s_per_step")}
+           for m in modes}
+    projected = (cpu["sync1"]["trainer_cpu_s_per_step"] / max(cpu["async"].values())
+                 if "sync1" in cpu and "async" in cpu else None)
     # paired per seed: async vs the best synchronous mode
     per_seed = [a["steps_per_s"] / s["steps_per_s"] for a, s in zip(by["async"], by[best_sync])]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     import torch
     import transformers
 
+    try:
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        autogroup = False
+
     result = {"seeds": seeds, "steps": steps, "warmup_steps": WARMUP, "rows": rows,
               "steps_per_s_mean": sps, "best_sync": best_sync, "speedup_vs_best_sync": speedup,
               "speedup_per_seed": per_seed, "target_speedup": 1.5, "target_met": speedup >= 1.5,
-              "hardware": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+              "cpu_s_per_step": cpu, "projected_speedup_idle_2_cores": projected,
+              "hardware": {"cpu": cpu_name, "cores": os.cpu_count(), "python": platform.python_version(),
                            "torch": torch.__version__, "transformers": transformers.__version__},
+              "sched_autogroup": autogroup,
               "load_before": load0, "load_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                           time.gmtime())}
     (OUT / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -93,24 +144,36 @@ def main():
         "# grpo.py: synchronous vs --async_generation",
         "",
         f"`python benchmarks/async_grpo.py` ({len(seeds)} seeds x {steps} steps, default toy setup, modes interleaved"
-        f" per seed). Hardware: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, transformers "
+        f" per seed). Hardware: {cpu_name}, {os.cpu_count()} cores; torch {torch.__version__}, transformers "
         f"{transformers.__version__}. Load average (1/5/15 min) at the start {tuple(round(x, 2) for x in load0)}, "
         f"at the end {tuple(round(x, 2) for x in result['load_after'])} (other jobs shared the machine).",
         "",
-        "| mode | steps/s | held-out gold reward after the last step | mean staleness |",
-        "|---|---|---|---|",
+        f"The kernel's autogroup scheduling is {'on' if autogroup else 'off'}"
+        + (": the trainer and its worker, started from one session, share one group's CPU share, so under load the"
+           " worker's core-time comes out of the trainer's." if autogroup else "."),
+        "",
+        "| mode | steps/s | held-out gold reward after the last step | mean staleness | CPU s/step trainer | "
+        "CPU s/step worker |",
+        "|---|---|---|---|---|---|",
     ]
     for m in modes:
         lines.append(f"| {m} | {mean_std([r['steps_per_s'] for r in by[m]])} | "
                      f"{mean_std([r['gold_reward'] for r in by[m]])} | "
-                     f"{statistics.mean(r['staleness'] for r in by[m]):.2f} |")
+                     f"{statistics.mean(r['staleness'] for r in by[m]):.2f} | "
+                     f"{cpu[m]['trainer_cpu_s_per_step']:.3f} | {cpu[m]['worker_cpu_s_per_step']:.3f} |")
     start = statistics.mean(r["gold_reward_start"] for r in rows)
     lines += [
         "",
         f"Gold reward before training: {start:.3f}. Speed-up of async over the faster synchronous mode ({best_sync}):"
         f" {speedup:.2f}x (per seed: {', '.join(f'{x:.2f}' for x in per_seed)}); target 1.5x: "
-        f"{'met' if speedup >= 1.5 else 'MISSED'}.",
+        f"{'met' if speedup >= 1.5 else 'MISSED'} (measured, under the load above).",
         "",
+    ] + ([
+        f"Projection, not a measurement: with a core each for the trainer and the worker (an otherwise idle 2-core "
+        f"machine) a step would take max(trainer, worker) CPU seconds: {projected:.2f}x the synchronous steps/s "
+        f"(sync1 CPU s/step / max of the async columns; memory-bandwidth sharing and the OS ignored).",
+        "",
+    ] if projected is not None else []) + [
         "Per run (load average when it started):",
         "",
         "| mode | seed | steps/s | gold reward | load |",

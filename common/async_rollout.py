@@ -23,7 +23,7 @@ Two workers:
                  with the trainer's weights) that samples with HF generate on the trainer's device. Weights travel
                  through one shared-memory buffer: the trainer copies its weights in (waiting until the worker has
                  read the previous ones), the worker copies them into its model before the next request. It starts
-                 from the trainer's torch RNG state, so with max_staleness 0 it draws the very samples the synchronous
+                 from the trainer's RNG state (CPU's, or the device's on a GPU), so with max_staleness 0 it draws the very samples the synchronous
                  path draws. The sampler's log-probs are the worker model's temperature-scaled log-probs of the
                  sampled tokens (one forward after generate; with top-k / top-p / min-p on they are not renormalised
                  over the kept set, so the correction then accounts for the policy lag only).
@@ -40,7 +40,6 @@ not stop within seconds) and runs at exit too.
 from __future__ import annotations
 
 import atexit
-import os
 import queue
 import threading
 import time
@@ -130,6 +129,18 @@ class HFSampler:
         return gen
 
 
+def get_rng(device: str) -> torch.Tensor:
+    """The state of the generator that sampling on `device` draws from (CUDA's own generator on a GPU)."""
+    return torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else torch.get_rng_state()
+
+
+def set_rng(device: str, state: torch.Tensor):
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def _worker_main(spec, factory, buffer, requests, results, buffer_free):
     """The worker process: apply weight pushes and generation requests in order; report errors with the traceback."""
     import multiprocessing
@@ -137,8 +148,9 @@ def _worker_main(spec, factory, buffer, requests, results, buffer_free):
     try:
         torch.set_num_threads(spec["threads"])
         sampler = factory(spec, buffer)
+        device = spec.get("device", "cpu")
         if spec.get("rng_state") is not None:
-            torch.set_rng_state(torch.from_numpy(spec["rng_state"]))
+            set_rng(device, torch.from_numpy(spec["rng_state"]))
         parent, version = multiprocessing.parent_process(), None
         results.put(("ready", None))
         while True:
@@ -156,10 +168,10 @@ def _worker_main(spec, factory, buffer, requests, results, buffer_free):
                 buffer_free.set()
             elif msg[0] == "generate":
                 _, round_, prompt_ids, n = msg
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 gen = sampler.generate(prompt_ids, n)
-                info = {"version": version, "seconds": time.perf_counter() - t0,
-                        "rng_state": torch.get_rng_state().numpy()}  # the RNG the next batch starts from
+                info = {"version": version, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                        "rng_state": get_rng(device).numpy()}  # the RNG the next batch starts from
                 results.put(("batch", round_, _pack(gen), info))
     except BaseException:
         results.put(("error", traceback.format_exc()))
@@ -200,7 +212,7 @@ class ProcessWorker:
                     "attn_implementation": getattr(base.config, "_attn_implementation", None) or "sdpa",
                     "dtype": param.dtype, "device": str(param.device), "tokenizer": tokenizer, "cfg": cfg,
                     "threads": threads or torch.get_num_threads(),
-                    "rng_state": (torch.get_rng_state() if rng_state is None else rng_state).numpy()}
+                    "rng_state": (get_rng(str(param.device)) if rng_state is None else rng_state).numpy()}
         state = policy_state(accelerator, model)
         return cls(spec, state, timeout, accelerator=accelerator,
                    state_fn=lambda mdl: policy_state(accelerator, mdl))
@@ -390,9 +402,3 @@ def worker_rng_state(info: dict) -> torch.Tensor | None:
     rng = info.get("rng_state")
     return None if rng is None else torch.from_numpy(np.asarray(rng)).clone()
 
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
