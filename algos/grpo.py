@@ -84,7 +84,7 @@ Run:
     python algos/grpo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32
     python algos/grpo.py --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 4
     accelerate launch --multi_gpu --num_processes 2 algos/grpo.py --per_device_train_batch_size 32   # same update as 1 process x 64
-    python algos/grpo.py --async_generation True --max_staleness 1    # sample the next batch during the step (detail 12)
+    python algos/grpo.py --async_generation True --max_staleness 1 # sample the next batch during the step (detail 12)
     bash benchmarks/pg.sh                                          # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
     python benchmarks/async_grpo.py                                # sync vs async steps/s and gold reward
 """
@@ -660,8 +660,8 @@ def main(args: Args):
                     scaled = loss * (A_steps * W if args.loss_type == "dapo" else 1.0)  # detail 6
                     accelerator.backward(scaled)
                     if accelerator.sync_gradients:
-                        sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                                                args.max_grad_norm)
+                        sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer,
+                                                                                scheduler, args.max_grad_norm)
                         skipped += not stepped
                 with torch.no_grad():
                     sums["loss"] += scaled.item()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def run(mode: str, seed: int, steps: int, work: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "algos" / "grpo.py"), "--seed", str(seed), "--max_steps", str(steps),
            "--logging_steps", "1", "--eval_steps", str(steps), "--log_completions_steps", "0",
            "--output_dir", str(out), "--overwrite_output_dir", "True", *flags]
+    shutil.rmtree(out, ignore_errors=True)  # no earlier metrics.jsonl for the CPU snapshots to read
     load = os.getloadavg()
     log = open(work / f"{mode}-{seed}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env_extra})

@@ -23,10 +23,11 @@ Two workers:
                  with the trainer's weights) that samples with HF generate on the trainer's device. Weights travel
                  through one shared-memory buffer: the trainer copies its weights in (waiting until the worker has
                  read the previous ones), the worker copies them into its model before the next request. It starts
-                 from the trainer's RNG state (CPU's, or the device's on a GPU), so with max_staleness 0 it draws the very samples the synchronous
-                 path draws. The sampler's log-probs are the worker model's temperature-scaled log-probs of the
-                 sampled tokens (one forward after generate; with top-k / top-p / min-p on they are not renormalised
-                 over the kept set, so the correction then accounts for the policy lag only).
+                 from the trainer's RNG state (CPU's, or the device's on a GPU), so with max_staleness 0 it draws
+                 the very samples the synchronous path draws. The sampler's log-probs are the worker model's
+                 temperature-scaled log-probs of the sampled tokens (one forward after generate; with top-k / top-p
+                 / min-p on they are not renormalised over the kept set, so the correction then accounts for the
+                 policy lag only).
   ThreadWorker   any generator with the `generate` / `sync_weights` interface (the vLLM server mode of
                  common/vllm_backend.py) called from a background thread. A push waits for the requests in flight
                  (a server must not change weights mid-batch), then calls `sync_weights` on every rank.
@@ -170,8 +171,8 @@ def _worker_main(spec, factory, buffer, requests, results, buffer_free):
                 _, round_, prompt_ids, n = msg
                 t0, c0 = time.perf_counter(), time.process_time()
                 gen = sampler.generate(prompt_ids, n)
-                info = {"version": version, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                        "rng_state": get_rng(device).numpy()}  # the RNG the next batch starts from
+                info = {"version": version, "seconds": time.perf_counter() - t0,  # rng: where the next batch starts
+                        "cpu_seconds": time.process_time() - c0, "rng_state": get_rng(device).numpy()}
                 results.put(("batch", round_, _pack(gen), info))
     except BaseException:
         results.put(("error", traceback.format_exc()))

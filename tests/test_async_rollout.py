@@ -148,7 +148,8 @@ def test_grpo_async_staleness_0_draws_the_samples_of_the_sync_path(tmp_path, toy
 
 @pytest.mark.slow
 def test_grpo_async_staleness_1_and_resume(tmp_path, toy_policy):
-    """max_staleness 1 trains on batches sampled one step behind. Resume, max_staleness 0: 4 steps in one go == 2 steps, stop, resume (weights, optimizer and the worker's RNG restored).
+    """max_staleness 1 trains on batches sampled one step behind. Resume, max_staleness 0: 4 steps in one go ==
+    2 steps, stop, resume (weights, optimizer and the worker's RNG restored).
     max_staleness 1: a resumed run continues; its first batch after the resume is sampled by the checkpoint's
     weights (staleness 0), as at a start."""
     for k in ("0", "1"):
