@@ -578,7 +578,9 @@ def main():
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                 "minutes": round((time.time() - t_start) / 60, 1), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "model": Path(a.model).name}
-        # a run of some workloads replaces theirs and keeps the others' (each with the conditions it was measured in)
+        # a run of some workloads replaces theirs and keeps the others' (each with the conditions it was measured in);
+        # the file is read again first, so another section written meanwhile by another run is kept
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
         prev = results.get(section, {})
         metas = prev.get("meta_by_workload") or {w: prev["meta"] for w in prev.get("runs", {})}
         metas.update({w: meta for w in runs})
