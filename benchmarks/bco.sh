@@ -46,6 +46,7 @@ python benchmarks/plot.py --runs "bco=$RUNS/bco__*" "bco + udm=$RUNS/bco_udm__*"
   echo "eval/rewards/margins: mean implicit reward β·r of desirable minus undesirable held-out rows (512 rows)."
   echo
   cat "$OUT/table.md"
+  [ -f "$OUT/notes.md" ] && { echo; cat "$OUT/notes.md"; }  # what the numbers say, written by hand
   echo
   echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![vs time](eval_gold_reward_vs_time.png)"
   echo "![eval reward margin vs step](eval_rewards_margins_vs_step.png) ![running reward shift δ vs step](delta_vs_step.png)"

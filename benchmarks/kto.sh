@@ -49,6 +49,7 @@ python benchmarks/plot.py --runs "kto=$RUNS/kto__*" "apo_zero_unpaired=$RUNS/apo
   echo "(1 - σ(β(0 - r)) = σ(βr)): the two rows then differ only through the few steps where z > 0."
   echo
   cat "$OUT/table.md"
+  [ -f "$OUT/notes.md" ] && { echo; cat "$OUT/notes.md"; }  # what the numbers say, written by hand
   echo
   echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![vs time](eval_gold_reward_vs_time.png)"
   echo "![eval reward margin vs step](eval_rewards_margins_vs_step.png) ![kl (z) vs step](kl_vs_step.png) ![the estimate before the clamp](kl_estimate_vs_step.png)"
