@@ -24,10 +24,9 @@ Two workers:
                  through one shared-memory buffer: the trainer copies its weights in (waiting until the worker has
                  read the previous ones), the worker copies them into its model before the next request. It starts
                  from the trainer's RNG state (CPU's, or the device's on a GPU), so with max_staleness 0 it draws
-                 the very samples the synchronous path draws. The sampler's log-probs are the worker model's
-                 temperature-scaled log-probs of the sampled tokens (one forward after generate; with top-k / top-p
-                 / min-p on they are not renormalised over the kept set, so the correction then accounts for the
-                 policy lag only).
+                 the very samples the synchronous path draws. The sampler's log-probs are recorded during sampling:
+                 those of the distribution each token was drawn from (after temperature, renormalised over the
+                 top-k / top-p / min-p set, as vLLM's), at no extra forward.
   ThreadWorker   any generator with the `generate` / `sync_weights` interface (the vLLM server mode of
                  common/vllm_backend.py) called from a background thread. A push waits for the requests in flight
                  (a server must not change weights mid-batch), then calls `sync_weights` on every rank.
@@ -84,15 +83,58 @@ def _unpack(d: dict) -> Generation:
 
 
 # ----------------------------------------------------------------------------- the sampler inside the worker process
+class LogpRecorder:
+    """The last HF logits processor of a sampling call: keeps the log-softmax of the final (processed) scores of one
+    step and, at the next step, the log-prob of the token drawn from them; one (N, V) tensor held at a time."""
+
+    def __init__(self):
+        self.prev, self.steps = None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def logps(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """(N, T) log-probs of the sampled completion tokens (the last step's from its kept scores)."""
+        steps = list(self.steps)
+        if self.prev is not None and len(steps) < completion_ids.shape[1]:
+            last = completion_ids[:, len(steps)].to(self.prev.device)
+            steps.append(self.prev.gather(1, last[:, None]).squeeze(1))
+        return torch.stack(steps, 1).cpu()
+
+
+def sampling_warpers(cfg: SamplingConfig) -> list:
+    """HF's sampling warpers for `cfg`, in the order HF generate applies them (temperature, top-k, top-p, min-p)."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = []
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        out.append(TopKLogitsWarper(top_k=cfg.top_k))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=cfg.top_p))
+    if cfg.min_p:
+        out.append(MinPLogitsWarper(min_p=cfg.min_p))
+    return out
+
+
 class HFSampler:
-    """The worker's own copy of the policy and HF generate (runs in the worker process)."""
+    """The worker's own copy of the policy and HF generate (runs in the worker process). The sampling warpers run as
+    explicit logits processors followed by a LogpRecorder, so the kept log-probs are those of the distribution
+    each token was drawn from (after temperature, renormalised over the top-k / top-p / min-p set), at no extra
+    forward; the draws are the ones HF generate makes with the same settings."""
 
     def __init__(self, spec: dict, buffer: dict[str, torch.Tensor]):
+        from dataclasses import replace
+
         from transformers import AutoModelForCausalLM
 
         from common.generation import HFGenerator
 
-        self.device, self.temperature = torch.device(spec["device"]), spec["cfg"].temperature
+        self.device = torch.device(spec["device"])
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         model = AutoModelForCausalLM.from_config(spec["config"], dtype=spec["dtype"],
@@ -104,8 +146,11 @@ class HFSampler:
         missing = sorted(set(buffer) - set(self.params))
         if missing:
             raise KeyError(f"the worker's model has no weights named {missing[:5]} (the policy and its config differ)")
-        self.generator = HFGenerator(spec["tokenizer"], spec["cfg"])
-        self.pad_id = spec["tokenizer"].pad_token_id
+        cfg = spec["cfg"]
+        self.warpers = sampling_warpers(cfg)
+        plain = replace(cfg, temperature=1.0 if cfg.temperature > 0 else cfg.temperature, top_p=1.0, top_k=0,
+                        min_p=None)  # the warpers above do this work, before the recorder
+        self.generator = HFGenerator(spec["tokenizer"], plain)
 
     @torch.no_grad()
     def load(self, buffer: dict[str, torch.Tensor]):
@@ -114,19 +159,9 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int) -> Generation:
-        from common.data import batch_prompt_completion
-        from common.model import completion_logps
-
-        gen = self.generator.generate(self.model, prompt_ids, n)
-        lengths = gen.completion_mask.sum(1).tolist()
-        comps = [c[:int(k)].tolist() for c, k in zip(gen.completion_ids, lengths)]
-        b = batch_prompt_completion([p for p in prompt_ids for _ in range(n)], comps, self.pad_id)
-        T = b["completion_mask"].shape[1]
-        lp = completion_logps(self.model, b["input_ids"].to(self.device), b["attention_mask"].to(self.device), T,
-                              self.temperature).float().cpu()  # (N, T)
-        out = torch.zeros(gen.completion_ids.shape, dtype=torch.float32)
-        out[:, :T] = lp
-        gen.sampler_logps = out * gen.completion_mask
+        recorder = LogpRecorder()
+        gen = self.generator.generate(self.model, prompt_ids, n, logits_processor=[*self.warpers, recorder])
+        gen.sampler_logps = recorder.logps(gen.completion_ids) * gen.completion_mask
         return gen
 
 

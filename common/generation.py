@@ -28,8 +28,10 @@ class HFGenerator:
         pass
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids: list[list[int]], n: int = 1, greedy: bool = False) -> Generation:
-        from transformers import GenerationConfig
+    def generate(self, model, prompt_ids: list[list[int]], n: int = 1, greedy: bool = False,
+                 logits_processor: list | None = None) -> Generation:
+        """logits_processor: extra HF logits processors, applied before the sampling warpers of `cfg`."""
+        from transformers import GenerationConfig, LogitsProcessorList
 
         tok, cfg = self.tokenizer, self.cfg
         ids, mask = pad(prompt_ids, tok.pad_token_id, "left")
@@ -45,7 +47,8 @@ class HFGenerator:
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
             )
             out = m.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                             synced_gpus=synced_ranks(self.accelerator, m))
+                             synced_gpus=synced_ranks(self.accelerator, m),
+                             logits_processor=LogitsProcessorList(logits_processor) if logits_processor else None)
             if was_training:
                 m.train()
         completion = out[:, ids.shape[1]:]

@@ -126,6 +126,36 @@ def test_truncated_is_weights_from_the_sampler_logps_by_hand():
     assert torch.equal(grpo.truncated_is_weights(sampler, sampler, 3.0), torch.ones(1, 3))  # on-policy: 1
 
 
+def test_recorded_sampler_logps_are_the_sampling_distribution_and_the_draws_unchanged(toy_policy):
+    """The worker's sampler: warpers as explicit processors + LogpRecorder draw exactly what HF generate draws with
+    the same settings, and record the log-probs a full forward gives at that temperature."""
+    from dataclasses import replace
+
+    from common import data, model as model_utils
+    from common.async_rollout import LogpRecorder, sampling_warpers
+    from common.generation import HFGenerator
+    from common.sampling import SamplingConfig
+
+    tok = model_utils.load_tokenizer(str(toy_policy))
+    m = model_utils.load_causal_lm(str(toy_policy), tok).eval()
+    prompts = data.tokenize(tok, ["12+7=", "3+45=", "100+1="])
+    cfg = SamplingConfig(temperature=0.7, max_new_tokens=6)
+    torch.manual_seed(3)
+    ref = HFGenerator(tok, cfg).generate(m, prompts, 4)
+    torch.manual_seed(3)
+    rec = LogpRecorder()
+    gen = HFGenerator(tok, replace(cfg, temperature=1.0)).generate(m, prompts, 4,
+                                                                  logits_processor=[*sampling_warpers(cfg), rec])
+    assert torch.equal(gen.completion_ids, ref.completion_ids)
+    lp = rec.logps(gen.completion_ids) * gen.completion_mask
+    comps = [c[:int(k)].tolist() for c, k in zip(gen.completion_ids, gen.completion_mask.sum(1))]
+    b = data.batch_prompt_completion([p for p in prompts for _ in range(4)], comps, tok.pad_token_id)
+    T = b["completion_mask"].shape[1]
+    with torch.no_grad():
+        full = model_utils.completion_logps(m, b["input_ids"], b["attention_mask"], T, 0.7)
+    torch.testing.assert_close(lp[:, :T], full * b["completion_mask"], atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- grpo runs
 RUN = ["--max_steps", "3", "--per_device_train_batch_size", "16", "--num_generations", "4", "--eval_steps", "0",
        "--log_completions_steps", "0", "--logging_steps", "1", "--async_timeout", "300"]
