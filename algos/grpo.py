@@ -41,9 +41,10 @@ Implementation details (numbered so the tests and the README can point at them):
     processes, which is right for the per-micro-batch means (grpo, bnpo, dr_grpo). dapo's normaliser already counts
     the tokens of the whole optimizer step (all micro-batches, all processes), so its loss is multiplied back by
     accumulation steps x processes: the update equals that of one big batch.
- 7. Sampler mismatch (vLLM, when the sampler returns its log-probs): each token's loss before the KL term is
-    multiplied by the truncated ratio min(π_old/π_sampler, vllm_importance_sampling_cap) (TRL's 'token_truncate'
-    mode; TRL 1.16 defaults to 'sequence_mask'); the gap is logged under TRL's sampling/* names either way.
+ 7. Sampler mismatch (vLLM or the async worker of detail 12, which return their log-probs): each token's loss
+    before the KL term is multiplied by the truncated ratio min(π_old/π_sampler, vllm_importance_sampling_cap)
+    (TRL's 'token_truncate' mode; TRL 1.16 defaults to 'sequence_mask'); the gap is logged under TRL's sampling/*
+    names either way. With μ = 1, π_old is the training forward's own (detached) log-probs.
  8. --mask_truncated_completions leaves completions that did not end with EOS out of the loss (and of dapo's token
     count); they still count in the reward statistics.
  9. The completion mask comes from generation (cut after the first EOS, EOS kept), never from pad_token_id, so the
