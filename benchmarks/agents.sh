@@ -40,22 +40,33 @@ if [ -z "${PLOT_ONLY:-}" ]; then
   printf '%s\n' "${cmds[@]}" | xargs -P "$PARALLEL" -I{} sh -c '{} > /dev/null 2>&1 || echo "FAILED: {}"'
 fi
 
+if [ -z "${PLOT_ONLY:-}" ]; then
+  LOAD_LINE="Load average (1, 5, 15 min) at the start: ${LOAD_START}, at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+else
+  LOAD_LINE="(Written with PLOT_ONLY=1: the load during the runs is in the notes below.)"
+fi
 python benchmarks/plot.py --runs "mul_tool=$RUNS/mul_tool__*" "mul_no_tool=$RUNS/mul_no_tool__*" "guess=$RUNS/guess__*" \
     --metrics eval/gold_reward eval/tool_calls_per_episode eval/turns_per_episode reward tools/call_frequency \
     tools/failure_frequency agents/turns_per_episode agents/trained_token_fraction agents/truncated_ratio --out "$OUT"
+# the table: the headline metrics only (the call above wrote every curve)
+python benchmarks/plot.py --runs "mul_tool=$RUNS/mul_tool__*" "mul_no_tool=$RUNS/mul_no_tool__*" "guess=$RUNS/guess__*" \
+    --metrics eval/gold_reward eval/tool_calls_per_episode eval/turns_per_episode reward --out "$OUT" > /dev/null
 {
   echo "# GRPO with tools (toy:mul_tool) and with an environment (toy:guess)"
   echo
   echo "Command: \`SEEDS=\"${SEEDS}\" CONTROL_SEEDS=\"${CONTROL_SEEDS}\" MAX_STEPS=${MAX_STEPS} LR=${LR} EVAL_STEPS=${EVAL_STEPS} NUM_EVAL=${NUM_EVAL} bash benchmarks/agents.sh\` (PARALLEL=${PARALLEL} runs at a time, OMP_NUM_THREADS=${OMP_NUM_THREADS})."
-  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)'). Load average (1, 5, 15 min) at the start: ${LOAD_START}, at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
-  echo "Start: toy-sft on each task (sft.py on the tool-call / binary-search traces of common/toy_agents.py)."
+  echo "Date: $(date -u +%Y-%m-%d). Hardware: $(nproc --all) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU, torch $(python -c 'import torch; print(torch.__version__)'). ${LOAD_LINE}"
+  echo "Start: toy-sft on each task (sft.py on the SFT traces of common/toy_agents.py: a calculator call or a direct"
+  echo "answer for mul_tool, binary search or a scan up from 0 for guess)."
   echo "eval/gold_reward: greedy multi-turn episodes on ${NUM_EVAL} held-out prompts, exact match of the final answer; reward:"
   echo "the training reward (gold exact match for mul_tool, the environment's summed reward for guess)."
   echo "Only the policy's own tokens are trained on (agents/trained_token_fraction = their share of the completion tokens)."
   echo
   cat "$OUT/table.md"
   echo
-  echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![tool calls per episode](tools_call_frequency_vs_step.png)"
-  echo "![training reward vs step](reward_vs_step.png) ![turns per episode](agents_turns_per_episode_vs_step.png)"
+  echo "![held-out gold reward vs step](eval_gold_reward_vs_step.png) ![held-out tool calls per episode](eval_tool_calls_per_episode_vs_step.png)"
+  echo "![training reward vs step](reward_vs_step.png) ![tool calls per training episode](tools_call_frequency_vs_step.png)"
+  echo "![turns per training episode](agents_turns_per_episode_vs_step.png) ![held-out turns per episode](eval_turns_per_episode_vs_step.png)"
+  if [ -f "$OUT/NOTES.md" ]; then echo; cat "$OUT/NOTES.md"; fi  # what the numbers of this run mean, by hand
 } > "$OUT/README.md"
 cat "$OUT/README.md"
