@@ -579,8 +579,8 @@ def main(args: Args):
     check_batch(args, k, online)
     agent = agents.Agent.from_args(args, tokenizer)  # None without --tools / --environment (choice 12)
     if agent is not None and not online:
-        raise ValueError(f"--tools / --environment / --agent_command sample episodes: they need online mode (prompt-only "
-                         f"data), not --data_mode {mode}")
+        raise ValueError(f"--tools / --environment / --agent_command sample episodes: they need online mode "
+                         f"(prompt-only data), not --data_mode {mode}")
     eval_prompt_ids = None if agent is None or eval_ds is None else data.tokenize(tokenizer, [
         data.prompt_text(p, tokenizer) for p in eval_ds["prompt"][:args.num_eval_prompts]])
     P = args.per_device_train_batch_size // k  # prompts per micro-batch (choice 10)

@@ -1,7 +1,8 @@
 """Tools and environments in gmpo.py, rloo.py and vmpo.py (online): scripted multi-turn rollouts through each
 script's loss give no gradient to tool/environment tokens and the loss values a hand construction gives (|y_i| and
 the KL sums over the policy's tokens only); short runs through main() with a scripted sampler train on exactly the
-hand-built policy-token masks and log the episode metrics computed by hand."""
+hand-built policy-token masks and log the episode metrics computed by hand; (slow) gmpo and rloo raise tool use and
+accuracy on toy:mul_tool, and grpo moves from scanning to binary search on toy:guess."""
 
 from __future__ import annotations
 
@@ -281,3 +282,59 @@ def test_tools_with_offline_vmpo_data_fail_before_the_run_folder(tmp_path):
         vmpo.main(vmpo.Args(model_name_or_path="toy", dataset_name=str(pairs), tools=["common.toy_agents:calc"],
                             per_device_train_batch_size=4, output_dir=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_vmpo_with_an_external_agent_program_trains_on_its_episodes(tmp_path):
+    import sys
+
+    from test_agents import AGENT_PROGRAM
+
+    (tmp_path / "agent.py").write_text(AGENT_PROGRAM)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(f'{{"prompt": [{{"role": "user", "content": "{a}*{b}="}}]}}\n'
+                             for a, b in ((12, 34), (5, 67), (89, 10), (23, 45))))
+    vmpo.main(vmpo.Args(model_name_or_path="toy", dataset_name=str(chats), agent_command=f"{sys.executable} "
+                        f"{tmp_path / 'agent.py'}", max_steps=1, per_device_train_batch_size=4, k=2, eps_eta=0.5,
+                        logging_steps=1, max_new_tokens=4, log_completions_steps=0, output_dir=str(tmp_path / "run")))
+    rows = [r for r in read_metrics(tmp_path / "run") if "agents/turns_per_episode" in r]
+    assert len(rows) == 1
+    for r in rows:  # the program's two requests per episode, its reward 1 for sample 0 of each prompt
+        assert r["agents/turns_per_episode"] == 2.0 and r["rewards/environment_reward/mean"] == 0.5
+        assert 0.0 < r["agents/trained_token_fraction"] < 1.0  # its tool turns are not trained on
+        assert r["vmpo/selected_fraction"] == 0.5  # the top half: exactly the rewarded episodes
+
+
+# ----------------------------------------------------------------------------- learning (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["gmpo.py", "rloo.py"])
+def test_calculator_use_and_accuracy_rise(script, tmp_path):
+    from conftest import run_script
+
+    out_dir = tmp_path / "run"
+    run_script(script, "--dataset_name", "toy:mul_tool", "--tools", "common.toy_agents:calc", "--max_new_tokens", "32",
+               "--max_turns", "2", "--max_steps", "20", "--learning_rate", "1e-4", "--eval_steps", "10",
+               "--num_eval_prompts", "64", "--logging_steps", "5", "--output_dir", str(out_dir), timeout=3000,
+               env={"OMP_NUM_THREADS": "1"})
+    m = read_metrics(out_dir)
+    evals = [r for r in m if "eval/gold_reward" in r]
+    train = [r for r in m if "tools/call_frequency" in r]
+    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.1
+    assert evals[-1]["eval/tool_calls_per_episode"] > evals[0]["eval/tool_calls_per_episode"]
+    assert train[-1]["tools/call_frequency"] > train[0]["tools/call_frequency"]
+
+
+@pytest.mark.slow
+def test_grpo_in_the_guessing_environment_moves_from_scanning_to_binary_search(tmp_path):
+    from conftest import run_script
+
+    out_dir = tmp_path / "run"
+    run_script("grpo.py", "--dataset_name", "toy:guess", "--environment", "common.toy_agents:GuessEnv",
+               "--max_new_tokens", "3", "--max_turns", "5", "--max_steps", "20", "--learning_rate", "1e-4",
+               "--eval_steps", "10", "--num_eval_prompts", "64", "--logging_steps", "5", "--output_dir", str(out_dir),
+               timeout=3000, env={"OMP_NUM_THREADS": "1"})
+    m = read_metrics(out_dir)
+    evals = [r for r in m if "eval/gold_reward" in r]
+    train = [r for r in m if "agents/turns_per_episode" in r]
+    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.3  # start: 0.41 (greedy scan)
+    assert evals[-1]["eval/turns_per_episode"] < evals[0]["eval/turns_per_episode"] - 0.5  # start: 4.19
+    assert train[-1]["rewards/environment_reward/mean"] > train[0]["rewards/environment_reward/mean"]
