@@ -483,10 +483,12 @@ def load_module(module, path, device) -> None:
 
     from common import peft_utils
 
+    device = torch.device(device)
+    device = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0" (accelerate's MULTI_CPU device)
     if peft_utils.is_peft_model(module):
-        peft_utils.load_adapter_state(module, load_file(str(path), device=str(device)), str(path))
+        peft_utils.load_adapter_state(module, load_file(str(path), device=device), str(path))
     else:
-        load_model(module, str(path), device=str(device))
+        load_model(module, str(path), device=device)
 
 
 def save_checkpoint(accelerator, output_dir, step: int, model, tokenizer, args, extra: dict | None = None,

@@ -85,6 +85,25 @@ def test_sft_two_processes_match_one(tmp_path):
         torch.testing.assert_close(w1[k], w2[k], atol=2e-6, rtol=1e-4)
 
 
+def test_sft_two_processes_resume_continues_exactly(tmp_path):
+    """Resume under 2 CPU processes: every rank reloads its state (accelerate's MULTI_CPU device is "cpu:0", which
+    safetensors refuses as a device name) and the run ends with the uninterrupted run's weights."""
+    import shutil
+
+    out = tmp_path / "two"
+    common = ["--max_steps", "4", "--eval_steps", "0", "--save_steps", "2", "--logging_steps", "1",
+              "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    run_script("sft.py", *common, launcher=accelerate_launcher(2))
+    full, losses = weights(out), [m["loss"] for m in read_metrics(out)]
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "model.safetensors").unlink()
+    run_script("sft.py", *common, "--resume_from", "auto", launcher=accelerate_launcher(2))
+    resumed = weights(out)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5)
+    assert [m["loss"] for m in read_metrics(out)] == pytest.approx(losses, rel=1e-5)
+
+
 def test_sft_conversational_and_full_sequence_loss(tmp_path):
     out = tmp_path / "conv"
     run_script("sft.py", "--output_dir", str(out), "--dataset_name", "toy:reverse:conversational", "--max_steps", "2",
