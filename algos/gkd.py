@@ -57,10 +57,10 @@ Implementation details (numbered so the tests and the README can point at them):
 Default: teacher `toy-sft-full` (the fully trained 4-layer toy model), student `toy-small` (a freshly initialised
 2-layer, hidden-64 toy Llama) on toy:add, with TRL's β = 0.5 and λ = 0.5; `--model_name_or_path toy-sft` starts from
 the half-trained 4-layer SFT policy. On this toy a fresh student learns from the forward KL on dataset (or teacher)
-completions (`--beta 0 --lmbda 0`: about the teacher's exact match in 1000 steps), and far more slowly with on-policy
-steps or the JSD (measured in benchmarks/results/gkd; likely causes: a fresh student's own samples are poor
-training states, and the JSD saturates at log 2 while the two distributions barely overlap, so its gradient is
-small). The paper distils students that start from SFT.
+completions (`--beta 0 --lmbda 0`: 0.72 ± 0.20 held-out exact match in 1000 steps over 3 seeds, teacher 1.0), and
+far more slowly with on-policy steps or the JSD (measured in benchmarks/results/gkd: a fresh student's own samples
+are mostly wrong, and on-policy steps help only once they are mostly right; the JSD saturates at log 2 while the
+two distributions barely overlap, so its gradient is small). The paper distils students that start from SFT.
 
 Run:
     python algos/gkd.py                                            # GKD (β 0.5, λ 0.5), about 3 minutes on 2 CPU cores
