@@ -481,30 +481,6 @@ def mix_reference(ref_model: torch.nn.Module, model: torch.nn.Module, alpha: flo
 
 
 # ----------------------------------------------------------------------------- forwards
-def token_statistics(logits: torch.Tensor, want_log_sum_sq: bool, want_entropy: bool, chunk: int = 4096) -> dict:
-    """No-grad per-token statistics of logits (N, T, V), one row block at a time in float32: mean logit over the
-    vocabulary (N, T), argmax (N, T), and optionally log Σ_v p_v² and the entropy (N, T). The definitions that
-    forward_pairs' chunked head statistics follow, for logits already at hand."""
-    with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        out = {"mean_logits": flat.mean(-1, dtype=torch.float32), "argmax": flat.argmax(-1)}
-        if want_log_sum_sq or want_entropy:
-            lss, ent = [], []
-            for s in range(0, flat.shape[0], chunk):
-                z = flat[s:s + chunk].float()
-                lse = z.logsumexp(-1)
-                if want_log_sum_sq:
-                    lss.append((2 * z).logsumexp(-1) - 2 * lse)
-                if want_entropy:
-                    lp = z - lse[:, None]
-                    ent.append(-(lp.exp() * lp).sum(-1))
-            if want_log_sum_sq:
-                out["log_sum_sq"] = torch.cat(lss)
-            if want_entropy:
-                out["entropy"] = torch.cat(ent)
-        return {k: v.view(logits.shape[:2]) for k, v in out.items()}
-
-
 def forward_pairs(model, batch: dict, want_log_sum_sq: bool = False, want_entropy: bool = False):
     """Token log-probs (2B, T) of the [chosen | rejected] completions in one forward (detail 1), and the no-grad
     token statistics (2B, T): mean_logits, argmax, and log_sum_sq / entropy when asked for. The model runs up to its

@@ -14,7 +14,7 @@ import torch
 from conftest import accelerate_launcher, assert_fails_at_startup, read_metrics, run_script
 from dpo import (LOSS_TYPES, Args, PairLogps, check_args, combined_loss, discopop_loss, f_divergence_scores,
                  forward_pairs, ld_sequence_logps, mix_reference, pair_batch, pair_loss, running_mean_update,
-                 token_statistics, tokenize_pairs, wpo_weights)
+                 tokenize_pairs, wpo_weights)
 
 TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "logits/chosen", "logits/rejected"]
@@ -184,17 +184,6 @@ def test_wpo_weights_hand_example():
     assert w.tolist() == pytest.approx([(0.5 / 0.375) * (0.25 / 0.375)])
 
 
-def test_token_statistics_match_full_computation():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 11)
-    st = token_statistics(logits, True, True, chunk=2)
-    lp = torch.log_softmax(logits, -1)
-    assert torch.allclose(st["mean_logits"], logits.mean(-1))
-    assert torch.equal(st["argmax"], logits.argmax(-1))
-    assert torch.allclose(st["log_sum_sq"], torch.log((lp.exp() ** 2).sum(-1)), atol=1e-6)
-    assert torch.allclose(st["entropy"], -(lp.exp() * lp).sum(-1), atol=1e-6)
-
-
 def test_running_mean_and_reference_mix():
     mean, count = 0.0, 0
     for v in (1.0, 4.0, -2.0, 5.0):
@@ -249,7 +238,7 @@ def test_one_forward_per_pair_equals_separate_forwards(layout):
     batch = pair_batch(rows, tok.pad_token_id, "cpu", share_prompt=layout != "two_rows",
                        mask_dtype=torch.float32 if attn == "eager" else torch.bool)
     with torch.no_grad():
-        lp, _ = forward_pairs(model, batch)
+        lp, st = forward_pairs(model, batch, want_log_sum_sq=True, want_entropy=True)
         mask = batch["completion_mask"].float()
         seq = ld_sequence_logps(lp, mask, None)
         for i, (p, c, r) in enumerate(rows):
@@ -259,6 +248,15 @@ def test_one_forward_per_pair_equals_separate_forwards(layout):
                 assert lp[j, :len(comp)].tolist() == pytest.approx(alone.tolist(), abs=1e-5)
                 assert mask[j].sum().item() == len(comp)
                 assert seq[j].item() == pytest.approx(alone.sum().item(), abs=1e-5)
+                # the token statistics against the full logits of that sequence alone (the positions predicting it)
+                logits = model(ids).logits[0, len(p) - 1:-1].float()
+                full = torch.log_softmax(logits, -1)
+                k = len(comp)
+                torch.testing.assert_close(st["mean_logits"][j, :k], logits.mean(-1), atol=1e-5, rtol=1e-5)
+                assert torch.equal(st["argmax"][j, :k], logits.argmax(-1))
+                torch.testing.assert_close(st["log_sum_sq"][j, :k], torch.log((full.exp() ** 2).sum(-1)),
+                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(st["entropy"][j, :k], -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
 
 
 def test_precomputed_cache_reused_only_on_resume_with_the_same_fingerprint(tmp_path):
