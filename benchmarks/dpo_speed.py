@@ -157,7 +157,29 @@ def per_step(points: list[list[float]], warmup: int, which: int) -> float:
     """The median duration of the steps after `warmup` from (step, wall, cpu) points at step ends; which = 1 wall
     time, 2 CPU time. The median is robust to a few steps slowed down by other jobs."""
     pts = [p for p in points if p[0] >= warmup]
+    if len(pts) < 2:
+        raise SystemExit(f"fewer than two logged steps after --warmup {warmup}: raise --steps")
     return statistics.median((b[which] - a[which]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:]))
+
+
+def measure(programs: dict, repeats: int, warmup: int) -> dict:
+    """Run every program (name -> a function returning a child's result) `repeats` times, interleaved so that a
+    change in machine load hits every program alike, and summarise each: median CPU and wall seconds per step over
+    the repeats, the best repeat's wall time, every repeat's numbers and the median peak RSS."""
+    results = {name: [] for name in programs}
+    for r in range(repeats):
+        for name, fn in programs.items():
+            res = fn()
+            x = {"wall": per_step(res["points"], warmup, 1), "cpu": per_step(res["points"], warmup, 2),
+                 "peak_rss_mb": res["peak_rss_mb"]}
+            results[name].append(x)
+            print(f"repeat {r + 1}/{repeats} {name}: {x['cpu']:.4f} CPU s/step, {x['wall']:.4f} wall s/step, "
+                  f"peak RSS {x['peak_rss_mb']:.0f} MB", flush=True)
+    med = statistics.median
+    return {name: {"cpu_s_per_step": med(x["cpu"] for x in v), "wall_s_per_step_best": min(x["wall"] for x in v),
+                   "wall_s_per_step_median": med(x["wall"] for x in v),
+                   "cpu_all": [round(x["cpu"], 5) for x in v], "wall_all": [round(x["wall"], 5) for x in v],
+                   "peak_rss_mb": med(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
 
 
 def run_child(python: str, kind: str, a, extra: list[str], out: Path) -> dict:
@@ -235,21 +257,8 @@ def main():
         "TRL DPOTrainer, gradient checkpointing on": lambda: run_child(py, "trl", a, ["--gradient_checkpointing", "1"],
                                                                        scratch),
     }
-    results = {name: [] for name in programs}
-    for r in range(a.repeats):  # interleaved, so a change in machine load hits every program alike
-        for name, fn in programs.items():
-            res = fn()
-            x = {"wall": per_step(res["points"], a.warmup, 1), "cpu": per_step(res["points"], a.warmup, 2),
-                 "peak_rss_mb": res["peak_rss_mb"]}
-            results[name].append(x)
-            print(f"repeat {r + 1}/{a.repeats} {name}: {x['cpu']:.4f} CPU s/step, {x['wall']:.4f} wall s/step, "
-                  f"peak RSS {x['peak_rss_mb']:.0f} MB", flush=True)
+    summary = measure(programs, a.repeats, a.warmup)
     load_after = os.getloadavg()
-    med = statistics.median
-    summary = {name: {"cpu_s_per_step": med(x["cpu"] for x in v), "wall_s_per_step_best": min(x["wall"] for x in v),
-                      "wall_s_per_step_median": med(x["wall"] for x in v),
-                      "cpu_all": [round(x["cpu"], 5) for x in v], "wall_all": [round(x["wall"], 5) for x in v],
-                      "peak_rss_mb": med(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
     ours, plain = summary["dpo.py"], summary["plain PyTorch loop"]
     trl_off, trl_on = (summary[f"TRL DPOTrainer, gradient checkpointing {x}"] for x in ("off", "on"))
     checks = {}

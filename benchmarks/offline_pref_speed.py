@@ -35,14 +35,14 @@ import importlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_speed import ROOT, TRL_VERSION, clock, cpu_name, peak_rss_mb, set_threads, trl_python  # noqa: E402
+from dpo_speed import (ROOT, TRL_VERSION, clock, cpu_name, measure, peak_rss_mb, set_threads,  # noqa: E402
+                       trl_python)
 
 # per method: the script, the toy rows, TRL's module / config / trainer, and the loss settings on each side
 METHODS = {
@@ -115,15 +115,6 @@ def child_ours(a) -> dict:
 
 
 # ----------------------------------------------------------------------------- the driver
-def per_step(points: list[list[float]], warmup: int, which: int) -> float:
-    """Seconds per step: the median over the logging windows after `warmup` of (step, wall, cpu) points; which = 1
-    wall time, 2 CPU time. The median is robust to a window slowed down by other jobs."""
-    pts = [p for p in points if p[0] >= warmup]
-    if len(pts) < 2:
-        raise SystemExit(f"fewer than two logged steps after --warmup {warmup}: raise --steps")
-    return statistics.median((b[which] - a[which]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:]))
-
-
 def run_child(python: str, kind: str, a, out: Path, checkpointing: int = 0) -> dict:
     res, run = out / f"{a.method}_{kind}.json", out / f"{a.method}_{kind}"
     shutil.rmtree(run, ignore_errors=True)
@@ -181,21 +172,10 @@ def main(default_method: str | None = None):
         f"{trl_name}, gradient checkpointing on": lambda: run_child(py, "trl", a, scratch, 1),
     }
     load_before = os.getloadavg()
-    results = {name: [] for name in programs}
-    for r in range(a.repeats):  # interleaved, so a change in machine load hits every program alike
-        for name, fn in programs.items():
-            res = fn()
-            x = {"wall": per_step(res["points"], a.warmup, 1), "cpu": per_step(res["points"], a.warmup, 2),
-                 "peak_rss_mb": res["peak_rss_mb"]}
-            results[name].append(x)
-            print(f"repeat {r + 1}/{a.repeats} {name}: {x['cpu']:.4f} CPU s/step, {x['wall']:.4f} wall s/step, "
-                  f"peak RSS {x['peak_rss_mb']:.0f} MB", flush=True)
+    summary = measure(programs, a.repeats, a.warmup)
     load_after = os.getloadavg()
-    med = statistics.median
-    summary = {name: {"cpu_s_per_step": med(x["cpu"] for x in v), "s_per_step": med(x["wall"] for x in v),
-                      "wall_s_per_step_best": min(x["wall"] for x in v),
-                      "cpu_all": [round(x["cpu"], 5) for x in v], "wall_all": [round(x["wall"], 5) for x in v],
-                      "peak_rss_mb": med(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
+    for v in summary.values():
+        v["s_per_step"] = v["wall_s_per_step_median"]
     ours = summary[ours_name]
     checks = {}
     for key, what in (("cpu_s_per_step", "CPU time"), ("s_per_step", "wall time, median repeat")):
