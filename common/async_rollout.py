@@ -214,7 +214,20 @@ def _worker_main(spec, factory, buffer, requests, results, buffer_free):
 
 
 # ----------------------------------------------------------------------------- workers (trainer side)
-class ProcessWorker:
+class _Worker:
+    """What both workers share: `pending` (round -> (Generation, info)) filled by `_poll(wait)`, and `timeout`."""
+
+    def fetch(self, round_: int) -> tuple[Generation, dict]:
+        """The batch of round `round_`, waiting at most `timeout` seconds (WorkerTimeout)."""
+        deadline = time.monotonic() + self.timeout
+        while round_ not in self.pending:
+            if time.monotonic() > deadline:
+                raise _timeout_error(f"return generation batch {round_}", self.timeout)
+            self._poll(min(0.5, max(deadline - time.monotonic(), 0.01)))
+        return self.pending.pop(round_)
+
+
+class ProcessWorker(_Worker):
     """A spawned generation process; see the module docstring."""
 
     def __init__(self, spec: dict, buffer: dict[str, torch.Tensor], timeout: float,
@@ -290,14 +303,6 @@ class ProcessWorker:
     def request(self, round_: int, prompt_ids: list[list[int]], n: int):
         self.requests.put(("generate", round_, [list(p) for p in prompt_ids], n))
 
-    def fetch(self, round_: int) -> tuple[Generation, dict]:
-        deadline = time.monotonic() + self.timeout
-        while round_ not in self.pending:
-            if time.monotonic() > deadline:
-                raise _timeout_error(f"return generation batch {round_}", self.timeout)
-            self._poll(min(0.5, max(deadline - time.monotonic(), 0.01)))
-        return self.pending.pop(round_)
-
     def close(self):
         proc = getattr(self, "proc", None)
         if proc is None:
@@ -320,7 +325,7 @@ class ProcessWorker:
             q.close()
 
 
-class ThreadWorker:
+class ThreadWorker(_Worker):
     """A generator (`generate(model, prompt_ids, n)` / `sync_weights(model)`, e.g. the vLLM server client) called from
     a background thread; see the module docstring."""
 
@@ -371,14 +376,6 @@ class ThreadWorker:
     def request(self, round_: int, prompt_ids: list[list[int]], n: int):
         self.in_flight += 1
         self.requests.put((round_, [list(p) for p in prompt_ids], n, self.version))
-
-    def fetch(self, round_: int) -> tuple[Generation, dict]:
-        deadline = time.monotonic() + self.timeout
-        while round_ not in self.pending:
-            if time.monotonic() > deadline:
-                raise _timeout_error(f"return generation batch {round_}", self.timeout)
-            self._poll(min(0.5, max(deadline - time.monotonic(), 0.01)))
-        return self.pending.pop(round_)
 
     def close(self):
         if self.thread is not None:
