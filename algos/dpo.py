@@ -110,7 +110,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -122,7 +121,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -570,63 +569,16 @@ def check_args(args: Args):
         raise ValueError(f"--eval_fraction must lie in [0, 1); got {args.eval_fraction}")
 
 
-OTHER_SCRIPTS = {"unpaired": "kto.py (KTO) for unpaired rows", "prompt": "online_dpo.py (pairs sampled online)",
-                 "prompt_completion": "sft.py", "lm": "sft.py",
-                 "prompt_completion_reward": "vmpo.py or dar.py (prompt-completion-reward data)"}
-
-
 def load_pairs(args: Args):
     """Training pairs and evaluation pairs (or None): common/data.py's load_splits, with a pointer to the script
-    that takes a dataset of another type."""
-    try:
-        return data.load_splits(args, "preference", "dpo.py", toy_n=args.num_eval_pairs)
-    except data.DatasetFormatError as e:
-        found = re.search(r"detected type: (\w+)", str(e))
-        if found and found.group(1) in OTHER_SCRIPTS:
-            raise data.DatasetFormatError(f"{e} This is '{found.group(1)}' data: use "
-                                          f"{OTHER_SCRIPTS[found.group(1)]}.") from None
-        raise
+    that takes a dataset of another type (common/preference.py)."""
+    return preference.load_pairs(args, "dpo.py", toy_n=args.num_eval_pairs)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None,
-                   chunk: int = 512) -> tuple[list, int]:
-    """(prompt ids, chosen ids, rejected ids) per pair (detail 2), and the number of pairs dropped (an empty prompt,
-    or one that fills max_length). Tokenised `chunk`
-    rows at a time: the tokenizer's per-text encodings of a whole dataset would briefly cost more than the ids."""
-    rows, dropped = [], 0
-    for s in range(0, len(ds), chunk):
-        part = ds[s:s + chunk]
-        prompts = [data.prompt_text(p, tokenizer) for p in part["prompt"]]
-        p_ids = data.tokenize(tokenizer, prompts)
-        c_full = data.tokenize(tokenizer, [t + data.completion_text(p, c, tokenizer)
-                                           for t, p, c in zip(prompts, part["prompt"], part["chosen"])])
-        r_full = data.tokenize(tokenizer, [t + data.completion_text(p, r, tokenizer)
-                                           for t, p, r in zip(prompts, part["prompt"], part["rejected"])])
-        for p, c, r in zip(p_ids, c_full, r_full):
-            k = min(_common_prefix(p, c), _common_prefix(p, r))
-            prompt, chosen, rejected = p[:k], c[k:], r[k:]
-            if not prompt:  # nothing to predict the first completion token from
-                dropped += 1
-                continue
-            if max_prompt_length:
-                prompt = prompt[-max_prompt_length:]
-            if max_length:
-                room = max_length - len(prompt)
-                if room <= 0:
-                    dropped += 1
-                    continue
-                chosen, rejected = chosen[:room], rejected[:room]
-            rows.append((prompt, chosen, rejected))
-    return rows, dropped
+def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None) -> tuple[list, int]:
+    """(prompt ids, chosen ids, rejected ids) per pair (detail 2), and the number of pairs dropped: an empty prompt
+    (nothing predicts the first completion token from it) or one that fills max_length (common/preference.py)."""
+    return preference.tokenize_pairs(ds, tokenizer, max_length, max_prompt_length, drop_empty_prompt=True)
 
 
 def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool) -> dict:

@@ -117,18 +117,23 @@ def _truncate(prompt: list[int], completions: list[list[int]], max_length: int |
     return prompt, completions
 
 
-def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None) -> tuple[list[PairRow], int]:
-    """(prompt ids, chosen ids, rejected ids) per pair, and the number of pairs dropped. The prompt ends where
-    prompt+chosen or prompt+rejected first departs from the prompt alone."""
-    p_ids, (c_full, r_full) = _tokenize_completions(ds, tokenizer, ["chosen", "rejected"])
+def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int | None,
+                   drop_empty_prompt: bool = False, chunk: int = 512) -> tuple[list[PairRow], int]:
+    """(prompt ids, chosen ids, rejected ids) per pair, and the number of pairs dropped (a prompt that fills
+    max_length; with drop_empty_prompt also an empty prompt, from which nothing predicts the first completion token).
+    The prompt ends where prompt+chosen or prompt+rejected first departs from the prompt alone. Tokenised `chunk` rows
+    at a time: the tokenizer's per-text encodings of a whole dataset would briefly cost more than the ids."""
     rows, dropped = [], 0
-    for p, c, r in zip(p_ids, c_full, r_full):
-        k = min(common_prefix(p, c), common_prefix(p, r))
-        cut = _truncate(p[:k], [c[k:], r[k:]], max_length, max_prompt_length)
-        if cut is None:
-            dropped += 1
-            continue
-        rows.append((cut[0], cut[1][0], cut[1][1]))
+    for s in range(0, len(ds), chunk):
+        p_ids, (c_full, r_full) = _tokenize_completions(ds[s:s + chunk], tokenizer, ["chosen", "rejected"])
+        for p, c, r in zip(p_ids, c_full, r_full):
+            k = min(common_prefix(p, c), common_prefix(p, r))
+            cut = None if drop_empty_prompt and k == 0 else _truncate(p[:k], [c[k:], r[k:]], max_length,
+                                                                         max_prompt_length)
+            if cut is None:
+                dropped += 1
+                continue
+            rows.append((cut[0], cut[1][0], cut[1][1]))
     return rows, dropped
 
 

@@ -198,6 +198,23 @@ def test_running_mean_and_reference_mix():
 
 
 # ----------------------------------------------------------------------------- data and forwards
+def test_tokenize_pairs_drops_a_pair_with_an_empty_prompt():
+    """Detail 2: with no prompt token nothing predicts the first completion token, so dpo drops the pair (and counts
+    it); common/preference.py's default keeps such rows."""
+    from datasets import Dataset
+
+    from common import preference, toy
+
+    tok = toy.make_tokenizer()
+    tok.bos_token = None  # a tokenizer without a BOS token: an empty prompt tokenises to nothing
+    ds = Dataset.from_list([{"prompt": "", "chosen": "5", "rejected": "6"},
+                            {"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    rows, dropped = tokenize_pairs(ds, tok, None, None)
+    assert dropped == 1 and len(rows) == 1 and tok.decode(rows[0][0]) == "1+1="
+    kept, none = preference.tokenize_pairs(ds, tok, None, None)
+    assert none == 0 and kept[0][0] == [] and kept[1] == rows[0]
+
+
 def test_tokenize_pairs_truncation_sides():
     from datasets import Dataset
 
