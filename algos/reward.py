@@ -218,12 +218,7 @@ def main(args: Args):
     model.config.pad_token_id = tokenizer.pad_token_id
     model = peft_utils.maybe_wrap(model, args, task="SEQ_CLS")  # --use_peft: LoRA adapters; the score head trains fully
     score_head = model.score
-    # the fused kernel (TRL's default optimizer too): one pass over each parameter instead of a chain of foreach
-    # ops; not under DeepSpeed / FSDP, which manage their own parameters
-    fused = (accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
-             and accelerator.device.type in ("cpu", "cuda"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_lambda(step):
         if step < args.warmup_steps:

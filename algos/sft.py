@@ -324,12 +324,7 @@ def main(args: Args):
     model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
     if args.neftune_noise_alpha is not None:
         add_neftune_hook(model, args.neftune_noise_alpha)
-    # the fused kernel (TRL's default optimizer too): one pass over each parameter instead of a chain of foreach
-    # ops; not under DeepSpeed / FSDP, which manage their own parameters
-    fused = (accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
-             and accelerator.device.type in ("cpu", "cuda"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_lambda(step):  # linear warm-up, then constant or linear decay to 0
         if step < args.warmup_steps:
