@@ -254,6 +254,15 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_items: float) -> torch
     return -(logps * mask).sum() / num_items
 
 
+def completion_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_θ(y_t | x, y_<t) (B, T) of the completion tokens of a data.batch_prompt_completion batch, and the most
+    likely token at each position (B, T, no gradient). The output head and the float32 log-softmax run a block of
+    positions at a time, forward and backward (common/model.py's completion_logps), so no (B, T, V) logits tensor is
+    made; models whose logits are not a plain linear head get them from their forward."""
+    T = batch["completion_mask"].shape[1]
+    return model_utils.completion_logps(model, batch["input_ids"], batch["attention_mask"], T, return_argmax=True)
+
+
 def sft_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Detail 4: rows of M-step optimizer step `step`: data.batch_indices (epochs of a seeded permutation) when
     n >= batch_size; else positions [step * batch_size, (step + 1) * batch_size) of a stream of such permutations."""
@@ -457,12 +466,8 @@ def main(args: Args):
                                                      tokenizer.pad_token_id)
                 batch = {k_: v.to(device) for k_, v in batch.items()}
                 with accelerator.accumulate(model):
-                    T = batch["completion_mask"].shape[1]
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]),
-                                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-                    targets = batch["input_ids"][:, -T:]
-                    logps = model_utils.selective_log_softmax(logits, targets)  # (B, T)
+                    logps, argmax = completion_token_logps(model, batch)  # (B, T) each
+                    targets = batch["input_ids"][:, -logps.shape[1]:]
                     mask = batch["completion_mask"].float()
                     loss = sft_loss(logps, mask, num_items)
                     # detail 5: undo accelerate's division by the accumulation steps and DDP's mean over processes
@@ -476,7 +481,7 @@ def main(args: Args):
                             sums["stepped"] += 1
                 with torch.no_grad():
                     sums["nll"] += -(logps * mask).sum().item()
-                    sums["correct"] += ((logits.argmax(-1) == targets) * mask).sum().item()
+                    sums["correct"] += ((argmax == targets) * mask).sum().item()
                     sums["tokens"] += mask.sum().item()
                     step_loss += -(logps * mask).sum().item()
             if args.logging_steps and (t + 1) % args.logging_steps == 0:  # a progress line (collective)

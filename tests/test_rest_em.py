@@ -80,6 +80,45 @@ def test_check_args_refuses_bad_flags():
     rest_em.check_args(rest_em.Args())
 
 
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_m_step_log_probs_without_full_logits_equal_the_full_logit_computation(monkeypatch, plain_head):
+    """The M-step's per-token log-probs, token accuracy, loss and gradients (the chunked head, several blocks of
+    positions; or a model's own logits when its head is not a plain linear layer) = the full (B, T, V) float32
+    log-softmax of the model's logits, to 1e-5."""
+    from common import data, model as model_utils
+
+    tok = model_utils.load_tokenizer("toy")
+    model = model_utils.load_causal_lm("toy", tok, seed=3)
+    V = model.config.vocab_size
+    monkeypatch.setitem(model_utils.LOGPS_CHUNK_ELEMENTS, "cpu", 5 * V)  # 5 positions per block
+    if not plain_head:
+        monkeypatch.setattr(model_utils, "PLAIN_HEAD_MODELS", set())
+    assert (model_utils.chunked_head(model) is not None) == plain_head
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, V, (n,), generator=g).tolist() for n in (3, 7, 5)]
+    completions = [torch.randint(4, V, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    batch = data.batch_prompt_completion(prompts, completions, tok.pad_token_id)
+    T = batch["completion_mask"].shape[1]
+    mask = batch["completion_mask"].float()
+
+    logps, argmax = rest_em.completion_token_logps(model, batch)
+    loss = rest_em.sft_loss(logps, mask, num_items=13.0)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=model_utils.position_ids_from_mask(batch["attention_mask"])).logits[:, -T - 1:-1]
+    targets = batch["input_ids"][:, -T:]
+    ref_logps = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]  # (B, T)
+    ref_loss = -(ref_logps * mask).sum() / 13.0
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    assert logps.shape == (3, T) and torch.allclose(logps, ref_logps, atol=1e-5, rtol=0)
+    assert torch.equal(argmax, logits.argmax(-1))
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert sum(b.abs().sum() for b in ref_grads) > 0  # the comparison can fail: the gradients are not all zero
+
+
 # ----------------------------------------------------------------------------- tier 2: runs
 SFT = {"learning_rate": "1e-4", "warmup_steps": "2", "sft_steps": "4", "per_device_train_batch_size": "16"}
 RUN = ["--iterations", "2", "--prompts_per_iteration", "16", "--num_generations", "4", "--threshold", "-inf",
