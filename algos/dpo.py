@@ -82,6 +82,14 @@ Implementation details (numbered so the tests and the README can point at them):
     mean_token_accuracy. Sums accumulate over every micro-batch since the last log and are reduced across processes
     once. The same with an eval/ prefix on the evaluation pairs, and on toy tasks eval/gold_reward: greedy exact match
     on held-out prompts (common/evaluation.py).
+12. --packing (padding-free micro-batches): with the shared prompt, whole pairs [prompt | chosen | rejected] are
+    packed into rows as long as the micro-batch's longest pair (best-fit decreasing), positions restart at each pair
+    and the block mask of detail 1 is built per pair; otherwise the 2B sequences prompt + completion are packed into
+    rows as long as the longest one with position ids restarting at each sequence and no attention mask, so
+    transformers keeps attention within each sequence (common/packing.py; flash attention's varlen kernels too). The
+    head runs at the K completion tokens only, and their log-probs and statistics go back to (2B, T) per sequence, so
+    everything after the forward (the reference and its precomputed pass, LD-DPO, WPO, RPO, every loss, the metrics)
+    is unchanged: the same sequences and the same loss as padded batches, up to float rounding.
 
 Toy defaults (the benchmark's): the toy SFT policy (toy-sft, about 0.47 held-out exact match) on toy:add pairs
 (chosen = the right sum, rejected = a near miss), 64 pairs per step, β = 0.1, lr 1e-4, 200 steps; a few minutes on 2
@@ -96,6 +104,7 @@ Run:
     python algos/dpo.py --loss_type sigmoid bco_pair sft --loss_weights 0.8 0.2 1.0          # MPO
     python algos/dpo.py --loss_type robust --label_smoothing 0.1 --precompute_ref_log_probs True
     python algos/dpo.py --sync_ref_model True --ref_model_sync_steps 50 --ref_model_mixup_alpha 0.6   # TR-DPO
+    python algos/dpo.py --packing True                                   # padding-free micro-batches (detail 12)
     accelerate launch --multi_gpu --num_processes 2 algos/dpo.py         # same global batch, same result
     python algos/dpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized \
         --learning_rate 5e-7 --max_length 1024 --per_device_train_batch_size 4 --gradient_accumulation_steps 8
@@ -121,7 +130,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -235,6 +244,10 @@ class Args:
     share_prompt: bool = True
     """one row per pair in the forward: chosen and rejected share one copy of the prompt (a block attention mask;
     sdpa or eager attention, else off); False: two rows per pair, as TRL"""
+    packing: bool = False
+    """padding-free micro-batches (detail 12): the micro-batch's pairs (shared prompt) or sequences packed into rows
+    as long as its longest one (best-fit decreasing; positions restart and attention stays within each sequence).
+    The same sequence log-probs and loss as without it, less compute on padding"""
     # --- evaluation
     eval_steps: int = 50
     """evaluate every this many optimizer steps (and at step 0 and at the end); 0: never"""
@@ -490,12 +503,21 @@ def forward_pairs(model, batch: dict, want_log_sum_sq: bool = False, want_entrop
     targets = batch["targets"]
     n, T = targets.shape
     device = targets.device
+    stats = ("mean_logits", "argmax") + ("log_sum_sq",) * want_log_sum_sq + ("entropy",) * want_entropy
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "scatter" in batch:  # packed (detail 12): the K completion tokens, then back into (2B, T) per sequence
+        g, s = batch["gather"], batch["scatter"]
+        logps, named = model_utils.logps_at(model, inputs, batch["logits_to_keep"], g[:, 0], g[:, 1],
+                                            targets[s[:, 0], s[:, 1]], stats=stats)
+
+        def dense(v):  # (K,) -> (2B, T), zeros at padding (masked by completion_mask everywhere)
+            return v.new_zeros((n, T)).index_put((s[:, 0], s[:, 1]), v)
+
+        return dense(logps), {k: dense(v) for k, v in named.items()}
     if batch["pred"] is None:  # two rows per pair: column t of the kept positions predicts token t
         rows, cols = torch.arange(n, device=device)[:, None], torch.arange(T, device=device)[None, :]
     else:  # one row per pair: the predicting positions of the chosen, then of the rejected, tokens
         rows, cols = torch.arange(n // 2, device=device).repeat(2)[:, None], batch["pred"]
-    stats = ("mean_logits", "argmax") + ("log_sum_sq",) * want_log_sum_sq + ("entropy",) * want_entropy
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     return model_utils.logps_at(model, inputs, batch["logits_to_keep"], rows.expand(n, T), cols.expand(n, T),
                                 targets, stats=stats)
 
@@ -581,14 +603,18 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int
     return preference.tokenize_pairs(ds, tokenizer, max_length, max_prompt_length, drop_empty_prompt=True)
 
 
-def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool) -> dict:
+def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool,
+               packing: bool = False) -> dict:
     """A micro-batch of pairs for forward_pairs (detail 1). completion_mask, targets: (2B, T), chosen rows then
     rejected rows.
     share_prompt: one row per pair, [prompt | chosen | rejected | right padding], with position ids restarting after
       the prompt for the rejected tokens and a (B, 1, L, L) attention mask in which every token sees the causal past
       of its own sequence only (rejected tokens never see chosen ones; padding sees itself). mask_dtype: bool (True =
       attend, sdpa attention) or a float dtype (0 or its minimum, added to the scores: eager attention).
-    else: two rows per pair, [left-padded prompt | right-padded completion] (TRL's layout)."""
+    else: two rows per pair, [left-padded prompt | right-padded completion] (TRL's layout).
+    packing: see packed_pair_batch."""
+    if packing:
+        return packed_pair_batch(rows, pad_id, device, share_prompt, mask_dtype)
     chosen, rejected = [r[1] for r in rows], [r[2] for r in rows]
     if not share_prompt:
         b = data.batch_prompt_completion([r[0] for r in rows] * 2, chosen + rejected, pad_id)
@@ -625,6 +651,66 @@ def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_
         mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
     out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": L - first,
            "pred": pred - first, "targets": targets, "completion_mask": cmask}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def packed_pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool) -> dict:
+    """A padding-free micro-batch for forward_pairs (detail 12): completion_mask and targets (2B, T) as pair_batch's,
+    plus `gather` (K, 2) = (row, column) of the position that predicts each of the K completion tokens and `scatter`
+    (K, 2) = (sequence in [chosen | rejected], token) where its log-prob goes back.
+    share_prompt: pairs [prompt | chosen | rejected] packed whole into rows as long as the longest pair (best-fit
+      decreasing), positions restarting at each pair (and after the prompt for the rejected tokens), and a
+      (R, 1, L, L) attention mask in which each token sees the causal past of its own sequence only (pair_batch's
+      block mask, per pair; padding sees itself).
+    else: the 2B sequences prompt + completion packed into rows as long as the longest (common/packing.py): position
+      ids restart at every sequence and no attention mask is passed, so transformers keeps attention within each
+      sequence (any attention implementation, flash attention's varlen kernels included)."""
+    B = len(rows)
+    comps = [r[1] for r in rows] + [r[2] for r in rows]  # chosen then rejected, (2B,)
+    T = max(len(c) for c in comps)
+    targets = torch.tensor([c + [pad_id] * (T - len(c)) for c in comps])
+    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in comps])
+    scatter = [(i, t) for i, c in enumerate(comps) for t in range(len(c))]
+    if not share_prompt:
+        seqs = [r[0] + r[1] for r in rows] + [r[0] + r[2] for r in rows]
+        prompt_lens = [len(r[0]) for r in rows] * 2
+        b = packing.pack_rows(seqs, [[0] * n + [1] * (len(s) - n) for s, n in zip(seqs, prompt_lens)],
+                              max(len(s) for s in seqs), pad_id)
+        out = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "gather": b["pred"]}
+    else:
+        units = [len(p) + len(c) + len(r) for p, c, r in rows]
+        bins = packing.best_fit_decreasing(units, max(units))
+        L = max(sum(units[i] for i in b) for b in bins)
+        ids, pos, unit, part = [], [], [], []  # per row, lists first: one tensor each
+        gather = [None] * (2 * B)  # per sequence, the predicting columns (row, col) of its tokens
+        for r, b in enumerate(bins):
+            ids.append([]), pos.append([]), unit.append([]), part.append([])
+            for i in sorted(b):
+                p, c, rej = rows[i]
+                P, Tc, Tr, at = len(p), len(c), len(rej), len(ids[r])
+                ids[r] += p + c + rej
+                pos[r] += list(range(P + Tc)) + list(range(P, P + Tr))
+                unit[r] += [i] * (P + Tc + Tr)
+                part[r] += [0] * P + [1] * Tc + [2] * Tr
+                gather[i] = [(r, at + P - 1 + t) for t in range(Tc)]
+                gather[B + i] = [(r, at + P - 1)] + [(r, at + P + Tc + t - 1) for t in range(1, Tr)]
+            pad = L - len(ids[r])
+            ids[r] += [pad_id] * pad
+            pos[r] += [0] * pad
+            unit[r] += [-1] * pad
+            part[r] += [3] * pad
+        unit, part = torch.tensor(unit), torch.tensor(part)
+        uq, uk, q, k = unit[:, :, None], unit[:, None, :], part[:, :, None], part[:, None, :]
+        ar = torch.arange(L)
+        mask = (ar[:, None] >= ar[None, :]) & (uq == uk) & ~((q == 2) & (k == 1)) & (k != 3)  # (R, L, L)
+        mask |= torch.eye(L, dtype=torch.bool) & (q == 3)  # padding attends to itself (no empty rows)
+        mask = mask[:, None]
+        if mask_dtype != torch.bool:
+            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+        out = {"input_ids": torch.tensor(ids), "attention_mask": mask, "position_ids": torch.tensor(pos),
+               "gather": torch.tensor([g for gs in gather for g in gs])}
+    out.update({"logits_to_keep": out["input_ids"].shape[1], "pred": None, "scatter": torch.tensor(scatter),
+                "targets": targets, "completion_mask": cmask})
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
@@ -739,7 +825,7 @@ def main(args: Args):
                           "and rejected get their own copy of the prompt, as with --share_prompt False")
     mask_dtype = torch.bool if attn == "sdpa" else next(model.parameters()).dtype
     make_batch = functools.partial(pair_batch, pad_id=tokenizer.pad_token_id, device=device, share_prompt=share,
-                                   mask_dtype=mask_dtype)
+                                   mask_dtype=mask_dtype, packing=args.packing)
     ref_cache = None
     if args.precompute_ref_log_probs:  # detail 3: one pass, then the reference is not held in memory
         ref_cache = load_or_precompute(args, ref_model, train, eval_rows, make_batch, accelerator, resume is not None)

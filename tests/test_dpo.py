@@ -276,6 +276,67 @@ def test_one_forward_per_pair_equals_separate_forwards(layout):
                 torch.testing.assert_close(st["entropy"][j, :k], -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
 
 
+def _pair_loss_and_grads(model, ref, batch, loss_types, ld_alpha, weighting, rpo_alpha):
+    """The training path of main() on one micro-batch: sequence log-probs, reference, WPO, loss and gradients."""
+    model.zero_grad()
+    mask = batch["completion_mask"].float()
+    lp, st = forward_pairs(model, batch, want_log_sum_sq=weighting)
+    seq = ld_sequence_logps(lp, mask, ld_alpha)
+    with torch.no_grad():
+        ref_seq = ld_sequence_logps(forward_pairs(ref, batch)[0], mask, ld_alpha)
+    B, lens = mask.shape[0] // 2, mask.sum(1)
+    q = PairLogps(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], lens[:B], lens[B:], -(lp[:B] * mask[:B]).sum(1))
+    pw = wpo_weights(lp, st["log_sum_sq"], mask) if weighting else None
+    total, parts = combined_loss(q, loss_types, [1.0, 0.5, 2.0], 0.1, pw, rpo_alpha, 3.0, label_smoothing=0.1)
+    loss = total.mean()
+    loss.backward()
+    return lp * mask, seq, ref_seq, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", ["shared_sdpa", "shared_eager", "two_rows"])
+def test_packed_micro_batch_equals_padded(layout):
+    """Detail 12: pairs of very different lengths (prompts 1-30 tokens, completions 1-90) packed padding-free give
+    each sequence's token log-probs, S^θ and S^ref, the loss and every gradient of the padded micro-batch, for loss
+    types that sum, length-normalise (ipo, sigmoid_norm), sort (aot) or take the NLL (sft, rpo), with LD-DPO and WPO;
+    and the rows really are packed (fewer than the padded layout's, no row longer)."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from common import toy
+
+    tok = toy.make_tokenizer()
+    attn = "eager" if layout == "shared_eager" else "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(toy.make_config(tok), attn_implementation=attn)
+    torch.manual_seed(1)
+    ref = AutoModelForCausalLM.from_config(toy.make_config(tok), attn_implementation=attn).eval()
+    rng = random.Random(0)
+
+    def toks(n):
+        return [rng.randrange(5, 40) for _ in range(n)]
+
+    lengths = [(0, 89, 0), (29, 2, 40), (3, 0, 1), (12, 30, 60), (0, 5, 5), (7, 0, 88), (1, 1, 1), (20, 14, 3)]
+    rows = [([1] + toks(p), toks(c) + [2], toks(r) + [2]) for p, c, r in lengths]
+    share = layout != "two_rows"
+    kw = dict(share_prompt=share, mask_dtype=torch.float32 if attn == "eager" else torch.bool)
+    padded = pair_batch(rows, tok.pad_token_id, "cpu", **kw)
+    packed = pair_batch(rows, tok.pad_token_id, "cpu", packing=True, **kw)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert packed["input_ids"].shape[1] <= padded["input_ids"].shape[1]
+    assert torch.equal(packed["completion_mask"], padded["completion_mask"])
+    for loss_types, ld_alpha, weighting, rpo in ((["sigmoid", "ipo", "nca_pair"], 0.5, True, 0.5),
+                                                 (["aot", "sigmoid_norm", "sft"], None, False, None)):
+        a = _pair_loss_and_grads(model, ref, padded, loss_types, ld_alpha, weighting, rpo)
+        b = _pair_loss_and_grads(model, ref, packed, loss_types, ld_alpha, weighting, rpo)
+        for x, y in zip(a[:4], b[:4]):
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+        assert a[4].keys() == b[4].keys()
+        for name in a[4]:
+            torch.testing.assert_close(b[4][name], a[4][name], atol=1e-5, rtol=1e-4, msg=name)
+        assert a[3].item() > 0 and any(g.abs().max() > 1e-3 for g in a[4].values())  # a loss and gradient to match
+
+
 def test_precomputed_cache_reused_only_on_resume_with_the_same_fingerprint(tmp_path):
     from types import SimpleNamespace
 
@@ -421,6 +482,29 @@ def test_accumulation_and_two_processes_match_one_batch(base_run, tmp_path):
             for k in ("loss", "loss/sft", "rewards/margins", "logps/chosen", "bco/delta", "logits/chosen"):
                 assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (out.name, step, k)
         assert _close(_weights(out), _weights(base_run), 1e-5), out.name
+
+
+def test_packing_run_matches_padded_run(base_run, tmp_path):
+    """Detail 12 through the entry point: --packing, with whole pairs packed (shared prompt) and with sequences packed
+    (--share_prompt False), gives the padded run's logged losses and metrics (training and eval) and its weights
+    (MPO with the running δ)."""
+    keys = ["loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "mean_token_accuracy", "bco/delta",
+            "eval/loss", "eval/rewards/margins", "eval/logps/rejected"]
+    want = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
+    assert want[3]["rewards/margins"] != 0.0  # the policy moved: the runs compared trained
+    for layout in ("True", "False"):
+        out = tmp_path / f"packed_share_{layout}"
+        run_script("dpo.py", *FAST, *MPO, "--max_steps", "3", "--output_dir", str(out), "--eval_steps", "3",
+                   "--per_device_train_batch_size", "8", "--num_eval_pairs", "16", "--num_eval_prompts", "8",
+                   "--packing", "True", "--share_prompt", layout)
+        got = {r["step"]: r for r in read_metrics(out) if r["step"] > 0}
+        assert sorted(got) == [1, 2, 3]
+        for step in (1, 2, 3):
+            for k in keys:
+                if k in want[step]:
+                    assert got[step][k] == pytest.approx(want[step][k], rel=1e-5, abs=1e-6), (layout, step, k)
+        assert _close(_weights(out), _weights(base_run), 1e-5), layout
 
 
 def test_resume_is_exact_with_tr_dpo_reference_and_running_delta(tmp_path, toy_policy):
