@@ -30,8 +30,15 @@ Implementation details (numbered so the tests and the README can point at them):
     ρ ≡ 1 (π_old = sg(π_θ)) and its gradient is exactly the paper's.
  6. Aggregation: a mean over sequences per micro-batch; every micro-batch holds the same number of completions, so
     accumulation and DDP averaging give the batch mean.
- 7. Sampler mismatch (vLLM): logged under TRL's sampling/* names, not corrected (TRL 1.16's RLOO loss does not
-    apply an importance-sampling ratio either).
+ 7. Sampler mismatch (vLLM, or the async worker of detail 11; both return their log-probs): each completion's loss
+    term is multiplied by the truncated sequence importance weight
+        c_i = min(exp(Σ_t m_t (log π_old - log π_sampler)), vllm_importance_sampling_cap),
+        L = mean_i -c_i min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i)      (c_i detached)
+    RLOO treats the whole completion as one action (its ratio ρ_i is the product of the token ratios, not GSPO's
+    mean), so its correction is the same product: TRL 1.16 GRPO's 'sequence_truncate' mode (a per-token weight has
+    no per-token term to multiply once ρ_i is clipped as a whole). TRL 1.16's RLOOTrainer does not ask vLLM for
+    log-probs and applies no correction. The gap is logged under TRL's sampling/* names either way; with one
+    iteration and beta = 0, π_old is the training forward's own (detached) log-probs, at no extra forward.
  8. --mask_truncated_completions leaves completions that did not end with EOS out of the loss and of the KL
     penalty; the completion mask comes from generation (cut after the first EOS, EOS kept), never from pad_token_id.
  9. Non-finite safety: a non-finite gradient norm skips the optimizer step (train/skipped_steps); when no reward
@@ -42,6 +49,20 @@ Implementation details (numbered so the tests and the README can point at them):
     policy's tokens and tool and environment tokens get no gradient. Reward functions see the decoded transcript;
     the environment's (or agent program's) summed rewards are the reward source environment_reward. Evaluation
     runs greedy episodes. max_new_tokens is per turn.
+11. Asynchronous generation (--async_generation, common/async_rollout.py; as grpo.py detail 12): a worker samples
+    the next generation batches while the trainer takes its optimizer steps: an HF-generate process holding its own
+    copy of the policy (weights pushed through shared memory after each optimizer step), or with --use_vllm
+    --vllm_mode server the server driven from a thread. Batch j (trained from version j·μ, versions counting
+    optimizer steps) is requested once the trainer holds a version v with j·μ - v <= max_staleness and is sampled by
+    exactly v; its staleness is checked and logged per batch (async/staleness). The worker's log-probs give detail
+    7's correction; the KL penalty (detail 3) still uses π_old, the weights the batch is trained from.
+    max_staleness 0 is the synchronous schedule through the worker: it starts from the trainer's RNG state and
+    weights, so it draws the very samples of the synchronous path (same losses to ~1e-7). A wait longer than
+    --async_timeout stops the run with an error naming the flag; a worker exception is raised with the worker's
+    traceback; the worker is stopped on exit and on errors. Resume: the checkpoint keeps each rank's worker RNG
+    state and the resumed worker starts from the checkpoint's weights; with max_staleness 0 a resumed run repeats
+    the uninterrupted one, with k > 0 the first k batches after a resume are sampled by fresher weights (staleness
+    ramps up 0, 1, .., k as at a start).
 
 Defaults differ from TRL's (k = 2, lr 1e-6) to suit the toy task: k = 8 completions per prompt (as GRPO/GMPO here,
 for a like-for-like benchmark), β = 0.05 (TRL's).
@@ -51,8 +72,10 @@ Run:
     python algos/rloo.py --num_generations 2 --beta 0.0   # two samples, no KL: A_1 = r_1 - r_2 = -A_2
     python algos/rloo.py --dataset_name toy:mul_tool --tools common.toy_agents:calc --max_new_tokens 32 --max_turns 2
     python algos/rloo.py --dataset_name toy:guess --environment common.toy_agents:GuessEnv --max_new_tokens 3 --max_turns 5
+    python algos/rloo.py --async_generation True --max_staleness 1   # sample the next batch during the step (detail 11)
     accelerate launch --multi_gpu --num_processes 2 algos/rloo.py --per_device_train_batch_size 32   # same update as 1 process x 64
     bash benchmarks/pg.sh                                 # 3 seeds of GRPO, GMPO, RLOO -> benchmarks/results/pg
+    python benchmarks/async_grpo.py --script rloo         # sync vs async steps/s and gold reward
 """
 
 from __future__ import annotations
@@ -69,7 +92,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rollout, tracking
-from common import agents, peft_utils, rewards as reward_utils
+from common import agents, async_rollout, peft_utils, rewards as reward_utils
 from common.generation import build_generator
 
 
@@ -160,6 +183,21 @@ class Args:
     """fraction of GPU memory vLLM may take (colocate)"""
     vllm_kv_cache_gb: float = 1.0
     """CPU KV-cache space for vLLM on CPU"""
+    vllm_importance_sampling_cap: float | None = 3.0
+    """when the sampler returns its log-probs: multiply each completion's loss by min(π_old/π_sampler of the whole
+    completion, cap) (truncated importance sampling, detail 7); None: only log the mismatch"""
+    # --- asynchronous generation (common/async_rollout.py, detail 11)
+    async_generation: bool = False
+    """sample the next generation batches in a worker (an HF-generate process; with --use_vllm, the vLLM server)
+    while the trainer takes its optimizer steps; the sampler's log-probs give the truncated importance-sampling
+    correction of vllm_importance_sampling_cap"""
+    max_staleness: int = 1
+    """with --async_generation: a batch is sampled by weights at most this many optimizer steps older than the ones
+    its first optimizer step starts from (0: the synchronous schedule, through the worker)"""
+    async_timeout: float = 600.0
+    """seconds the trainer waits for the generation worker (a weight push or a batch) before it stops with an error"""
+    async_worker_threads: int = 0
+    """torch threads of the generation worker process (0: as many as the trainer uses)"""
     # --- rewards
     reward_funcs: list[str] | None = None
     """reward functions: 'add'/'reverse' (toy gold rewards), 'path/file.py:fn', 'module:fn', 'model:<name or dir>';
@@ -276,13 +314,26 @@ def sequence_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Ten
     return torch.exp(((logps - old_logps) * mask).sum(1))
 
 
+def sequence_is_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                        cap: float) -> torch.Tensor:
+    """c (B,) = min(exp(Σ_t m (ℓ_old - ℓ_sampler)), cap): the truncated importance weight π_old/π_sampler of each
+    whole completion (detail 7)."""
+    assert old_logps.shape == sampler_logps.shape == mask.shape
+    return torch.exp(((old_logps - sampler_logps) * mask).sum(1)).clamp(max=cap)
+
+
 def rloo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              epsilon: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean_i -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i); on-policy (ρ ≡ 1) its gradient is -mean_i A_i ∇S_θ(y_i).
-    logps, old_logps, mask: (B, T); advantages: (B,). Returns (loss, ρ (B,))."""
+              epsilon: float, epsilon_high: float,
+              is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean_i -c_i min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i); on-policy (ρ ≡ 1, c ≡ 1) its gradient is
+    -mean_i A_i ∇S_θ(y_i). logps, old_logps, mask: (B, T); advantages, is_weights (c of detail 7; None: 1): (B,).
+    Returns (loss, ρ (B,))."""
     assert advantages.shape == (logps.shape[0],)
     ratio = sequence_ratio(logps, old_logps, mask)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon_high) * advantages)
+    if is_weights is not None:  # detail 7: truncated importance weight to the sampler, not differentiated
+        assert is_weights.shape == advantages.shape
+        surrogate = surrogate * is_weights.detach()
     return -surrogate.mean(), ratio
 
 
@@ -291,6 +342,20 @@ def check_args(args: Args) -> int:
     """Reject bad flag combinations before anything is loaded; returns the prompts per process and generation."""
     if args.beta < 0:
         raise ValueError("--beta must be >= 0")
+    if args.vllm_importance_sampling_cap is not None and args.vllm_importance_sampling_cap <= 0:
+        raise ValueError(f"--vllm_importance_sampling_cap must be > 0 (or None), got "
+                         f"{args.vllm_importance_sampling_cap}")
+    if args.async_generation:
+        if args.max_staleness < 0:
+            raise ValueError(f"--max_staleness must be >= 0 (optimizer steps), got {args.max_staleness}")
+        if args.async_timeout <= 0:
+            raise ValueError(f"--async_timeout must be > 0 seconds, got {args.async_timeout}")
+        if args.tools or args.environment or args.agent_command:
+            raise ValueError("--async_generation samples single-turn completions: drop it with --tools, "
+                             "--environment or --agent_command")
+        if args.use_vllm and args.vllm_mode != "server":
+            raise ValueError("--async_generation with --use_vllm needs --vllm_mode server (a colocated engine shares "
+                             "the trainer's process); or drop --use_vllm to sample in an HF-generate worker process")
     return check_batch(args)
 
 
@@ -378,7 +443,7 @@ def main(args: Args):
     extra_columns = {c: ds[c] for c in ds.column_names if c != "prompt"}  # passed on to the reward functions
     sources = reward_utils.RewardSources(specs, args.reward_weights, args.dataset_name, device)
     peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
-    resume = checkpoint.prepare_output_dir(args)
+    resume = checkpoint.prepare_output_dir(args, may_change=("async_timeout", "async_worker_threads"))
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
@@ -414,155 +479,200 @@ def main(args: Args):
                                          accelerator=accelerator)
 
     def save(step: int):
-        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "skipped_steps": skipped},
+        extra = {"elapsed": tracker.elapsed(), "num_tokens": num_tokens, "skipped_steps": skipped}
+        if worker_rng is not None:  # every rank's worker RNG, where its next batch's sampling starts (detail 11)
+            extra["async_rng"] = accelerator.gather(worker_rng[None].to(device)).cpu()
+        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args, extra,
                                    args.save_total_limit)
 
-    if start_step == 0 and args.eval_steps and eval_ds is not None:
-        tracker.log(evaluate(), 0, args.max_steps)
+    def round_rows(gen_round: int) -> list[int]:  # this process's prompts of generation batch gen_round
+        indices = data.batch_indices(len(ds), prompts_per_process * W, gen_round, args.seed)
+        return indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
+
+    async_ro, worker_rng = None, None
+    if args.async_generation:  # detail 11: the worker samples ahead, from weights at most max_staleness steps old
+        saved = state.get("async_rng")
+        if args.use_vllm:
+            worker = async_rollout.ThreadWorker(generator, accelerator, args.async_timeout)
+        else:
+            worker = async_rollout.ProcessWorker.for_policy(
+                model, tokenizer, generator.cfg, accelerator, args.async_timeout, args.async_worker_threads,
+                rng_state=saved[rank] if saved is not None and len(saved) == W else None)
+        async_ro = async_rollout.AsyncRollout(worker, lambda r: [prompt_ids[i] for i in round_rows(r)], G, mu,
+                                              args.max_staleness, -(-args.max_steps // mu))
 
     window, first_rewards = defaultdict(list), []  # per-step metrics since the last log; rewards until the first log
     batch = None
-    model.train()
-    for step in range(start_step, args.max_steps):
-        if batch is None or step % mu == 0:
-            # ---------------------------------------------------------------- generate (every μ steps)
-            t0 = time.time()
-            gen_round = step // mu
-            indices = data.batch_indices(len(ds), prompts_per_process * W, gen_round, args.seed)
-            local = indices[rank * prompts_per_process:(rank + 1) * prompts_per_process]
-            p_ids = [prompt_ids[i] for i in local]
-            if agent is None:
-                out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
-            else:  # multi-turn episodes, same row layout (detail 10)
-                out = agent.rollout(generator, model, p_ids, [ds[i] for i in local], G)
-            gen_time = time.time() - t0
-            batch = rollout_batch(p_ids, out, G, tokenizer.pad_token_id, args.mask_truncated_completions, device)
-            if agent is not None:  # tool and environment tokens: no loss, no KL penalty
-                batch["loss_mask"] = batch["loss_mask"] * out.policy_mask.to(device)
+    try:
+        if async_ro is not None:
+            async_ro.start(model, start_step)  # the first batches are sampled during the step-0 evaluation
+        if start_step == 0 and args.eval_steps and eval_ds is not None:
+            tracker.log(evaluate(), 0, args.max_steps)
+        model.train()
+        for step in range(start_step, args.max_steps):
+            if batch is None or step % mu == 0:
+                # ---------------------------------------------------------------- generate (every μ steps)
+                t0 = time.time()
+                gen_round = step // mu
+                local = round_rows(gen_round)
+                p_ids = [prompt_ids[i] for i in local]
+                if async_ro is not None:  # sampled ahead by the worker, with its log-probs (detail 11)
+                    out, info = async_ro.get(gen_round, step)
+                    worker_rng = async_rollout.worker_rng_state(info)
+                    window["async/staleness"].append(float(info["staleness"]))
+                    window["async/wait_seconds"].append(info["wait"])  # the trainer waited for the worker
+                    window["async/sampling_seconds"].append(info["seconds"])  # the worker sampled the batch
+                elif agent is None:
+                    out = generator.generate(model, p_ids, n=G)  # (N, T), row i*G + j = sample j of prompt i
+                else:  # multi-turn episodes, same row layout (detail 10)
+                    out = agent.rollout(generator, model, p_ids, [ds[i] for i in local], G)
+                gen_time = info["seconds"] if async_ro is not None else time.time() - t0
+                batch = rollout_batch(p_ids, out, G, tokenizer.pad_token_id, args.mask_truncated_completions, device)
+                if agent is not None:  # tool and environment tokens: no loss, no KL penalty
+                    batch["loss_mask"] = batch["loss_mask"] * out.policy_mask.to(device)
 
-            # ---------------------------------------------------------------- score (detail 2)
-            prompts, columns = rollout.repeat_rows(local, ds["prompt"], extra_columns, G)
-            if agent is not None:
-                columns["env_reward"] = out.env_rewards
-            rpf = sources(prompts, rollout.as_completions(prompts, out.texts), batch["completion_ids"], columns)
-            rpf_all = distributed.gather_cat(accelerator, rpf)  # (N_all, F): 'batch' scaling and metrics need all
+                # ---------------------------------------------------------------- score (detail 2)
+                prompts, columns = rollout.repeat_rows(local, ds["prompt"], extra_columns, G)
+                if agent is not None:
+                    columns["env_reward"] = out.env_rewards
+                rpf = sources(prompts, rollout.as_completions(prompts, out.texts), batch["completion_ids"], columns)
+                rpf_all = distributed.gather_cat(accelerator, rpf)  # (N_all, F): 'batch' scaling and metrics need all
 
-            # ---------------------------------------------------------------- old/ref log-probs, KL-shaped rewards
-            old_logps, ref_logps = [None] * A_steps, [None] * A_steps
-            need_old = mu > 1 or out.sampler_logps is not None or ref_model is not None  # detail 3, 5
-            # one iteration over one micro-batch: the update's own forward gives π_old (its values, detached), so it
-            # runs here, with gradient, and the optimizer step below reuses it (one policy forward saved)
-            kept = None
-            if need_old and mu == 1 and A_steps == 1 and out.sampler_logps is None:
-                kept = sequence_logps(model, batch, slice(0, B), args.temperature, return_entropy=True)
-                old_logps[0] = kept[0][0].detach()
-            with torch.no_grad():
-                for m in range(A_steps):
-                    rows = slice(m * B, (m + 1) * B)
-                    if need_old and kept is None:
-                        old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
-                    if ref_model is not None:
-                        ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
-            r = combine_rewards(rpf, sources.weights).to(device)  # (N,)
-            N = r.shape[0]
-            shaped, kl_seq = r.clone(), torch.zeros(N, device=device)
-            if ref_model is not None:  # micro-batch by micro-batch (each has its own padded length)
-                for m in range(A_steps):
-                    rows = slice(m * B, (m + 1) * B)
-                    T_m = old_logps[m].shape[1]
-                    shaped[rows], kl_seq[rows] = kl_shaped_rewards(r[rows], old_logps[m], ref_logps[m],
-                                                                   batch["loss_mask"][rows, :T_m], args.beta)
-
-            # ---------------------------------------------------------------- leave-one-out advantages (detail 2, 4)
-            shaped_all = distributed.gather_cat(accelerator, shaped.cpu())  # groups are local; normalisation is not
-            adv_all = leave_one_out_advantages(shaped_all, G, args.normalize_advantages)
-            advantages = adv_all[rank * N:(rank + 1) * N].to(device)
-            r_all = combine_rewards(rpf_all, sources.weights)  # for the metrics
-            if ref_model is not None:
-                kl_tokens = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())
-                window["kl"].append(distributed.gather_sum(accelerator, kl_seq.sum().item()) / max(kl_tokens, 1))
-                window["reward_with_kl"].append(torch.nanmean(shaped_all).item())
-
-            # ---- plumbing (safe to skip): rollout metrics over every process, sample completions
-            if out.sampler_logps is not None:  # detail 7: logged, not corrected
-                window_add(window, rollout.sampler_gap_metrics(
-                    accelerator, old_logps, [out.sampler_logps[m * B:(m + 1) * B] for m in range(A_steps)],
-                    [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
-            window_add(window, sources.metrics(rpf_all))
-            window_add(window, rollout.completion_metrics(accelerator, batch["completion_mask"], out.terminated))
-            if agent is not None:
-                window_add(window, agents.episode_metrics(accelerator, out))
-            scored = r_all[~torch.isnan(r_all)]
-            window["reward"].append(scored.mean().item() if scored.numel() else float("nan"))
-            window["reward_std"].append(scored.std().item() if scored.numel() > 1 else 0.0)
-            window["frac_reward_zero_std"].append(rollout.frac_zero_std(r_all, G))
-            gen_tokens = distributed.gather_sum(accelerator, batch["completion_mask"].sum().item())
-            window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9))
-            num_tokens += gen_tokens + distributed.gather_sum(accelerator, sum(len(p) for p in p_ids) * G)
-            if not sources.checked:
-                first_rewards.append(rpf_all)
-            if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
-                tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
-                                            **{n: rpf[i, f].item() for f, n in enumerate(sources.names)},
-                                            "advantage": advantages[i].item()}
-                                           for i in range(min(args.num_completions_to_log, N))])
-
-        # ---------------------------------------------------------------- one optimizer step over the batch
-        t0 = time.time()
-        sums = defaultdict(float)
-        for m in range(A_steps):
-            rows = slice(m * B, (m + 1) * B)
-            with accelerator.accumulate(model):
-                (logps, entropy), T = kept if kept is not None else sequence_logps(model, batch, rows,
-                                                                                    args.temperature, True)
+                # ---------------------------------------------------------------- old/ref log-probs, KL-shaped rewards
+                old_logps, ref_logps = [None] * A_steps, [None] * A_steps
+                sampler_lp = [None if out.sampler_logps is None else out.sampler_logps[m * B:(m + 1) * B].to(device)
+                              for m in range(A_steps)]  # detail 7: the sampler's log-probs, when it gave them
+                # π_old before the step: for the reuse (detail 5) and the KL penalty (detail 3); otherwise it is the
+                # step's own forward, detached (detail 7's correction needs no extra forward then)
+                need_old = mu > 1 or ref_model is not None
+                # one iteration over one micro-batch: the update's own forward gives π_old (its values, detached), so
+                # it runs here, with gradient, and the optimizer step below reuses it (one policy forward saved)
                 kept = None
-                mask = batch["loss_mask"][rows, :T]
-                old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one iteration: ρ exactly 1
-                adv = advantages[rows]
-                # detail 6: a sequence mean per micro-batch; accelerate's 1/accumulation and DDP's mean give the batch's
-                loss, ratio = rloo_loss(logps, old, adv, mask, eps_low, eps_high)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                                            args.max_grad_norm)
-                    skipped += not stepped
-            with torch.no_grad():
-                low = (ratio < 1 - eps_low) & (adv < 0)  # the clip takes effect (sequence level)
-                high = (ratio > 1 + eps_high) & (adv > 0)
-                sums["loss"] += loss.item()
-                sums["tokens"] += mask.sum().item()
-                sums["entropy"] += (entropy * mask).sum().item()
-                sums["seqs"] += float(ratio.numel())
-                sums["clip_low"] += low.sum().item()
-                sums["clip_high"] += high.sum().item()
-                sums["clip_region"] += (low | high).sum().item()
-        generator.sync_weights(model)
+                if need_old and mu == 1 and A_steps == 1:
+                    kept = sequence_logps(model, batch, slice(0, B), args.temperature, return_entropy=True)
+                    old_logps[0] = kept[0][0].detach()
+                with torch.no_grad():
+                    for m in range(A_steps):
+                        rows = slice(m * B, (m + 1) * B)
+                        if need_old and kept is None:
+                            old_logps[m], _ = sequence_logps(model, batch, rows, args.temperature)
+                        if ref_model is not None:
+                            ref_logps[m], _ = sequence_logps(ref_model, batch, rows, args.temperature)
+                r = combine_rewards(rpf, sources.weights).to(device)  # (N,)
+                N = r.shape[0]
+                shaped, kl_seq = r.clone(), torch.zeros(N, device=device)
+                if ref_model is not None:  # micro-batch by micro-batch (each has its own padded length)
+                    for m in range(A_steps):
+                        rows = slice(m * B, (m + 1) * B)
+                        T_m = old_logps[m].shape[1]
+                        shaped[rows], kl_seq[rows] = kl_shaped_rewards(r[rows], old_logps[m], ref_logps[m],
+                                                                       batch["loss_mask"][rows, :T_m], args.beta)
 
-        # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
-        train_time = time.time() - t0
-        tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
-        ntok = max(tot["tokens"], 1)
-        window["loss"].append(tot["loss"] / (A_steps * W))
-        window["entropy"].append(tot["entropy"] / ntok)
-        for k_ in ("low", "high", "region"):  # fractions of sequences
-            window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / max(tot["seqs"], 1))
-        window["grad_norm"].append(sums["grad_norm"])
-        window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
-        done = step + 1
-        if done % args.logging_steps == 0 or done == args.max_steps:
-            if first_rewards:
-                sources.check_varies(first_rewards, accelerator.is_main_process)
-                first_rewards = []
-            metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
-            metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0],
-                            "train/skipped_steps": skipped})
-            window = defaultdict(list)
-            if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
-                metrics.update(evaluate())
-            tracker.log(metrics, done, args.max_steps)
-        if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
-            save(done)
+                # ------------------------------------------------------------ leave-one-out advantages (detail 2, 4)
+                shaped_all = distributed.gather_cat(accelerator, shaped.cpu())  # groups are local; normalisation is not
+                adv_all = leave_one_out_advantages(shaped_all, G, args.normalize_advantages)
+                advantages = adv_all[rank * N:(rank + 1) * N].to(device)
+                r_all = combine_rewards(rpf_all, sources.weights)  # for the metrics
+                if ref_model is not None:
+                    kl_tokens = distributed.gather_sum(accelerator, batch["loss_mask"].sum().item())
+                    window["kl"].append(distributed.gather_sum(accelerator, kl_seq.sum().item()) / max(kl_tokens, 1))
+                    window["reward_with_kl"].append(torch.nanmean(shaped_all).item())
+
+                # ---- plumbing (safe to skip): rollout metrics over every process, sample completions
+                if out.sampler_logps is not None and need_old:  # (otherwise after the step, from its forward)
+                    window_add(window, rollout.sampler_gap_metrics(
+                        accelerator, old_logps, sampler_lp,
+                        [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
+                window_add(window, sources.metrics(rpf_all))
+                window_add(window, rollout.completion_metrics(accelerator, batch["completion_mask"], out.terminated))
+                if agent is not None:
+                    window_add(window, agents.episode_metrics(accelerator, out))
+                scored = r_all[~torch.isnan(r_all)]
+                window["reward"].append(scored.mean().item() if scored.numel() else float("nan"))
+                window["reward_std"].append(scored.std().item() if scored.numel() > 1 else 0.0)
+                window["frac_reward_zero_std"].append(rollout.frac_zero_std(r_all, G))
+                gen_tokens = distributed.gather_sum(accelerator, batch["completion_mask"].sum().item())
+                window["tokens_per_second/generation"].append(gen_tokens / max(gen_time, 1e-9))
+                num_tokens += gen_tokens + distributed.gather_sum(accelerator, sum(len(p) for p in p_ids) * G)
+                if not sources.checked:
+                    first_rewards.append(rpf_all)
+                if args.log_completions_steps and gen_round % max(1, args.log_completions_steps // mu) == 0:
+                    tracker.log_samples(step, [{"prompt": prompts[i], "completion": out.texts[i],
+                                                **{n: rpf[i, f].item() for f, n in enumerate(sources.names)},
+                                                "advantage": advantages[i].item()}
+                                               for i in range(min(args.num_completions_to_log, N))])
+
+            # ---------------------------------------------------------------- one optimizer step over the batch
+            t0 = time.time()
+            sums, trainer_lp = defaultdict(float), [None] * A_steps
+            for m in range(A_steps):
+                rows = slice(m * B, (m + 1) * B)
+                with accelerator.accumulate(model):
+                    (logps, entropy), T = kept if kept is not None else sequence_logps(model, batch, rows,
+                                                                                        args.temperature, True)
+                    kept = None
+                    mask = batch["loss_mask"][rows, :T]
+                    old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one iteration: ρ exactly 1
+                    adv = advantages[rows]
+                    is_w = None
+                    if sampler_lp[m] is not None:  # detail 7: truncated importance sampling to the sampler
+                        trainer_lp[m] = old
+                        if args.vllm_importance_sampling_cap is not None:
+                            is_w = sequence_is_weights(old, sampler_lp[m][:, :T], mask,
+                                                       args.vllm_importance_sampling_cap)
+                    # detail 6: a sequence mean per micro-batch (accelerate's 1/accumulation, DDP's mean: the batch's)
+                    loss, ratio = rloo_loss(logps, old, adv, mask, eps_low, eps_high, is_w)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        sums["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer,
+                                                                                scheduler, args.max_grad_norm)
+                        skipped += not stepped
+                with torch.no_grad():
+                    low = (ratio < 1 - eps_low) & (adv < 0)  # the clip takes effect (sequence level)
+                    high = (ratio > 1 + eps_high) & (adv > 0)
+                    sums["loss"] += loss.item()
+                    sums["tokens"] += mask.sum().item()
+                    sums["entropy"] += (entropy * mask).sum().item()
+                    sums["seqs"] += float(ratio.numel())
+                    sums["clip_low"] += low.sum().item()
+                    sums["clip_high"] += high.sum().item()
+                    sums["clip_region"] += (low | high).sum().item()
+            if async_ro is not None:
+                async_ro.weights_updated(model, step + 1)  # push, and request the batches now allowed (detail 11)
+            else:
+                generator.sync_weights(model)
+            if sampler_lp[0] is not None and not need_old:
+                window_add(window, rollout.sampler_gap_metrics(
+                    accelerator, trainer_lp, sampler_lp,
+                    [batch["completion_mask"][m * B:(m + 1) * B] for m in range(A_steps)]))
+
+            # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
+            train_time = time.time() - t0
+            tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
+            ntok = max(tot["tokens"], 1)
+            window["loss"].append(tot["loss"] / (A_steps * W))
+            window["entropy"].append(tot["entropy"] / ntok)
+            for k_ in ("low", "high", "region"):  # fractions of sequences
+                window[f"clip_ratio/{k_}_mean"].append(tot[f"clip_{k_}"] / max(tot["seqs"], 1))
+            window["grad_norm"].append(sums["grad_norm"])
+            window["tokens_per_second/training"].append(tot["tokens"] / max(train_time, 1e-9))
+            done = step + 1
+            if done % args.logging_steps == 0 or done == args.max_steps:
+                if first_rewards:
+                    sources.check_varies(first_rewards, accelerator.is_main_process)
+                    first_rewards = []
+                metrics = {k_: sum(v) / len(v) for k_, v in window.items() if v}
+                metrics.update({"num_tokens": num_tokens, "learning_rate": scheduler.get_last_lr()[0],
+                                "train/skipped_steps": skipped})
+                window = defaultdict(list)
+                if args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps):
+                    metrics.update(evaluate())
+                tracker.log(metrics, done, args.max_steps)
+            if args.save_steps and done % args.save_steps == 0 and done % mu == 0 and done < args.max_steps:
+                save(done)
+    finally:
+        if async_ro is not None:
+            async_ro.close()
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
