@@ -38,10 +38,14 @@ Implementation details (numbered so the tests and the README can point at them):
     as scikit-learn's default C = 1, L-BFGS in float64, the same on every process). During training the
     embeddings come for free from the reference forward of each row (causal attention: the prompt positions see only
     the prompt). The classifier is saved with each checkpoint and restored on resume (not refitted).
- 4. One policy forward with gradient per micro-batch over [left-padded prompt | right-padded completion] rows, only
-    the logits that predict completion tokens (`logits_to_keep`), log-probs through a chunked float32 log-softmax;
-    the reference runs on the same batch without gradient. Dropout is off in both (TRL's disable_dropout default),
-    so a policy equal to its reference gives r = 0 exactly.
+ 4. One policy forward with gradient per micro-batch over [left-padded prompt | right-padded completion] rows, or
+    with --packing over the sequences packed into rows as long as the longest (common/packing.py: positions restart
+    at every sequence and attention stays within it, no padding inside a row's sequences), each example's S summed
+    back from its tokens. The model runs to its final hidden states; the output head and the float32 log-softmax are
+    applied only at the positions that predict completion tokens, a block at a time, forward and backward
+    (common/model.py's chunked head), so no (B, T, V) logits tensor is made. The reference runs on the same batch
+    without gradient (and gives the UDM prompt embeddings from the same hidden states). Dropout is off in both
+    (TRL's disable_dropout default), so a policy equal to its reference gives r = 0 exactly.
  5. The loss is Σ L over the micro-batch / N (global batch); the backward undoes accelerate's 1/accumulation and
     DDP's 1/processes. Optimizer steps go through distributed.optimizer_step (a non-finite gradient norm skips the
     step, counted as train/skipped_steps).
@@ -62,6 +66,7 @@ the right sum or a near miss, about half each), 64 examples per step, β = 0.1, 
 Run:
     python algos/bco.py                                            # BCO on toy:add from the toy SFT policy
     python algos/bco.py --udm True                                 # with the density-ratio reweighting
+    python algos/bco.py --packing True                             # padding-free micro-batches (detail 4)
     python algos/bco.py --dataset_name my_pairs.jsonl --eval_fraction 0.05   # preference data, converted
     accelerate launch --multi_gpu --num_processes 2 algos/bco.py   # same global batch, same result
     python algos/bco.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k \
@@ -84,7 +89,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -154,6 +159,10 @@ class Args:
     """longest prompt+completion kept: completions are cut from the right (the prompt is kept); None: no limit"""
     max_prompt_length: int | None = None
     """prompts longer than this keep their last tokens (cut from the left); None: no limit of its own"""
+    packing: bool = False
+    """padding-free micro-batches: the micro-batch's [prompt | completion] sequences packed into rows as long as the
+    longest (best-fit decreasing; positions restart and attention stays within each sequence; common/packing.py).
+    The same sequences and loss as without it, less compute on padding"""
     # --- the loss
     beta: float = 0.1
     """β: the implicit reward scale (higher = closer to the reference)"""
@@ -198,7 +207,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- math
-# Shapes: B examples per micro-batch, N per optimizer step (global), T completion tokens, H hidden size.
+# Shapes: B examples per micro-batch, N per optimizer step (global), T completion tokens (padded), K completion tokens
+# of a micro-batch (both layouts), H hidden size.
 def bco_losses(rewards: torch.Tensor, desirable: torch.Tensor, delta: float,
                undesirable_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example losses (B,) from implicit rewards r = β(S^θ - S^ref) (B,), labels (B,) bool (True = desirable),
@@ -250,44 +260,87 @@ def density_ratio_weights(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lo:
 
 
 # ----------------------------------------------------------------------------- forwards
-def token_statistics(logits: torch.Tensor, want_entropy: bool, chunk: int = 4096) -> dict:
-    """No-grad per-token statistics of logits (B, T, V), one row block at a time: the mean logit over the vocabulary
-    (B, T), float32, and optionally the entropy (B, T)."""
-    with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        out = {"mean_logits": flat.mean(-1, dtype=torch.float32)}
-        if want_entropy:
-            ent = []
-            for s in range(0, flat.shape[0], chunk):
-                lp = torch.log_softmax(flat[s:s + chunk].float(), -1)
-                ent.append(-(lp.exp() * lp).sum(-1))
-            out["entropy"] = torch.cat(ent)
-        return {k: v.view(logits.shape[:2]) for k, v in out.items()}
+# Both layouts (detail 4) describe the trained tokens the same way: K completion tokens, `pred` (K, 2) = (row, column)
+# of the position whose output predicts each, `targets` (K,), `seq` (K,) = the example each belongs to, `n` examples,
+# `keep` = how many last positions of each row the forward keeps (pred's columns are full-row columns); and the M
+# prompt tokens (detail 3): `prompt_pos` (M, 2), `prompt_seq` (M,).
+def padded_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+                 max_length: int | None = None) -> dict:
+    """[left-padded prompt | right-padded completion] rows (B, P+T) (common/preference.py) and their completion and
+    prompt tokens in the shared description above."""
+    b = preference.completion_batch(prompts, completions, pad_id, device, max_length)
+    L, T = b["input_ids"].shape[1], b["completion_mask"].shape[1]
+    rows, t = b["completion_mask"].nonzero(as_tuple=True)  # (K,): example by example, tokens in order
+    prompt_pos = b["attention_mask"][:, :L - T].nonzero()  # (M, 2)
+    b.update(position_ids=model_utils.position_ids_from_mask(b["attention_mask"]), keep=T + 1,
+             pred=torch.stack([rows, L - T - 1 + t], 1), targets=b["input_ids"][rows, L - T + t], seq=rows,
+             n=len(prompts), prompt_pos=prompt_pos, prompt_seq=prompt_pos[:, 0])
+    return b
+
+
+def packed_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+                 max_length: int | None = None) -> dict:
+    """--packing: the [prompt | completion] sequences packed into rows as long as the longest (common/packing.py:
+    best-fit decreasing, positions restart at every sequence, attention stays within it), no padding inside a
+    sequence; the completions cut as in padded_batch, so the same K tokens are trained."""
+    if max_length:
+        completions = [c[:max(1, max_length - len(p))] for p, c in zip(prompts, completions)]
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    b = packing.pack_rows(seqs, [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)],
+                          max(len(q) for q in seqs), pad_id, device)
+    starts = [(int(r), int(c) - len(q) + 1) for (r, c), q in zip(b["last"].tolist(), seqs)]
+    prompt_pos = [(r, c + j) for (r, c), p in zip(starts, prompts) for j in range(len(p))]
+    b.update(attention_mask=None, keep=b["input_ids"].shape[1], n=len(seqs),
+             prompt_pos=torch.tensor(prompt_pos, dtype=torch.long, device=device).view(-1, 2),
+             prompt_seq=torch.tensor([i for i, p in enumerate(prompts) for _ in p], dtype=torch.long, device=device))
+    return b
+
+
+def per_example(n: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sums (n, ...) of per-token values (K, ...) over the tokens of each example (index (K,))."""
+    return torch.zeros((n,) + values.shape[1:], dtype=values.dtype, device=values.device).index_add(0, index, values)
+
+
+def sequence_logps(model, batch: dict, want_stats: bool = False, want_entropy: bool = False,
+                   want_embedding: bool = False):
+    """S (B,) of a batch in either layout (detail 4); with want_stats the no-grad per-example sums over its
+    completion tokens of the mean logit (over the vocabulary), of the entropy (want_entropy) and the token count;
+    with want_embedding the prompt embeddings (B, H) (detail 3). The model runs to its final hidden states; the
+    output head and the float32 log-softmax are applied only at the K predicting positions, a block at a time
+    (common/model.py's chunked head), so no (B, T, V) logits tensor is made, forward or backward (models whose logits
+    are not a plain head of the hidden state get them from the forward)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    L, pred, n = batch["input_ids"].shape[1], batch["pred"], batch["n"]
+    keep = L if want_embedding else batch["keep"]  # the embeddings need the prompt positions too
+    rows, cols = pred[:, 0], pred[:, 1] - (L - keep)
+    stats = (("mean_logits",) + ("entropy",) * want_entropy) if want_stats else ()
+    head = model_utils.chunked_head(model)
+    if head is not None:
+        hidden = model_utils.hidden_before_head(model, head, keep, **inputs)  # (R, keep, H)
+        out = model_utils.head_logps(hidden[rows, cols], head, batch["targets"], stats=stats)
+        token_logps, st = out if stats else (out, None)
+    else:
+        o = model(**inputs, logits_to_keep=keep, use_cache=False, output_hidden_states=want_embedding)
+        hidden = o.hidden_states[-1] if want_embedding else None  # after the final norm, as fed to the head
+        logits = o.logits[rows, cols]  # (K, V)
+        token_logps = model_utils.selective_log_softmax(logits, batch["targets"])
+        st = model_utils.logits_stats(logits, stats) if stats else None
+    seq = per_example(n, batch["seq"], token_logps)  # (B,)
+    if st is not None:
+        st = {**{k: per_example(n, batch["seq"], v) for k, v in st.items()},
+              "tokens": per_example(n, batch["seq"], torch.ones_like(token_logps.detach()))}
+    emb = None
+    if want_embedding:  # the mean over each prompt's tokens of the final hidden states
+        pr, ps = batch["prompt_pos"], batch["prompt_seq"]
+        emb = per_example(n, ps, hidden[pr[:, 0], pr[:, 1]].detach().float())
+        emb = emb / per_example(n, ps, torch.ones(len(ps), device=emb.device)).clamp(min=1)[:, None]
+    return seq, st, emb
 
 
 def prompt_mean(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
     """Mean over prompt tokens (B, H) of hidden states (B, P, H) under a 0/1 prompt mask (B, P)."""
     m = prompt_mask.to(hidden.dtype)[..., None]
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def sequence_logps(model, batch: dict, want_stats: bool = False, want_entropy: bool = False,
-                   want_embedding: bool = False):
-    """S (B,) of [prompt | completion] rows (detail 4), the no-grad token statistics, and the prompt embeddings
-    (B, H) (detail 3) when asked."""
-    T = batch["completion_mask"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]), logits_to_keep=T + 1,
-                use_cache=False, output_hidden_states=want_embedding)
-    logits = out.logits[:, :-1]  # (B, T, V): position t-1 predicts token t
-    token_logps = model_utils.selective_log_softmax(logits, batch["input_ids"][:, -T:])  # (B, T)
-    seq = (token_logps * batch["completion_mask"]).sum(1)  # (B,)
-    stats = token_statistics(logits, want_entropy) if want_stats else None
-    emb = None
-    if want_embedding:
-        P = batch["input_ids"].shape[1] - T
-        emb = prompt_mean(out.hidden_states[-1][:, :P].detach().float(), batch["attention_mask"][:, :P])
-    return seq, stats, emb
 
 
 @torch.no_grad()
@@ -430,7 +483,8 @@ def main(args: Args):
                       f"steps -> {args.output_dir}")
 
     def batch_of(rows):
-        return preference.completion_batch([r[0] for r in rows], [r[1] for r in rows], pad_id, device)
+        return (packed_batch if args.packing else padded_batch)([r[0] for r in rows], [r[1] for r in rows], pad_id,
+                                                               device)
 
     @torch.no_grad()
     def reference(batch):
@@ -453,21 +507,21 @@ def main(args: Args):
                    if args.udm else None)
         losses = bco_losses(rewards, desirable, delta, weights)
         with torch.no_grad():
-            mask = batch["completion_mask"].float()
+            ntok = st["tokens"].double()
             r = rewards.detach().double()
             d, u = desirable.double(), (~desirable).double()
-            tok_logits = (st["mean_logits"] * mask).sum(1).double()
+            tok_logits = st["mean_logits"].double()
             vals = {"examples": float(len(rows)), "loss": losses.sum(), "count/chosen": d.sum(),
                     "count/rejected": u.sum(),
                     "rewards/chosen": (r * d).sum(), "rewards/rejected": (r * u).sum(),
                     "logps/chosen": (seq * d).sum(), "logps/rejected": (seq * u).sum(),
                     "logits/chosen": (tok_logits * d).sum(), "logits/rejected": (tok_logits * u).sum(),
-                    "tokens/chosen": (mask.sum(1) * d).sum(), "tokens/rejected": (mask.sum(1) * u).sum()}
+                    "tokens/chosen": (ntok * d).sum(), "tokens/rejected": (ntok * u).sum()}
             if weights is not None:
                 vals["udm/weight"] = (weights.double() * u).sum()
             if want_entropy:
-                vals["entropy"] = (st["entropy"] * mask).sum()
-                vals["entropy_tokens"] = mask.sum()
+                vals["entropy"] = st["entropy"].sum()
+                vals["entropy_tokens"] = ntok.sum()
             for k, v in vals.items():
                 acc[k] = acc.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
         return losses, rewards

@@ -31,10 +31,14 @@ Implementation details (numbered so the tests and the README can point at them):
     are all-reduced once, z = max(0, Σ / N), detached. DEVIATION(TRL): TRL computes z per micro-batch (the mean of
     the per-process means of the micro-batch); here z is that of the whole step, so accumulation gives the update
     of one big batch. With one micro-batch and one process the two coincide. apo_zero_unpaired skips this pass.
- 4. One policy forward with gradient per micro-batch over [left-padded prompt | right-padded completion] rows, only
-    the logits that predict completion tokens (`logits_to_keep`), log-probs through a chunked float32 log-softmax;
-    the reference runs on the same batch without gradient. Dropout is off in both (TRL's disable_dropout default),
-    so a policy equal to its reference gives r = 0 exactly.
+ 4. One policy forward with gradient per micro-batch over [left-padded prompt | right-padded completion] rows, or
+    with --packing over the sequences packed into rows as long as the longest (common/packing.py: positions restart
+    at every sequence and attention stays within it, no padding inside a row's sequences), each example's S summed
+    back from its tokens. The model runs to its final hidden states; the output head and the float32 log-softmax are
+    applied only at the positions that predict completion tokens, a block at a time, forward and backward
+    (common/model.py's chunked head), so no (B, T, V) logits tensor is made. The reference runs on the same batch
+    without gradient; the mismatched pairs of detail 3 go through the same forward. Dropout is off in both (TRL's
+    disable_dropout default), so a policy equal to its reference gives r = 0 exactly.
  5. The loss is Σ L over the micro-batch / N (global batch); the backward undoes accelerate's 1/accumulation and
     DDP's 1/processes, so the update is that of the mean over the global batch. Optimizer steps go through
     distributed.optimizer_step (a non-finite gradient norm skips the step, counted as train/skipped_steps).
@@ -56,6 +60,7 @@ to 0.44 by step 60, as the desirable completions' log-probs fall too; at 3e-5 it
 Run:
     python algos/kto.py                                            # KTO on toy:add from the toy SFT policy
     python algos/kto.py --loss_type apo_zero_unpaired
+    python algos/kto.py --packing True                             # padding-free micro-batches (detail 4)
     python algos/kto.py --dataset_name my_pairs.jsonl --eval_fraction 0.05   # preference data, converted
     accelerate launch --multi_gpu --num_processes 2 algos/kto.py   # same global batch, same result
     python algos/kto.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k \
@@ -76,7 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -146,6 +151,10 @@ class Args:
     """longest prompt+completion kept: completions are cut from the right (the prompt is kept); None: no limit"""
     max_prompt_length: int | None = None
     """prompts longer than this keep their last tokens (cut from the left); None: no limit of its own"""
+    packing: bool = False
+    """padding-free micro-batches: the micro-batch's [prompt | completion] sequences (and the mismatched pairs')
+    packed into rows as long as the longest (best-fit decreasing; positions restart and attention stays within each
+    sequence; common/packing.py). The same sequences and loss as without it, less compute on padding"""
     # --- the loss
     loss_type: str = "kto"
     """'kto' (with the reference point z) or 'apo_zero_unpaired' (no z)"""
@@ -191,7 +200,8 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 # ----------------------------------------------------------------------------- math
-# Shapes: B examples per micro-batch, N per optimizer step (global), T completion tokens, V vocabulary.
+# Shapes: B examples per micro-batch, N per optimizer step (global), T completion tokens (padded), K completion tokens
+# of a micro-batch (both layouts), V vocabulary.
 def mismatched_completions(n: int) -> list[int]:
     """Detail 2: which row's completion goes with row j's prompt in the mismatched pairs: [n-1, 0, 1, ..., n-2]."""
     assert n >= 2, "mismatched pairs need at least two rows"
@@ -232,31 +242,59 @@ def balance_warning(n_d: int, n_u: int, desirable_weight: float, undesirable_wei
 
 
 # ----------------------------------------------------------------------------- forwards
-def token_statistics(logits: torch.Tensor, want_entropy: bool, chunk: int = 4096) -> dict:
-    """No-grad per-token statistics of logits (B, T, V), one row block at a time: the mean logit over the vocabulary
-    (B, T), float32, and optionally the entropy (B, T)."""
-    with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        out = {"mean_logits": flat.mean(-1, dtype=torch.float32)}
-        if want_entropy:
-            ent = []
-            for s in range(0, flat.shape[0], chunk):
-                lp = torch.log_softmax(flat[s:s + chunk].float(), -1)
-                ent.append(-(lp.exp() * lp).sum(-1))
-            out["entropy"] = torch.cat(ent)
-        return {k: v.view(logits.shape[:2]) for k, v in out.items()}
+# Both layouts (detail 4) describe the trained tokens the same way: K completion tokens, `pred` (K, 2) = (row, column)
+# of the position whose output predicts each, `targets` (K,), `seq` (K,) = the example each belongs to, `n` examples,
+# `keep` = how many last positions of each row the forward keeps (pred's columns are full-row columns).
+def padded_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+                 max_length: int | None) -> dict:
+    """[left-padded prompt | right-padded completion] rows (B, P+T) (common/preference.py) and their K completion
+    tokens in the shared description above."""
+    b = preference.completion_batch(prompts, completions, pad_id, device, max_length)
+    L, T = b["input_ids"].shape[1], b["completion_mask"].shape[1]
+    rows, t = b["completion_mask"].nonzero(as_tuple=True)  # (K,): example by example, tokens in order
+    b.update(position_ids=model_utils.position_ids_from_mask(b["attention_mask"]), keep=T + 1,
+             pred=torch.stack([rows, L - T - 1 + t], 1), targets=b["input_ids"][rows, L - T + t], seq=rows,
+             n=len(prompts))
+    return b
+
+
+def packed_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+                 max_length: int | None) -> dict:
+    """--packing: the [prompt | completion] sequences packed into rows as long as the longest (common/packing.py:
+    best-fit decreasing, positions restart at every sequence, attention stays within it), no padding inside a
+    sequence; the completions cut as in padded_batch, so the same K tokens are trained."""
+    if max_length:
+        completions = [c[:max(1, max_length - len(p))] for p, c in zip(prompts, completions)]
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    b = packing.pack_rows(seqs, [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)],
+                          max(len(q) for q in seqs), pad_id, device)
+    b.update(attention_mask=None, keep=b["input_ids"].shape[1], n=len(seqs))
+    return b
+
+
+def per_example(batch: dict, values: torch.Tensor) -> torch.Tensor:
+    """Sums (B,) of per-token values (K,) over each example's completion tokens."""
+    out = torch.zeros(batch["n"], dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch["seq"], values)
 
 
 def sequence_logps(model, batch: dict, want_stats: bool = False, want_entropy: bool = False):
-    """S (B,) of [prompt | completion] rows (detail 4), and the no-grad token statistics when asked."""
-    T = batch["completion_mask"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=model_utils.position_ids_from_mask(batch["attention_mask"]), logits_to_keep=T + 1,
-                use_cache=False)
-    logits = out.logits[:, :-1]  # (B, T, V): position t-1 predicts token t
-    token_logps = model_utils.selective_log_softmax(logits, batch["input_ids"][:, -T:])  # (B, T)
-    seq = (token_logps * batch["completion_mask"]).sum(1)  # (B,)
-    return seq, (token_statistics(logits, want_entropy) if want_stats else None)
+    """S (B,) of a batch in either layout (detail 4), and with want_stats the no-grad per-example sums over its
+    completion tokens of the mean logit (over the vocabulary), of the entropy (want_entropy) and the token count.
+    The model runs to its final hidden states; the output head and the float32 log-softmax are applied only at the
+    K predicting positions, a block at a time (common/model.py's logps_at), so no (B, T, V) logits tensor is made,
+    forward or backward (models whose logits are not a plain head of the hidden state get them from the forward)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    L, keep, pred = batch["input_ids"].shape[1], batch["keep"], batch["pred"]
+    stats = (("mean_logits",) + ("entropy",) * want_entropy) if want_stats else ()
+    out = model_utils.logps_at(model, inputs, keep, pred[:, 0], pred[:, 1] - (L - keep), batch["targets"],
+                               stats=stats)
+    token_logps, st = out if stats else (out, None)  # (K,)
+    seq = per_example(batch, token_logps)  # (B,)
+    if st is not None:
+        st = {**{k: per_example(batch, v) for k, v in st.items()}, "tokens": per_example(batch, torch.ones_like(
+            token_logps.detach()))}
+    return seq, st
 
 
 # ----------------------------------------------------------------------------- checks and data
@@ -378,7 +416,7 @@ def main(args: Args):
                       f"{args.output_dir}")
 
     def batch_of(prompts, completions):
-        return preference.completion_batch(prompts, completions, pad_id, device, args.max_length)
+        return (packed_batch if args.packing else padded_batch)(prompts, completions, pad_id, device, args.max_length)
 
     @torch.no_grad()
     def kl_sum(m, rows: list, positions: list[int], shift: list[int]) -> float:
@@ -408,19 +446,19 @@ def main(args: Args):
         losses = kto_losses(seq - ref_seq, desirable, z, args.beta, args.desirable_weight,
                             args.undesirable_weight, args.loss_type)
         with torch.no_grad():  # detail 6: sums, reduced once at log time
-            mask = batch["completion_mask"].float()
+            ntok = st["tokens"].double()
             rewards = args.beta * (seq - ref_seq)
             d, u = desirable.double(), (~desirable).double()
-            tok_logits = (st["mean_logits"] * mask).sum(1).double()
+            tok_logits = st["mean_logits"].double()
             vals = {"examples": float(len(rows)), "loss": losses.sum(), "count/chosen": d.sum(),
                     "count/rejected": u.sum(),
                     "rewards/chosen": (rewards * d).sum(), "rewards/rejected": (rewards * u).sum(),
                     "logps/chosen": (seq * d).sum(), "logps/rejected": (seq * u).sum(),
                     "logits/chosen": (tok_logits * d).sum(), "logits/rejected": (tok_logits * u).sum(),
-                    "tokens/chosen": (mask.sum(1) * d).sum(), "tokens/rejected": (mask.sum(1) * u).sum()}
+                    "tokens/chosen": (ntok * d).sum(), "tokens/rejected": (ntok * u).sum()}
             if want_entropy:
-                vals["entropy"] = (st["entropy"] * mask).sum()
-                vals["entropy_tokens"] = mask.sum()
+                vals["entropy"] = st["entropy"].sum()
+                vals["entropy_tokens"] = ntok.sum()
             for k, v in vals.items():
                 acc[k] = acc.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
         return losses

@@ -50,14 +50,14 @@ def trl_first_step(a) -> dict:
 def ours_first_step(a) -> dict:
     import torch
 
-    from bco import bco_losses, running_mean_update, sequence_logps
+    from bco import bco_losses, padded_batch, running_mean_update, sequence_logps
     from common import model as model_utils, preference, toy
 
     tok = model_utils.load_tokenizer(a.policy)
     rows, _ = preference.tokenize_unpaired(toy.make_dataset("add", "unpaired", "train").select(range(a.batch)), tok,
                                            1024, None)
     pol, ref = model_utils.load_causal_lm(a.policy, tok).eval(), model_utils.load_causal_lm(a.ref, tok).eval()
-    b = preference.completion_batch([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id, "cpu")
+    b = padded_batch([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id, "cpu")
     with torch.no_grad():
         seq = sequence_logps(pol, b)[0]
         r = 0.1 * (seq - sequence_logps(ref, b)[0])

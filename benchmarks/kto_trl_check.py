@@ -53,7 +53,7 @@ def ours_first_step(a) -> dict:
     import torch
 
     from common import model as model_utils, preference, toy
-    from kto import kto_losses, mismatched_completions, reference_point, sequence_logps
+    from kto import kto_losses, mismatched_completions, padded_batch, reference_point, sequence_logps
 
     tok = model_utils.load_tokenizer(a.policy)
     rows, _ = preference.tokenize_unpaired(toy.make_dataset("add", "unpaired", "train").select(range(a.batch)), tok,
@@ -64,19 +64,19 @@ def ours_first_step(a) -> dict:
         z = 0.0
         if a.loss_type == "kto":
             shift = mismatched_completions(n)
-            kl = preference.completion_batch([r[0] for r in rows], [rows[shift[j]][1] for j in range(n)], pad, "cpu")
+            kl = padded_batch([r[0] for r in rows], [rows[shift[j]][1] for j in range(n)], pad, "cpu", 1024)
             z = reference_point(float((sequence_logps(pol, kl)[0] - sequence_logps(ref, kl)[0]).sum()), n)
-        b = preference.completion_batch([r[0] for r in rows], [r[1] for r in rows], pad, "cpu")
+        b = padded_batch([r[0] for r in rows], [r[1] for r in rows], pad, "cpu", 1024)
         seq, st = sequence_logps(pol, b, want_stats=True, want_entropy=True)
         r = seq - sequence_logps(ref, b)[0]
     d = torch.tensor([row[2] for row in rows])
-    mask = b["completion_mask"].float()
+    ntok = st["tokens"]  # st: per-example sums over the completion tokens
     loss = kto_losses(r, d, z, BETA, WD, WU, a.loss_type).mean().item()
     out = {"loss": loss, "rewards/chosen": BETA * r[d].mean().item(), "rewards/rejected": BETA * r[~d].mean().item(),
            "logps/chosen": seq[d].mean().item(), "logps/rejected": seq[~d].mean().item(),
-           "logits/chosen": ((st["mean_logits"] * mask)[d].sum() / mask[d].sum()).item(),
-           "logits/rejected": ((st["mean_logits"] * mask)[~d].sum() / mask[~d].sum()).item(),
-           "entropy": ((st["entropy"] * mask).sum() / mask.sum()).item(), "kl": z}
+           "logits/chosen": (st["mean_logits"][d].sum() / ntok[d].sum()).item(),
+           "logits/rejected": (st["mean_logits"][~d].sum() / ntok[~d].sum()).item(),
+           "entropy": (st["entropy"].sum() / ntok.sum()).item(), "kl": z}
     out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     return out
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import accelerate_launcher, read_metrics, run_script
 from bco import (Args, bco_losses, check_args, check_labels, density_ratio_weights, fit_density_classifier, main,
-                 prompt_embeddings, running_mean_update, sequence_logps)
+                 packed_batch, padded_batch, prompt_embeddings, running_mean_update, sequence_logps)
 
 
 def sig(x):
@@ -73,17 +73,88 @@ def test_detail3_prompt_embedding_alone_equals_the_one_from_the_full_row():
     [prompt | completion] rows: causal attention makes them the same."""
     from accelerate import Accelerator
 
-    from common import model as model_utils, preference, toy
+    from common import model as model_utils, toy
 
     tok = toy.make_tokenizer()
     model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
     prompts, completions = [[1, 20, 21, 22], [1, 23]], [[30, 2], [31, 32, 33, 2]]
-    batch = preference.completion_batch(prompts, completions, tok.pad_token_id, "cpu")
-    with torch.no_grad():
-        _, _, emb = sequence_logps(model, batch, want_embedding=True)
     alone = prompt_embeddings(model, prompts, tok.pad_token_id, 1, Accelerator(cpu=True))
-    assert emb.shape == alone.shape == (2, model.config.hidden_size)
-    assert torch.allclose(emb, alone, atol=1e-5)
+    for make in (padded_batch, packed_batch):  # the packed rows' prompt positions give the same embeddings
+        with torch.no_grad():
+            _, _, emb = sequence_logps(model, make(prompts, completions, tok.pad_token_id, "cpu"), want_embedding=True)
+        assert emb.shape == alone.shape == (2, model.config.hidden_size)
+        assert torch.allclose(emb, alone, atol=1e-5), make.__name__
+
+
+# variable-length examples: prompts of 1 to 9 tokens, completions of 2 to 7
+PROMPTS = [[1, 20, 21], [1], [1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 22, 23, 24], [1, 25]]
+COMPLETIONS = [[30, 2], [31, 32, 33, 2], [9, 2], [34, 35, 36, 37, 38, 39, 2], [40, 41, 42, 43, 2]]
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_detail4_both_layouts_give_each_sequences_full_logits_logps_stats_embeddings_and_gradients(plain_head,
+                                                                                                  monkeypatch):
+    """Detail 4: S, the mean-logit and entropy sums and the prompt embeddings (detail 3) of every example, padded or
+    packed, through the chunked head (or the forward's logits for a model outside PLAIN_HEAD_MODELS) equal those of
+    each sequence's full logits and hidden states alone to 1e-5, and so do the parameter gradients of a weighted sum
+    of S."""
+    from common import model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    if not plain_head:
+        monkeypatch.setattr(model_utils, "PLAIN_HEAD_MODELS", set())
+    assert (model_utils.chunked_head(model) is not None) == plain_head
+    w = torch.tensor([0.7, -1.3, 0.2, 1.1, -0.4])
+    want, want_st, want_emb = [], {"mean_logits": [], "entropy": [], "tokens": []}, []
+    for p, c in zip(PROMPTS, COMPLETIONS):  # each sequence alone: no padding, no packing
+        out = model(input_ids=torch.tensor([p + c]), output_hidden_states=True)
+        logits = out.logits[0, len(p) - 1:-1].float()  # (T, V): position t-1 predicts token t
+        lp = torch.log_softmax(logits, -1)
+        want.append(lp.gather(-1, torch.tensor(c)[:, None]).sum())
+        want_st["mean_logits"].append(logits.mean(-1).sum().detach())
+        want_st["entropy"].append(-(lp.exp() * lp).sum(-1).sum().detach())
+        want_st["tokens"].append(torch.tensor(float(len(c))))
+        want_emb.append(out.hidden_states[-1][0, :len(p)].mean(0).detach())
+    want = torch.stack(want)
+    model.zero_grad()
+    (want * w).sum().backward()
+    want_grad = {k: p.grad.clone() for k, p in model.named_parameters()}
+    for make in (padded_batch, packed_batch):
+        batch = make(PROMPTS, COMPLETIONS, tok.pad_token_id, "cpu")
+        model.zero_grad()
+        seq, st, emb = sequence_logps(model, batch, want_stats=True, want_entropy=True, want_embedding=True)
+        assert torch.allclose(seq, want.detach(), atol=1e-5, rtol=0), make.__name__
+        for k, v in want_st.items():
+            assert torch.allclose(st[k], torch.stack(v), atol=1e-5, rtol=0), (make.__name__, k)
+        assert torch.allclose(emb, torch.stack(want_emb), atol=1e-5, rtol=0), make.__name__
+        (seq * w).sum().backward()
+        for k, p in model.named_parameters():
+            assert torch.allclose(p.grad, want_grad[k], atol=1e-5, rtol=1e-5), (make.__name__, k)
+
+
+def test_detail4_packed_batch_gives_the_unpacked_rewards_udm_weights_and_losses():
+    """--packing: a packed micro-batch gives the padded one's implicit rewards, UDM weights (from the reference's
+    prompt embeddings) and per-example BCO losses to 1e-5 (a reference unlike the policy, so r is far from 0)."""
+    from common import model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    policy = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    ref = model_utils.load_causal_lm("toy", tok, seed=5).eval()
+    labels = torch.tensor([True, False, True, False, False])
+    clf = (torch.linspace(-0.2, 0.2, policy.config.hidden_size, dtype=torch.float64), torch.tensor(0.1).double())
+    got = {}
+    with torch.no_grad():
+        for make in (padded_batch, packed_batch):
+            b = make(PROMPTS, COMPLETIONS, tok.pad_token_id, "cpu")
+            s_ref, _, emb = sequence_logps(ref, b, want_embedding=True)
+            r = 0.1 * (sequence_logps(policy, b)[0] - s_ref)
+            w = density_ratio_weights(emb, *clf, 0.5, 10.0)
+            got[make.__name__] = (r, w, bco_losses(r.double(), labels, 0.3, w))
+    (r_a, w_a, l_a), (r_b, w_b, l_b) = got["padded_batch"], got["packed_batch"]
+    assert r_a.abs().max() > 0.05 and (w_a - 1).abs().max() > 0.05  # away from the trivial values: with teeth
+    for a, b in ((r_a, r_b), (w_a, w_b), (l_a, l_b)):
+        assert torch.allclose(b.double(), a.double(), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- start-up errors
@@ -158,7 +229,7 @@ def test_run_first_step_matches_a_hand_computation_and_delta_is_the_running_mean
     ref = model_utils.load_causal_lm("toy", tok, seed=1).eval()  # the run's seed
     ds = data.load_data("toy:add", "train", toy_kind="unpaired")
     rows, _ = preference.tokenize_unpaired(ds.select(data.batch_indices(len(ds), 8, 0, 1)), tok, 1024, None)
-    batch = preference.completion_batch([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id, "cpu")
+    batch = padded_batch([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id, "cpu")
     with torch.no_grad():
         s_pol = sequence_logps(policy, batch)[0]
         s_ref, _, emb = sequence_logps(ref, batch, want_embedding=True)
@@ -190,12 +261,12 @@ def test_run_first_step_matches_a_hand_computation_and_delta_is_the_running_mean
 
 
 def test_two_processes_with_accumulation_match_one_batch(base_run, tmp_path):
-    """Details 2, 5: 2 processes x accumulation 2 x 2 examples (δ from the no-grad pre-pass) = 1 process x 8 (δ from
-    the training forward): the same δ, losses and weights."""
+    """Details 2, 4, 5: 2 processes x accumulation 2 x 2 examples, packed (--packing; δ from the no-grad pre-pass) =
+    1 process x 8, padded (δ from the training forward): the same δ, UDM weights, losses and weights."""
     two = tmp_path / "two"
     proc = run_script("bco.py", *RUN, "--output_dir", str(two), "--per_device_train_batch_size", "2",
-                      "--gradient_accumulation_steps", "2", "--eval_steps", "0", launcher=accelerate_launcher(2),
-                      timeout=900)
+                      "--gradient_accumulation_steps", "2", "--eval_steps", "0", "--packing", "True",
+                      launcher=accelerate_launcher(2), timeout=900)
     assert "udm: classifier on 48 desirable + 48 undesirable" in proc.stdout
     ref = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
     got = {r["step"]: r for r in read_metrics(two)}

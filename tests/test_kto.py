@@ -12,7 +12,7 @@ import torch
 
 from conftest import accelerate_launcher, read_metrics, run_script
 from kto import (Args, balance_warning, check_args, check_batch, check_labels, kto_losses, main,
-                 mismatched_completions, reference_point, sequence_logps)
+                 mismatched_completions, packed_batch, padded_batch, reference_point, sequence_logps)
 
 
 def sig(x):
@@ -124,11 +124,90 @@ def test_completion_batch_layout_and_sequence_logps_match_single_rows():
     assert cut["input_ids"].tolist() == [[1, 20, 21, 30, 31]]
     model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
     with torch.no_grad():
-        seq, _ = sequence_logps(model, b)
+        seq, _ = sequence_logps(model, padded_batch([[1, 20, 21], [1]], [[30, 2], [31, 32, 33, 2]], pad, "cpu", None))
         for i, (p, c) in enumerate([([1, 20, 21], [30, 2]), ([1], [31, 32, 33, 2])]):
             ids = torch.tensor([p + c])
             alone = model_utils.completion_logps(model, ids, torch.ones_like(ids), len(c)).sum()
             assert seq[i].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+# variable-length examples: prompts of 1 to 9 tokens, completions of 1 to 7 (the last one cut by max_length 12)
+PROMPTS = [[1, 20, 21], [1], [1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 22, 23, 24], [1, 25]]
+COMPLETIONS = [[30, 2], [31, 32, 33, 2], [9, 2], [34, 35, 36, 37, 38, 39, 2],
+               [40, 41, 42, 43, 44, 45, 46, 47, 48, 3, 4, 2]]
+
+
+def _full_logits_reference(model, prompts, completions, max_length):
+    """Per example, from the logits of that sequence alone (no padding, no packing): S, Σ over its completion tokens
+    of the mean logit and of the entropy, and its token count."""
+    seqs, stats = [], {"mean_logits": [], "entropy": [], "tokens": []}
+    for p, c in zip(prompts, completions):
+        c = c[:max(1, max_length - len(p))]
+        ids = torch.tensor([p + c])
+        logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float()  # (T, V): position t-1 predicts token t
+        lp = torch.log_softmax(logits, -1)
+        seqs.append(lp.gather(-1, torch.tensor(c)[:, None]).sum())
+        stats["mean_logits"].append(logits.mean(-1).sum().detach())
+        stats["entropy"].append(-(lp.exp() * lp).sum(-1).sum().detach())
+        stats["tokens"].append(torch.tensor(float(len(c))))
+    return torch.stack(seqs), {k: torch.stack(v) for k, v in stats.items()}
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_detail4_both_layouts_give_each_sequences_full_logits_logps_stats_and_gradients(plain_head, monkeypatch):
+    """Detail 4: S, the mean-logit and entropy sums of every example, padded or packed, through the chunked head (or
+    the forward's logits for a model outside PLAIN_HEAD_MODELS) equal those of each sequence's full logits alone to
+    1e-5, and so do the parameter gradients of a weighted sum of S; a packed batch has no pad inside a sequence."""
+    from common import model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    if not plain_head:
+        monkeypatch.setattr(model_utils, "PLAIN_HEAD_MODELS", set())
+    assert (model_utils.chunked_head(model) is not None) == plain_head
+    w = torch.tensor([0.7, -1.3, 0.2, 1.1, -0.4])
+    want, want_st = _full_logits_reference(model, PROMPTS, COMPLETIONS, 12)
+    model.zero_grad()
+    (want * w).sum().backward()
+    want_grad = {k: p.grad.clone() for k, p in model.named_parameters()}
+    for make in (padded_batch, packed_batch):
+        batch = make(PROMPTS, COMPLETIONS, tok.pad_token_id, "cpu", 12)
+        model.zero_grad()
+        seq, st = sequence_logps(model, batch, want_stats=True, want_entropy=True)
+        assert torch.allclose(seq, want.detach(), atol=1e-5, rtol=0), make.__name__
+        for k in ("mean_logits", "entropy", "tokens"):
+            assert torch.allclose(st[k], want_st[k], atol=1e-5, rtol=0), (make.__name__, k)
+        (seq * w).sum().backward()
+        for k, p in model.named_parameters():
+            assert torch.allclose(p.grad, want_grad[k], atol=1e-5, rtol=1e-5), (make.__name__, k)
+    packed = packed_batch(PROMPTS, COMPLETIONS, tok.pad_token_id, "cpu", 12)
+    assert packed["input_ids"].shape[1] == 12 and packed["input_ids"].shape[0] < len(PROMPTS)  # rows of the longest
+    assert packed["targets"].numel() == int(want_st["tokens"].sum())  # only completion tokens reach the head
+
+
+def test_detail4_packed_batch_gives_the_unpacked_z_and_losses():
+    """--packing: the mismatched pairs (detail 3) and the examples, packed, give the padded batch's z, log-ratios
+    and per-example KTO losses to 1e-5 (a reference unlike the policy, so r and z are far from 0)."""
+    from common import model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    policy = model_utils.load_causal_lm("toy", tok, seed=0).eval()
+    ref = model_utils.load_causal_lm("toy", tok, seed=5).eval()
+    labels = torch.tensor([True, False, True, False, False])
+    shift = mismatched_completions(len(PROMPTS))
+    got = {}
+    with torch.no_grad():
+        for make in (padded_batch, packed_batch):
+            kl = make(PROMPTS, [COMPLETIONS[j] for j in shift], tok.pad_token_id, "cpu", 12)
+            raw = float((sequence_logps(policy, kl)[0] - sequence_logps(ref, kl)[0]).sum())
+            b = make(PROMPTS, COMPLETIONS, tok.pad_token_id, "cpu", 12)
+            r = sequence_logps(policy, b)[0] - sequence_logps(ref, b)[0]
+            z = reference_point(raw + 60.0, len(PROMPTS))  # shifted up so the clamp at 0 does not hide z
+            got[make.__name__] = (raw, r, kto_losses(r, labels, z, 0.5, 1.2, 0.9))
+    (raw_a, r_a, l_a), (raw_b, r_b, l_b) = got["padded_batch"], got["packed_batch"]
+    assert abs(raw_a) > 1.0 and r_a.abs().max() > 0.5  # far from 0: the check has teeth
+    assert raw_b == pytest.approx(raw_a, abs=1e-5)
+    assert torch.allclose(r_b, r_a, atol=1e-5, rtol=0) and torch.allclose(l_b, l_a, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- start-up errors
@@ -214,9 +293,9 @@ def test_run_first_step_matches_a_hand_computation_of_z_and_the_loss(base_run):
     rows, _ = preference.tokenize_unpaired(ds.select(data.batch_indices(len(ds), 8, 0, 1)), tok, 1024, None)
     pad = tok.pad_token_id
     with torch.no_grad():
-        kl_batch = preference.completion_batch([r[0] for r in rows], [rows[j - 1][1] for j in range(8)], pad, "cpu")
+        kl_batch = padded_batch([r[0] for r in rows], [rows[j - 1][1] for j in range(8)], pad, "cpu", 1024)
         raw = (sequence_logps(policy, kl_batch)[0] - sequence_logps(ref, kl_batch)[0]).mean().item()
-        batch = preference.completion_batch([r[0] for r in rows], [r[1] for r in rows], pad, "cpu")
+        batch = padded_batch([r[0] for r in rows], [r[1] for r in rows], pad, "cpu", 1024)
         r = sequence_logps(policy, batch)[0] - sequence_logps(ref, batch)[0]
     assert raw > 0.5  # not clamped here: the check has teeth
     assert first["kl"] == pytest.approx(raw, rel=1e-5)
@@ -239,11 +318,12 @@ def test_run_first_step_matches_a_hand_computation_of_z_and_the_loss(base_run):
 
 
 def test_two_processes_with_accumulation_match_one_batch(base_run, tmp_path):
-    """Details 2, 3, 5: 2 processes x accumulation 2 x 2 examples = 1 process x 8: the same mismatched pairs, the
-    same z, losses and weights."""
+    """Details 2, 3, 4, 5: 2 processes x accumulation 2 x 2 examples, packed (--packing) = 1 process x 8, padded:
+    the same mismatched pairs, the same z, losses and weights."""
     two = tmp_path / "two"
     run_script("kto.py", *RUN, "--output_dir", str(two), "--per_device_train_batch_size", "2",
-               "--gradient_accumulation_steps", "2", "--eval_steps", "0", launcher=accelerate_launcher(2), timeout=900)
+               "--gradient_accumulation_steps", "2", "--eval_steps", "0", "--packing", "True",
+               launcher=accelerate_launcher(2), timeout=900)
     ref = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
     got = {r["step"]: r for r in read_metrics(two)}
     for step in (1, 2, 3):
