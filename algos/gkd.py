@@ -33,10 +33,13 @@ Implementation details (numbered so the tests and the README can point at them):
     replaces them with sampled ones, so its on-policy and seq_kd steps divide by the dataset completions' token
     count (without it, TRL takes a per-micro-batch token mean); here N_tok counts the tokens trained on.
  6. Memory: the teacher (frozen, eval mode, outside accelerator.prepare, so a full copy on every process even under
-    ZeRO-3 / FSDP; no gradient) and the student each give
-    logits only at the completion positions (logits_to_keep); only the valid positions become float32 log-probs.
-    One micro-batch's (N_valid, V) pair exists at a time: the backward of one micro-batch runs before the next
-    micro-batch's forward. memory/peak_mb is logged (CUDA: max allocated; CPU: peak resident set).
+    ZeRO-3 / FSDP; no gradient) and the student each give their final hidden states at the completion positions
+    only; the two output heads, the float32 log-softmaxes and D_β then run a block of positions at a time (about
+    2^22 float32 logits per block on CPU, 2^26 on accelerators), and the backward recomputes each block's logits
+    (distill_micro_batch), so no (B, T, V) logits tensor exists, of either model: peak memory O(block x V), not
+    O(B x T x V). Models whose logits are not a plain linear head (or whose head is sharded or wrapped by LoRA)
+    give their logits at the completion positions from their forward instead. memory/peak_mb is logged (CUDA: max
+    allocated; CPU: peak resident set).
  7. Vocabulary: student and teacher must share a tokenizer (the same token -> id map; checked at start-up, before any
     model loads, with an error naming both sizes). Their logit widths may differ (embeddings padded to a multiple,
     e.g. Qwen2.5-0.5B's 151936 vs Qwen2.5-7B's 152064): the first min(V_S, V_T) columns are compared, which must
@@ -229,9 +232,9 @@ def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, be
 
 def gkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,
              temperature: float = 1.0, num_items: float | None = None):
-    """Σ over the masked tokens of D_β, divided by num_items (default: this micro-batch's token count) (detail 5).
-    student_logits, teacher_logits: (B, T, V); mask: (B, T) 0/1. Only the masked positions are converted to float32
-    log-probs (detail 6). Returns (loss, per-token D_β (N,), student log-probs (N, V), teacher log-probs (N, V))."""
+    """Σ over the masked tokens of D_β, divided by num_items (default: this micro-batch's token count) (detail 5),
+    from full logits: student_logits, teacher_logits: (B, T, V); mask: (B, T) 0/1 (training computes the same sum
+    block by block from hidden states: distill_micro_batch). Returns (loss, per-token D_β (N,), student log-probs (N, V), teacher log-probs (N, V))."""
     assert student_logits.shape == teacher_logits.shape and student_logits.shape[:2] == mask.shape
     keep = mask.bool()
     s_logps = torch.log_softmax(student_logits[keep].float() / temperature, -1)  # (N, V)
@@ -250,18 +253,120 @@ def batch_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
     return "teacher" if seq_kd else "dataset"
 
 
-def distill_micro_batch(model, teacher, batch: dict, beta: float, temperature: float, num_items: float,
-                        vocab: int):
-    """gkd_loss of one micro-batch ([left-padded prompt | right-padded completion], completion_mask (B, T)): the
-    student's forward with gradient, the teacher's without (detail 6); the first `vocab` logit columns (detail 7)."""
-    T = batch["completion_mask"].shape[1]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "position_ids": model_utils.position_ids_from_mask(batch["attention_mask"]),
-              "logits_to_keep": T + 1, "use_cache": False}
-    student_logits = model(**inputs).logits[:, :-1, :vocab]  # (B, T, V): position t-1 predicts token t
+def token_divergences(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """D_β (n,) of n positions' raw logits (n, V) (gradient through the student's), and their no-gradient statistics
+    (n, 3): forward KL(p_T || p_S), reverse KL(p_S || p_T), the student's entropy, all at the loss temperature."""
+    s_logps = torch.log_softmax(student_logits.float() / temperature, -1)  # (n, V)
+    t_logps = torch.log_softmax(teacher_logits.float() / temperature, -1)  # (n, V)
+    per_token = generalized_jsd(s_logps, t_logps, beta)  # (n,)
     with torch.no_grad():
-        teacher_logits = teacher(**inputs).logits[:, :-1, :vocab]
-    return gkd_loss(student_logits, teacher_logits, batch["completion_mask"].float(), beta, temperature, num_items)
+        s_, t_ = s_logps.detach(), t_logps.detach()
+        stats = torch.stack([kl_rows(t_, s_), kl_rows(s_, t_), -(s_.exp() * s_).sum(-1)], -1)  # (n, 3)
+    return per_token, stats
+
+
+STATS = ("forward_kl", "reverse_kl", "entropy")  # the columns of token_divergences' statistics
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """D_β of N positions from the student's final hidden states h (N, H) through its output head (weight, bias), a
+    block of `rows` positions at a time (detail 6): the teacher's logits of a block come from `teacher_rows(s, e)`
+    (n, ≥ V) without gradient. The forward keeps no logits; the backward recomputes each block's student and
+    teacher logits and takes the gradient of D_β with respect to the block's logits by autograd."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, teacher_rows, beta, temperature, vocab, rows):
+        w, b = weight[:vocab].to(h.dtype), bias[:vocab].to(h.dtype) if bias is not None else None
+        N = h.shape[0]
+        per_token = torch.empty(N, dtype=torch.float32, device=h.device)
+        stats = torch.empty((N, len(STATS)), dtype=torch.float32, device=h.device)
+        for s in range(0, N, rows):
+            z = torch.nn.functional.linear(h[s:s + rows], w, b)  # (n, V)
+            per_token[s:s + rows], stats[s:s + rows] = token_divergences(z, teacher_rows(s, s + rows)[:, :vocab],
+                                                                         beta, temperature)
+        ctx.save_for_backward(h, weight, bias)
+        ctx.teacher_rows, ctx.beta, ctx.temperature, ctx.vocab, ctx.rows = teacher_rows, beta, temperature, vocab, rows
+        ctx.mark_non_differentiable(stats)
+        return per_token, stats
+
+    @staticmethod
+    def backward(ctx, grad_per_token, _grad_stats):
+        h, weight, bias = ctx.saved_tensors
+        V, rows = ctx.vocab, ctx.rows
+        w, b = weight[:V].to(h.dtype), bias[:V].to(h.dtype) if bias is not None else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b and bias is not None else None
+        for s in range(0, h.shape[0], rows):
+            hs = h[s:s + rows]
+            with torch.no_grad():
+                z = torch.nn.functional.linear(hs, w, b)
+                t = ctx.teacher_rows(s, s + rows)[:, :V]
+            with torch.enable_grad():
+                z.requires_grad_(True)
+                per_token, _ = token_divergences(z, t, ctx.beta, ctx.temperature)
+                (dz,) = torch.autograd.grad(per_token, z, grad_per_token[s:s + rows])  # (n, V), in the model's dtype
+            if need_h:
+                grad_h[s:s + rows] = dz @ w
+            if need_w:  # accumulated in place: no second (V, H) tensor per block
+                grad_w[:V].addmm_(dz.t().float(), hs.float())
+            if grad_b is not None:
+                grad_b[:V] += dz.float().sum(0)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def distill_micro_batch(model, teacher, batch: dict, beta: float, temperature: float, num_items: float,
+                        vocab: int, chunk_elements: int | None = None):
+    """gkd_loss of one micro-batch ([left-padded prompt | right-padded completion], completion_mask (B, T)) without
+    (B, T, V) logits (detail 6): the student's final hidden states at the N completion positions once (with
+    gradient), the teacher's without; then the output heads, the float32 log-softmaxes and D_β a block of positions
+    at a time (about chunk_elements float32 logits per block; default common/model.py's LOGPS_CHUNK_ELEMENTS), the
+    student's block recomputed in the backward. The first `vocab` logit columns (detail 7). A model whose logits are
+    not a plain linear head gives its logits at the completion positions from its forward. Returns (loss, per-token
+    D_β (N,), a dict of no-gradient per-token statistics (N,) named as STATS)."""
+    T = batch["completion_mask"].shape[1]
+    keep = batch["completion_mask"].bool()  # (B, T)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": model_utils.position_ids_from_mask(batch["attention_mask"])}
+    budget = chunk_elements or model_utils.LOGPS_CHUNK_ELEMENTS["cpu" if keep.device.type == "cpu" else "other"]
+    rows = max(1, budget // vocab)
+
+    def valid_positions(m, head):  # (N, H) final hidden states, or (N, V) logits, predicting the completion tokens
+        if head is not None:
+            return model_utils.hidden_before_head(m, head, T + 1, **inputs)[:, :-1][keep]
+        return m(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1][keep]
+
+    t_head = model_utils.chunked_head(teacher)
+    with torch.no_grad():
+        t_out = valid_positions(teacher, t_head)  # (N, H_T) or (N, V_T)
+    if t_head is not None:
+        t_w = t_head.weight[:vocab].to(t_out.dtype)
+        t_b = t_head.bias[:vocab].to(t_out.dtype) if t_head.bias is not None else None
+
+        def teacher_rows(s, e):
+            with torch.no_grad():
+                return torch.nn.functional.linear(t_out[s:e], t_w, t_b)
+    else:
+        def teacher_rows(s, e):
+            return t_out[s:e]
+
+    head = model_utils.chunked_head(model)
+    out = valid_positions(model, head)  # (N, H) or (N, V)
+    if head is not None:
+        per_token, stats = _ChunkedDivergence.apply(out, head.weight, head.bias, teacher_rows, beta, temperature,
+                                                    vocab, rows)
+    else:  # the logits already exist: D_β over them block by block, by autograd
+        parts = [token_divergences(out[s:s + rows, :vocab], teacher_rows(s, s + rows)[:, :vocab], beta, temperature)
+                 for s in range(0, out.shape[0], rows)]
+        per_token = torch.cat([p for p, _ in parts]) if parts else out.new_zeros(0, dtype=torch.float32)
+        stats = torch.cat([q for _, q in parts]) if parts else out.new_zeros((0, len(STATS)), dtype=torch.float32)
+    return per_token.sum() / num_items, per_token, dict(zip(STATS, stats.unbind(-1)))
 
 
 # ----------------------------------------------------------------------------- plumbing (safe to skip)
@@ -412,11 +517,11 @@ def main(args: Args):
                 chunk = eval_rows[s:s + B]
                 batch = data.batch_prompt_completion([r[0] for r in chunk], [r[1] for r in chunk], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                _, per_token, s_lp, t_lp = distill_micro_batch(student, teacher, batch, args.beta,
-                                                               args.kd_temperature, 1.0, vocab)
+                _, per_token, stats = distill_micro_batch(student, teacher, batch, args.beta, args.kd_temperature,
+                                                          1.0, vocab)
                 sums["div"] += per_token.sum().item()
-                sums["fkl"] += kl_rows(t_lp, s_lp).sum().item()
-                sums["rkl"] += kl_rows(s_lp, t_lp).sum().item()
+                sums["fkl"] += stats["forward_kl"].sum().item()
+                sums["rkl"] += stats["reverse_kl"].sum().item()
                 sums["tokens"] += per_token.numel()
             student.train()
             n = max(sums["tokens"], 1.0)
@@ -465,8 +570,8 @@ def main(args: Args):
             batch = data.batch_prompt_completion(p_ids[rows], c_ids[rows], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                loss, per_token, s_lp, t_lp = distill_micro_batch(model, teacher, batch, args.beta,
-                                                                  args.kd_temperature, num_items, vocab)
+                loss, per_token, stats = distill_micro_batch(model, teacher, batch, args.beta,
+                                                             args.kd_temperature, num_items, vocab)
                 # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
                 # gradient is that of the global token mean (detail 5)
                 accelerator.backward(loss * A * W)
@@ -476,9 +581,9 @@ def main(args: Args):
                     skipped += not stepped
             with torch.no_grad():
                 sums["div"] += per_token.sum().item()
-                sums["fkl"] += kl_rows(t_lp, s_lp).sum().item()
-                sums["rkl"] += kl_rows(s_lp, t_lp).sum().item()
-                sums["entropy"] += -(s_lp.exp() * s_lp).sum().item()
+                sums["fkl"] += stats["forward_kl"].sum().item()
+                sums["rkl"] += stats["reverse_kl"].sum().item()
+                sums["entropy"] += stats["entropy"].sum().item()
                 if m == 0:  # per-row divergence of the first micro-batch, for the sample log
                     row_of = batch["completion_mask"].bool().nonzero()[:, 0]
                     sample_div = torch.zeros(len(p_ids[rows])).index_add_(0, row_of.cpu(), per_token.detach().cpu())

@@ -112,11 +112,67 @@ def test_detail_6_the_teacher_gets_no_gradient_and_the_student_does():
     prompts = data.tokenize(tok, ["<bos>12+34=", "<bos>5+6="])
     completions = data.tokenize(tok, ["46<eos>", "11<eos>"])
     batch = data.batch_prompt_completion(prompts, completions, tok.pad_token_id)
-    loss, per_token, _, _ = gkd.distill_micro_batch(student, teacher, batch, 0.5, 1.0, 6.0, len(tok))
+    loss, per_token, _ = gkd.distill_micro_batch(student, teacher, batch, 0.5, 1.0, 6.0, len(tok))
     assert per_token.numel() == 6  # 3 completion tokens per row, EOS included
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+@pytest.mark.parametrize("plain_heads", [(True, True), (False, True), (True, False)])
+def test_detail_6_blockwise_divergence_equals_the_full_logit_loss_and_gradients(plain_heads):
+    """distill_micro_batch (blocks of 4 positions, fewer than one row's completion; each block's student logits
+    recomputed in the backward) = gkd_loss on the full (B, T, V) logits of both models, to 1e-5 in the loss, the
+    per-token D_β and KLs, the entropy and every student gradient, for β in {0, 0.5, 1}, at a loss temperature,
+    with a teacher whose output layer is wider (padded) than the student's; also when either model's logits come
+    from its forward (a head that is not a plain linear layer)."""
+    from transformers import AutoModelForCausalLM
+
+    from common import data, model as model_utils, toy
+
+    tok = toy.make_tokenizer()
+    student = model_utils.load_causal_lm("toy-small", tok, seed=0)
+    torch.manual_seed(1)
+    wide = toy.make_config(tok, hidden_size=32, num_layers=1)
+    wide.vocab_size = len(tok) + 7  # padded embedding rows: only the first len(tok) columns are compared
+    teacher = AutoModelForCausalLM.from_config(wide).eval()
+    with torch.no_grad():  # distinguishable padded columns, so slicing the wrong ones would change the loss
+        teacher.get_output_embeddings().weight[len(tok):] += 3.0
+    V = len(tok)
+    for m, is_plain in zip((student, teacher), plain_heads):
+        if not is_plain:  # a class chunked_head does not know: its logits come from its forward
+            m.__class__ = type("OwnLogitsForCausalLM", (type(m),), {})
+    assert (model_utils.chunked_head(student) is not None, model_utils.chunked_head(teacher) is not None) == \
+        plain_heads
+    prompts = data.tokenize(tok, ["<bos>12+34=", "<bos>5+6=", "<bos>7+80="])
+    completions = data.tokenize(tok, ["46<eos>", "11<eos>", "87 is it<eos>"])
+    batch = data.batch_prompt_completion(prompts, completions, tok.pad_token_id)
+    T = batch["completion_mask"].shape[1]
+    assert T > 4
+    mask = batch["completion_mask"].float()
+    pos = model_utils.position_ids_from_mask(batch["attention_mask"])
+    params = list(student.parameters())
+    for beta in (0.0, 0.5, 1.0):
+        loss, per_token, stats = gkd.distill_micro_batch(student, teacher, batch, beta, 1.7, 9.0, V,
+                                                         chunk_elements=4 * V)
+        grads = torch.autograd.grad(loss, params)
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=pos).logits[:, -T - 1:-1, :V]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=pos).logits[:, -T - 1:-1, :V]
+        ref_loss, ref_tok, s_lp, t_lp = gkd.gkd_loss(s_logits, t_logits, mask, beta, 1.7, num_items=9.0)
+        ref_grads = torch.autograd.grad(ref_loss, params)
+        assert per_token.shape == (int(mask.sum()),)
+        assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+        assert torch.allclose(per_token, ref_tok, atol=1e-5, rtol=0)
+        s_lp, t_lp = s_lp.detach(), t_lp.detach()
+        assert torch.allclose(stats["forward_kl"], gkd.kl_rows(t_lp, s_lp), atol=1e-5, rtol=0)
+        assert torch.allclose(stats["reverse_kl"], gkd.kl_rows(s_lp, t_lp), atol=1e-5, rtol=0)
+        assert torch.allclose(stats["entropy"], -(s_lp.exp() * s_lp).sum(-1), atol=1e-5, rtol=0)
+        for name, a, b in zip([n for n, _ in student.named_parameters()], grads, ref_grads):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (beta, name, (a - b).abs().max().item())
+        assert sum(b.abs().sum() for b in ref_grads) > 0  # the comparison can fail: gradients are not all zero
 
 
 def test_detail_7_vocabulary_mismatch_names_both_sizes(tmp_path):
