@@ -28,9 +28,11 @@ keeps the margin fixed in reward units; with the ratio fixed, the margin scales 
 
 Implementation details (numbered so the tests and the README can point at them):
  1. One forward per micro-batch for chosen and rejected together: rows [prompt|chosen] then [prompt|rejected]
-    (left-padded prompt, right-padded completion, explicit completion mask; common/preference.py), and only the
-    logits that predict completion tokens are computed (`logits_to_keep`); log-probs go through a chunked float32
-    log-softmax (common/model.py).
+    (left-padded prompt, right-padded completion, explicit completion mask; common/preference.py). The model runs
+    up to its final hidden states; the output head and the float32 log-softmax are applied a block of tokens at a
+    time at the positions that predict completion tokens only (common/model.py's chunked head), so no (2B, T, V)
+    logits tensor is made, forward or backward. S(y), |y| (so S̄), the NLL and the statistics of detail 7 all come
+    out of that one pass, as per-sequence sums.
  2. Tokenisation (common/preference.py): prompt and prompt+completion are tokenised whole and split where they first
     differ; completions end with EOS. The prompt is cut to --max_prompt_length keeping its LAST tokens, then each
     completion to fit --max_length keeping its FIRST tokens; pairs whose prompt alone fills --max_length are dropped.
@@ -54,6 +56,10 @@ Implementation details (numbered so the tests and the README can point at them):
  8. Checkpoints hold the weights, optimizer, scheduler, every rank's RNG, the step, the wall clock and the counters
     (tokens, skipped steps); the data order is a pure function of (seed, step), so a resumed run repeats the
     uninterrupted one exactly. A non-finite gradient norm skips the step (train/skipped_steps).
+ 9. `--packing`: the micro-batch's 2B sequences (chosen and rejected) are packed into rows as long as the longest
+    one (best-fit decreasing; position ids restart at every sequence and attention stays within it;
+    common/packing.py); each completion token's log-prob is added to its own sequence's sums (`seq`). The same
+    sequences, scores and loss as the padded layout up to float rounding, without the padding's compute.
 
 Toy defaults (the benchmark's CPO run): the toy SFT policy (toy-sft, about 0.47 held-out exact match) on toy:add
 pairs (chosen = the right sum, rejected = a near miss), 64 pairs per step, β = 0.1, cpo_alpha 1, lr 1e-4, 200 steps.
@@ -66,6 +72,7 @@ Run:
     python algos/cpo.py --loss_type simpo --cpo_alpha 0 --beta 2.0 --simpo_gamma 1.0              # SimPO
     python algos/cpo.py --loss_type simpo --cpo_alpha 1 --beta 2.0 --simpo_gamma 1.0              # CPO-SimPO
     python algos/cpo.py --loss_type simpo --cpo_alpha 0 --beta 2.0 --simpo_gamma 1.0 --alpha 0.25 # AlphaPO
+    python algos/cpo.py --packing True                                             # padding-free (detail 9)
     accelerate launch --multi_gpu --num_processes 2 algos/cpo.py                   # same global batch, same result
     python algos/cpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized \
         --learning_rate 1e-6 --max_length 1024 --per_device_train_batch_size 4 --gradient_accumulation_steps 8
@@ -85,7 +92,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -152,6 +159,10 @@ class Args:
     """longest prompt+completion kept: completions are cut from the right (the prompt is kept); None: no limit"""
     max_prompt_length: int | None = None
     """prompts longer than this keep their last tokens (cut from the left); None: no limit of its own"""
+    packing: bool = False
+    """padding-free micro-batches: chosen and rejected sequences packed into rows as long as the longest (best-fit
+    decreasing; positions restart and attention stays within each sequence; common/packing.py; detail 9). The same
+    sequences and loss as without it, less compute on padding"""
     # --- the loss
     loss_type: str = "sigmoid"
     """sigmoid (CPO), hinge, ipo or simpo (SimPO; with --cpo_alpha > 0: CPO-SimPO; with --alpha: AlphaPO)"""
@@ -206,11 +217,11 @@ DEFAULT_SIMPO_GAMMA = 0.5
 
 # ----------------------------------------------------------------------------- math
 # Shapes: B pairs per micro-batch, T completion tokens, V vocabulary.
-def sequence_scores(token_logps: torch.Tensor, mask: torch.Tensor, length_normalised: bool) -> torch.Tensor:
-    """s(y) (N,): the sum of the completion's token log-probs, or their mean (detail 3). token_logps, mask: (N, T)."""
-    assert token_logps.shape == mask.shape
-    total = (token_logps * mask).sum(1)
-    return total / mask.sum(1).clamp(min=1) if length_normalised else total
+def sequence_scores(logps: torch.Tensor, tokens: torch.Tensor, length_normalised: bool) -> torch.Tensor:
+    """s(y) (N,): the summed completion log-prob S(y), or the mean S(y) / |y| (detail 3). logps: S(y) (N,),
+    tokens: |y| (N,)."""
+    assert logps.shape == tokens.shape
+    return logps / tokens.clamp(min=1) if length_normalised else logps
 
 
 def alphapo_reward(scores: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -248,30 +259,58 @@ def nll_share(chosen_nll: torch.Tensor, tokens_per_pair: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- forwards
-def token_statistics(logits: torch.Tensor, want_entropy: bool, chunk: int = 4096) -> dict:
-    """No-grad per-token statistics of logits (N, T, V), one row block at a time in float32: mean logit over the
-    vocabulary (N, T), argmax (N, T), and optionally the entropy (N, T)."""
+def pair_layout(rows: list, pad_id: int, device, packed: bool = False) -> dict:
+    """A micro-batch of pairs for forward_pairs: the 2B sequences [prompt | chosen] (0..B-1) then [prompt | rejected]
+    (B..2B-1), the forward's inputs, how many final positions it keeps (`keep`), and for the completion tokens
+    (`comp`, each (K,)): (row, column) of the predicting position among the kept ones, the target, the sequence it
+    belongs to (`seq`) and a 0/1 weight (0: padding).
+    padded (detail 1): two rows per pair, left-padded prompt and right-padded completion (common/preference.py);
+      the (2B, T) block of completion positions, weight = completion mask; keep = T + 1.
+    packed (detail 9): the sequences packed into rows as long as the longest one (common/packing.py: positions
+      restart and attention stays within each sequence); only real tokens, weight 1."""
+    if packed:
+        seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
+        starts = [len(p) for p, _, _ in rows] * 2  # the first completion token of each sequence
+        b = packing.pack_rows(seqs, [[0] * n + [1] * (len(s) - n) for s, n in zip(seqs, starts)],
+                              max(len(s) for s in seqs), pad_id, device)
+        comp = {"rows": b["pred"][:, 0], "cols": b["pred"][:, 1], "targets": b["targets"], "seq": b["seq"],
+                "weights": b["weights"]}
+        return {"inputs": {"input_ids": b["input_ids"], "position_ids": b["position_ids"]},
+                "keep": b["input_ids"].shape[1], "n": len(seqs), "comp": comp}
+    b = preference.pair_batch(rows, pad_id, device)
+    ids, am, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
+    N, T = cm.shape
+    r = torch.arange(N, device=ids.device)[:, None].expand(N, T).reshape(-1)
+    comp = {"rows": r, "cols": torch.arange(T, device=ids.device).repeat(N), "targets": ids[:, -T:].reshape(-1),
+            "seq": r, "weights": cm.float().reshape(-1)}
+    inputs = {"input_ids": ids, "attention_mask": am, "position_ids": model_utils.position_ids_from_mask(am)}
+    return {"inputs": inputs, "keep": T + 1, "n": N, "comp": comp}
+
+
+def forward_pairs(model, batch: dict, want_entropy: bool = False) -> dict:
+    """One forward of a micro-batch's 2B sequences (pair_layout), and per-sequence sums over completion tokens:
+    logps (2B,) = S(y), tokens (2B,) = |y|, and no-grad statistics (2B,): mean_logits (the vocabulary-mean logit,
+    summed over tokens), correct (tokens whose most likely token is the target), entropy (summed; with
+    want_entropy). The model runs up to its final hidden states; the output head and the float32 log-softmax are
+    applied a block of tokens at a time at the predicting positions only (common/model.py's logps_at), so no
+    (2B, T, V) float32 logits tensor is made, forward or backward (a model whose logits are not a plain linear head
+    of the hidden states gets them from its own forward)."""
+    stats = ("mean_logits", "argmax") + ("entropy",) * want_entropy
+    comp = batch["comp"]
+    lp, st = model_utils.logps_at(model, batch["inputs"], batch["keep"], comp["rows"], comp["cols"],
+                                  comp["targets"], stats=stats)
+    n, w, seq = batch["n"], comp["weights"], comp["seq"]
+
+    def per_seq(x):  # Σ over each sequence's completion tokens
+        return torch.zeros(n, dtype=torch.float32, device=x.device).index_add(0, seq, x.float() * w)
+
+    out = {"logps": per_seq(lp), "tokens": per_seq(torch.ones_like(lp))}
     with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        out = {"mean_logits": flat.mean(-1, dtype=torch.float32), "argmax": flat.argmax(-1)}
+        out["mean_logits"] = per_seq(st["mean_logits"])
+        out["correct"] = per_seq((st["argmax"] == comp["targets"]).float())
         if want_entropy:
-            ent = []
-            for s in range(0, flat.shape[0], chunk):
-                lp = torch.log_softmax(flat[s:s + chunk].float(), -1)
-                ent.append(-(lp.exp() * lp).sum(-1))
-            out["entropy"] = torch.cat(ent)
-        return {k: v.view(logits.shape[:2]) for k, v in out.items()}
-
-
-def forward_pairs(model, batch: dict, want_entropy: bool = False):
-    """Token log-probs (2B, T) of [chosen | rejected] rows in one forward (detail 1), and no-grad statistics."""
-    T = batch["completion_mask"].shape[1]
-    am = batch["attention_mask"]
-    out = model(input_ids=batch["input_ids"], attention_mask=am, position_ids=model_utils.position_ids_from_mask(am),
-                logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # (2B, T, V): position t-1 predicts token t
-    token_logps = model_utils.selective_log_softmax(logits, batch["input_ids"][:, -T:])
-    return token_logps, token_statistics(logits, want_entropy)
+            out["entropy"] = per_seq(st["entropy"])
+    return out
 
 
 # ----------------------------------------------------------------------------- data
@@ -377,34 +416,32 @@ def main(args: Args):
 
     def pair_terms(m, rows, batch, tokens_per_pair, want_entropy):
         """The per-pair total loss (B,), its parts and what the metrics need, for one micro-batch."""
-        token_logps, st = forward_pairs(m, batch, want_entropy)
-        mask = batch["completion_mask"].float()
+        f = forward_pairs(m, batch, want_entropy)  # S, |y| and the statistics from one chunked-head pass
         B = len(rows)
-        s = sequence_scores(token_logps, mask, norm)  # (2B,)
+        s = sequence_scores(f["logps"], f["tokens"], norm)  # (2B,)
         losses, rew_w, rew_l = cpo_loss(s[:B], s[B:], args.loss_type, args.beta, gamma, args.alpha,
                                         args.label_smoothing)
-        chosen_nll = -(token_logps[:B] * mask[:B]).sum(1)  # (B,)
+        chosen_nll = -f["logps"][:B]  # (B,) summed over each chosen completion
         total = losses + args.cpo_alpha * nll_share(chosen_nll, tokens_per_pair)
-        return total, {"s": s, "rew_w": rew_w, "rew_l": rew_l, "nll": chosen_nll, "st": st, "mask": mask}
+        return total, {"s": s, "rew_w": rew_w, "rew_l": rew_l, "nll": chosen_nll, "f": f}
 
-    def add_stats(acc: dict, total, q: dict, batch):
+    def add_stats(acc: dict, total, q: dict):
         """Sums for the TRL metrics (detail 7), as tensors; reduced once at log time."""
         with torch.no_grad():
-            mask, st, s = q["mask"], q["st"], q["s"]
-            B = mask.shape[0] // 2
-            m_w, m_l = mask[:B], mask[B:]
-            targets = batch["input_ids"][:, -mask.shape[1]:]
-            vals = {"pairs": float(B), "loss": total.sum(), "nll": q["nll"].sum(), "chosen_tokens": m_w.sum(),
+            f, s = q["f"], q["s"]
+            B = s.shape[0] // 2
+            vals = {"pairs": float(B), "loss": total.sum(), "nll": q["nll"].sum(),
+                    "chosen_tokens": f["tokens"][:B].sum(),
                     "rewards/chosen": q["rew_w"].sum(), "rewards/rejected": q["rew_l"].sum(),
                     "rewards/margins": (q["rew_w"] - q["rew_l"]).sum(),
                     "rewards/accuracies": (q["rew_w"] > q["rew_l"]).float().sum(),
                     "logps/chosen": s[:B].sum(), "logps/rejected": s[B:].sum(),
-                    "logits/chosen": (st["mean_logits"][:B] * m_w).sum(),
-                    "logits/rejected": (st["mean_logits"][B:] * m_l).sum(), "rejected_tokens": m_l.sum(),
-                    "correct_tokens": ((st["argmax"][:B] == targets[:B]).float() * m_w).sum()}
-            if "entropy" in st:
-                vals["entropy"] = (st["entropy"] * mask).sum()
-                vals["entropy_tokens"] = mask.sum()
+                    "logits/chosen": f["mean_logits"][:B].sum(),
+                    "logits/rejected": f["mean_logits"][B:].sum(), "rejected_tokens": f["tokens"][B:].sum(),
+                    "correct_tokens": f["correct"][:B].sum()}
+            if "entropy" in f:
+                vals["entropy"] = f["entropy"].sum()
+                vals["entropy_tokens"] = f["tokens"].sum()
             for k, v in vals.items():
                 acc[k] = acc.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
 
@@ -436,9 +473,9 @@ def main(args: Args):
             mine = list(range(accelerator.process_index, len(eval_rows), world))
             for s in range(0, len(mine), args.per_device_eval_batch_size):
                 rows = [eval_rows[i] for i in mine[s:s + args.per_device_eval_batch_size]]
-                batch = preference.pair_batch(rows, pad_id, device)
+                batch = pair_layout(rows, pad_id, device, args.packing)
                 total, q = pair_terms(model, rows, batch, eval_tokens_per_pair, False)
-                add_stats(acc, total, q, batch)
+                add_stats(acc, total, q)
             out.update(reduce_stats(acc, "eval/"))
             model.train()
         out.update(heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
@@ -460,7 +497,7 @@ def main(args: Args):
         tokens_per_pair = sum(len(train[i][1]) for i in indices) / global_bs
         for mb in micro:
             rows = [train[i] for i in mb]
-            batch = preference.pair_batch(rows, pad_id, device)
+            batch = pair_layout(rows, pad_id, device, args.packing)
             with accelerator.accumulate(model):
                 total, q = pair_terms(model, rows, batch, tokens_per_pair, log_step)
                 # mean over the global batch's pairs: undo accelerate's 1/accumulation and DDP's 1/processes
@@ -472,7 +509,7 @@ def main(args: Args):
                     state["skipped_steps"] += not stepped
                     if stepped:
                         grad_norms.append(gn)
-            add_stats(acc, total, q, batch)
+            add_stats(acc, total, q)
         state["num_tokens"] += sum(2 * len(train[i][0]) + len(train[i][1]) + len(train[i][2]) for i in indices)
 
         eval_step = args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps)

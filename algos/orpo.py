@@ -11,9 +11,11 @@ no reference model: the SFT term anchors the policy, the odds ratio pushes y_w a
 
 Implementation details (numbered so the tests and the README can point at them):
  1. One forward per micro-batch for chosen and rejected together: rows [prompt|chosen] then [prompt|rejected]
-    (left-padded prompt, right-padded completion, explicit completion mask; common/preference.py). Log-probs go
-    through a chunked float32 log-softmax (common/model.py). With --disable_prompt_loss True only the logits that
-    predict completion tokens are computed (`logits_to_keep`); the default prompt loss needs every position's.
+    (left-padded prompt, right-padded completion, explicit completion mask; common/preference.py). The model runs
+    up to its final hidden states; the output head and the float32 log-softmax are applied a block of tokens at a
+    time, only at the positions that predict a completion token or an SFT prompt token (common/model.py's chunked
+    head), so no (2B, L, V) logits tensor is made, forward or backward. S̄, the NLL and the statistics of detail 7
+    all come out of that one pass, as per-sequence sums.
  2. Tokenisation (common/preference.py): prompt and prompt+completion are tokenised whole and split where they first
     differ; completions end with EOS. The prompt is cut to --max_prompt_length keeping its LAST tokens, then each
     completion to fit --max_length keeping its FIRST tokens; pairs whose prompt alone fills --max_length are dropped.
@@ -42,6 +44,10 @@ Implementation details (numbered so the tests and the README can point at them):
  8. Checkpoints hold the weights, optimizer, scheduler, every rank's RNG, the step, the wall clock and the counters
     (tokens, skipped steps); the data order is a pure function of (seed, step), so a resumed run repeats the
     uninterrupted one exactly. A non-finite gradient norm skips the step (train/skipped_steps).
+ 9. `--packing`: the micro-batch's 2B sequences (chosen and rejected) are packed into rows as long as the longest
+    one (best-fit decreasing; position ids restart at every sequence and attention stays within it;
+    common/packing.py); each token's log-prob is added to its own sequence's sums (`seq`). The same sequences, S̄,
+    NLL and loss as the padded layout up to float rounding, without the padding's compute.
 
 Toy defaults (the benchmark's): the toy SFT policy (toy-sft, about 0.47 held-out exact match) on toy:add pairs
 (chosen = the right sum, rejected = a near miss), 64 pairs per step, λ = 0.1, lr 1e-4, 200 steps.
@@ -52,6 +58,7 @@ conversational. Unpaired rows (`prompt, completion, label`) belong to kto.py / b
 Run:
     python algos/orpo.py                                                 # ORPO on toy:add from the toy SFT policy
     python algos/orpo.py --beta 0.5 --disable_prompt_loss True
+    python algos/orpo.py --packing True                                  # padding-free micro-batches (detail 9)
     accelerate launch --multi_gpu --num_processes 2 algos/orpo.py        # same global batch, same result
     python algos/orpo.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/ultrafeedback_binarized \
         --learning_rate 8e-6 --max_length 1024 --per_device_train_batch_size 4 --gradient_accumulation_steps 8
@@ -72,7 +79,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -139,6 +146,10 @@ class Args:
     """longest prompt+completion kept: completions are cut from the right (the prompt is kept); None: no limit"""
     max_prompt_length: int | None = None
     """prompts longer than this keep their last tokens (cut from the left); None: no limit of its own"""
+    packing: bool = False
+    """padding-free micro-batches: chosen and rejected sequences packed into rows as long as the longest (best-fit
+    decreasing; positions restart and attention stays within each sequence; common/packing.py; detail 9). The same
+    sequences and loss as without it, less compute on padding"""
     # --- the loss
     beta: float = 0.1
     """λ, the weight of the odds-ratio term (TRL calls it beta; the paper used 0.1 to 0.25)"""
@@ -222,38 +233,96 @@ def sft_token_mask(attention_mask: torch.Tensor, completion_mask: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- forwards
-def token_statistics(logits: torch.Tensor, want_entropy: bool, chunk: int = 4096) -> dict:
-    """No-grad per-token statistics of logits (N, T, V), one row block at a time in float32: mean logit over the
-    vocabulary (N, T), argmax (N, T), and optionally the entropy (N, T)."""
-    with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        out = {"mean_logits": flat.mean(-1, dtype=torch.float32), "argmax": flat.argmax(-1)}
-        if want_entropy:
-            ent = []
-            for s in range(0, flat.shape[0], chunk):
-                lp = torch.log_softmax(flat[s:s + chunk].float(), -1)
-                ent.append(-(lp.exp() * lp).sum(-1))
-            out["entropy"] = torch.cat(ent)
-        return {k: v.view(logits.shape[:2]) for k, v in out.items()}
+def _group(rows, cols, targets, seq, weights, device) -> dict:
+    """Tokens that get a log-prob: (row, column) of the predicting position among the forward's kept positions, the
+    target, the sequence it belongs to and a 0/1 weight (0: padding), all (K,)."""
+    return {"rows": rows.reshape(-1).to(device), "cols": cols.reshape(-1).to(device),
+            "targets": targets.reshape(-1).to(device), "seq": seq.reshape(-1).to(device),
+            "weights": weights.reshape(-1).float().to(device)}
 
 
-def forward_pairs(model, batch: dict, prompt_loss: bool, want_entropy: bool = False):
-    """One forward of [chosen | rejected] rows (detail 1): completion token log-probs (2B, T), the summed SFT NLL of
-    the chosen rows (B,) and no-grad statistics of the completion logits."""
-    T = batch["completion_mask"].shape[1]
-    am = batch["attention_mask"]
-    keep = 0 if prompt_loss else T + 1  # 0: every position's logits (the prompt tokens are SFT targets)
-    out = model(input_ids=batch["input_ids"], attention_mask=am, position_ids=model_utils.position_ids_from_mask(am),
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, :-1]  # position t-1 predicts token t
-    targets = batch["input_ids"][:, -logits.shape[1]:]
-    token_logps = model_utils.selective_log_softmax(logits, targets)  # (2B, L-1) or (2B, T)
-    B = am.shape[0] // 2
-    if prompt_loss:
-        chosen_nll = -(token_logps[:B] * sft_token_mask(am[:B], batch["completion_mask"][:B], True)).sum(1)
+def pair_layout(rows: list, pad_id: int, device, prompt_loss: bool, packed: bool = False) -> dict:
+    """A micro-batch of pairs for forward_pairs: the 2B sequences [prompt | chosen] (0..B-1) then [prompt | rejected]
+    (B..2B-1), the forward's inputs, how many final positions it keeps (`keep`), and two token groups (_group):
+    `comp`, the completion tokens of every sequence, and `sft`, the chosen prompts' SFT tokens (detail 4; None
+    without prompt loss).
+    padded (detail 1): two rows per pair, left-padded prompt and right-padded completion (common/preference.py); comp
+      is the (2B, T) block of completion positions (weight = completion mask), sft the (B, P-1) block of prompt
+      positions (weight = sft_token_mask). keep = T + 1, or every position with prompt loss.
+    packed (detail 9): the sequences packed into rows as long as the longest one (common/packing.py: positions
+      restart and attention stays within each sequence); only real tokens, weight 1, `seq` says whose."""
+    B = len(rows)
+    if packed:
+        seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
+        starts = [len(p) for p, _, _ in rows] * 2  # the first completion token of each sequence
+        weights = [[1] * len(s) if i < B and prompt_loss else [0] * starts[i] + [1] * (len(s) - starts[i])
+                   for i, s in enumerate(seqs)]
+        b = packing.pack_rows(seqs, weights, max(len(s) for s in seqs), pad_id)
+        # pack_rows lists sequence 0's trained tokens, then sequence 1's, ..., each in order (its token 0 never)
+        is_comp = torch.tensor([j >= starts[i] for i, (s, w) in enumerate(zip(seqs, weights))
+                                for j in range(1, len(s)) if w[j]], dtype=torch.bool)
+        groups = {}
+        for name, sel in (("comp", is_comp), ("sft", ~is_comp)):
+            pred = b["pred"][sel]
+            groups[name] = _group(pred[:, 0], pred[:, 1], b["targets"][sel], b["seq"][sel], b["weights"][sel], device)
+        inputs = {"input_ids": b["input_ids"].to(device), "position_ids": b["position_ids"].to(device)}
+        return {"inputs": inputs, "keep": b["input_ids"].shape[1], "n": 2 * B, **groups,
+                "sft": groups["sft"] if prompt_loss else None}
+    b = preference.pair_batch(rows, pad_id, "cpu")
+    ids, am, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
+    (N, T), L = cm.shape, ids.shape[1]
+    keep = L if prompt_loss else T + 1  # hidden states of the last `keep` positions; column 0 = position L - keep
+    r = torch.arange(N)[:, None].expand(N, T)
+    comp = _group(r, (keep - T - 1 + torch.arange(T)).expand(N, T), ids[:, -T:], r, cm, device)
+    sft = None
+    if prompt_loss:  # targets 1 .. L-T-1 (prompt tokens), predicted at positions 0 .. L-T-2
+        P1 = L - T - 1
+        r = torch.arange(B)[:, None].expand(B, P1)
+        sft = _group(r, torch.arange(P1).expand(B, P1), ids[:B, 1:L - T], r,
+                     sft_token_mask(am[:B], cm[:B], True)[:, :P1], device)
+    inputs = {"input_ids": ids.to(device), "attention_mask": am.to(device),
+              "position_ids": model_utils.position_ids_from_mask(am).to(device)}
+    return {"inputs": inputs, "keep": keep, "n": N, "comp": comp, "sft": sft}
+
+
+def forward_pairs(model, batch: dict, want_entropy: bool = False) -> dict:
+    """One forward of a micro-batch's 2B sequences (pair_layout), and per-sequence sums: logps (2B,) = S(y), the
+    summed completion log-probs, tokens (2B,) = |y|, nll (B,) = the chosen sequences' summed SFT NLL (detail 4),
+    nll_tokens (B,), and no-grad completion statistics (2B,): mean_logits (the vocabulary-mean logit, summed over
+    tokens), correct (tokens whose most likely token is the target), entropy (summed; with want_entropy).
+    The model runs up to its final hidden states; the output head and the float32 log-softmax are applied a block of
+    tokens at a time at the predicting positions only (common/model.py's chunked head), so no (2B, L, V) float32
+    logits tensor is made, forward or backward. A model whose logits are not a plain linear head of the hidden
+    states (model_utils.chunked_head is None) gets its logits from its own forward at the kept positions."""
+    stats = ("mean_logits", "argmax") + ("entropy",) * want_entropy
+    comp, sft = batch["comp"], batch["sft"]
+    head = model_utils.chunked_head(model)
+    if head is not None:
+        h = model_utils.hidden_before_head(model, head, batch["keep"], **batch["inputs"])  # (R, keep, H)
+        lp, st = model_utils.head_logps(h[comp["rows"], comp["cols"]], head, comp["targets"], stats=stats)
+        sft_lp = model_utils.head_logps(h[sft["rows"], sft["cols"]], head, sft["targets"]) if sft else None
     else:
-        chosen_nll = -(token_logps[:B] * batch["completion_mask"][:B].float()).sum(1)
-    return token_logps[:, -T:], chosen_nll, token_statistics(logits[:, -T:], want_entropy)
+        logits = model(**batch["inputs"], logits_to_keep=batch["keep"], use_cache=False).logits  # (R, keep, V)
+        z = logits[comp["rows"], comp["cols"]]
+        lp, st = model_utils.selective_log_softmax(z, comp["targets"]), model_utils.logits_stats(z, stats)
+        sft_lp = (model_utils.selective_log_softmax(logits[sft["rows"], sft["cols"]], sft["targets"])
+                  if sft else None)
+    n = batch["n"]
+
+    def per_seq(x, g, size=n):  # Σ over each sequence's tokens of the group
+        return torch.zeros(size, dtype=torch.float32, device=x.device).index_add(0, g["seq"], x.float() * g["weights"])
+
+    out = {"logps": per_seq(lp, comp), "tokens": per_seq(torch.ones_like(lp), comp)}
+    out["nll"], out["nll_tokens"] = -out["logps"][:n // 2], out["tokens"][:n // 2]
+    if sft is not None:
+        out["nll"] = out["nll"] - per_seq(sft_lp, sft, n // 2)
+        out["nll_tokens"] = out["nll_tokens"] + per_seq(torch.ones_like(sft_lp), sft, n // 2)
+    with torch.no_grad():
+        out["mean_logits"] = per_seq(st["mean_logits"], comp)
+        out["correct"] = per_seq((st["argmax"] == comp["targets"]).float(), comp)
+        if want_entropy:
+            out["entropy"] = per_seq(st["entropy"], comp)
+    return out
 
 
 # ----------------------------------------------------------------------------- data
@@ -342,26 +411,24 @@ def main(args: Args):
                       f"{args.max_steps} steps, {world} process(es) -> {args.output_dir}")
     pad_id = tokenizer.pad_token_id
 
-    def add_stats(acc: dict, parts: dict, token_logps, chosen_nll, st, batch, n_sft_tokens: float):
+    def add_stats(acc: dict, parts: dict, f: dict):
         """Sums for the TRL metrics (detail 7), as tensors; reduced once at log time."""
         with torch.no_grad():
-            mask = batch["completion_mask"].float()  # (2B, T)
-            B = mask.shape[0] // 2
-            mean = (token_logps * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,) S̄
+            B = f["nll"].shape[0]
+            mean = f["logps"] / f["tokens"].clamp(min=1)  # (2B,) S̄
             r_w, r_l = args.beta * mean[:B], args.beta * mean[B:]
-            m_w, m_l = mask[:B], mask[B:]
-            targets = batch["input_ids"][:, -mask.shape[1]:]
-            vals = {"pairs": float(B), "loss": parts["loss"].sum(), "nll": chosen_nll.sum(), "nll_tokens": n_sft_tokens,
+            vals = {"pairs": float(B), "loss": parts["loss"].sum(), "nll": f["nll"].sum(),
+                    "nll_tokens": f["nll_tokens"].sum(),
                     "rewards/chosen": r_w.sum(), "rewards/rejected": r_l.sum(), "rewards/margins": (r_w - r_l).sum(),
                     "rewards/accuracies": (mean[:B] > mean[B:]).float().sum(),
                     "logps/chosen": mean[:B].sum(), "logps/rejected": mean[B:].sum(),
                     "log_odds_ratio": parts["log_odds_ratio"].sum(), "log_odds_chosen": parts["log_odds_chosen"].sum(),
-                    "logits/chosen": (st["mean_logits"][:B] * m_w).sum(), "chosen_tokens": m_w.sum(),
-                    "logits/rejected": (st["mean_logits"][B:] * m_l).sum(), "rejected_tokens": m_l.sum(),
-                    "correct_tokens": ((st["argmax"][:B] == targets[:B]).float() * m_w).sum()}
-            if "entropy" in st:
-                vals["entropy"] = (st["entropy"] * mask).sum()
-                vals["entropy_tokens"] = mask.sum()
+                    "logits/chosen": f["mean_logits"][:B].sum(), "chosen_tokens": f["tokens"][:B].sum(),
+                    "logits/rejected": f["mean_logits"][B:].sum(), "rejected_tokens": f["tokens"][B:].sum(),
+                    "correct_tokens": f["correct"][:B].sum()}
+            if "entropy" in f:
+                vals["entropy"] = f["entropy"].sum()
+                vals["entropy_tokens"] = f["tokens"].sum()
             for k, v in vals.items():
                 acc[k] = acc.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
 
@@ -393,12 +460,10 @@ def main(args: Args):
             mine = list(range(accelerator.process_index, len(eval_rows), world))
             for s in range(0, len(mine), args.per_device_eval_batch_size):
                 rows = [eval_rows[i] for i in mine[s:s + args.per_device_eval_batch_size]]
-                batch = preference.pair_batch(rows, pad_id, device)
-                token_logps, chosen_nll, st = forward_pairs(model, batch, prompt_loss)
-                mask = batch["completion_mask"].float()
-                mean = (token_logps * mask).sum(1) / mask.sum(1).clamp(min=1)
-                parts = orpo_loss(mean[:len(rows)], mean[len(rows):], chosen_nll, eval_tokens_per_pair, args.beta)
-                add_stats(acc, parts, token_logps, chosen_nll, st, batch, sum(sft_tokens(r, prompt_loss) for r in rows))
+                f = forward_pairs(model, pair_layout(rows, pad_id, device, prompt_loss, args.packing))
+                mean = f["logps"] / f["tokens"].clamp(min=1)
+                parts = orpo_loss(mean[:len(rows)], mean[len(rows):], f["nll"], eval_tokens_per_pair, args.beta)
+                add_stats(acc, parts, f)
             out.update(reduce_stats(acc, "eval/"))
             model.train()
         out.update(heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
@@ -420,12 +485,11 @@ def main(args: Args):
         tokens_per_pair = sum(sft_tokens(train[i], prompt_loss) for i in indices) / global_bs
         for mb in micro:
             rows = [train[i] for i in mb]
-            batch = preference.pair_batch(rows, pad_id, device)
+            batch = pair_layout(rows, pad_id, device, prompt_loss, args.packing)
             with accelerator.accumulate(model):
-                token_logps, chosen_nll, st = forward_pairs(model, batch, prompt_loss, log_step)
-                mask = batch["completion_mask"].float()
-                mean = (token_logps * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,) S̄
-                parts = orpo_loss(mean[:len(rows)], mean[len(rows):], chosen_nll, tokens_per_pair, args.beta)
+                f = forward_pairs(model, batch, log_step)  # the entropy only on logged steps
+                mean = f["logps"] / f["tokens"].clamp(min=1)  # (2B,) S̄
+                parts = orpo_loss(mean[:len(rows)], mean[len(rows):], f["nll"], tokens_per_pair, args.beta)
                 # mean over the global batch's pairs: undo accelerate's 1/accumulation and DDP's 1/processes
                 loss = parts["loss"].sum() / global_bs
                 accelerator.backward(loss * GA * world)
@@ -435,7 +499,7 @@ def main(args: Args):
                     state["skipped_steps"] += not stepped
                     if stepped:
                         grad_norms.append(gn)
-            add_stats(acc, parts, token_logps, chosen_nll, st, batch, sum(sft_tokens(r, prompt_loss) for r in rows))
+            add_stats(acc, parts, f)
         state["num_tokens"] += sum(2 * len(train[i][0]) + len(train[i][1]) + len(train[i][2]) for i in indices)
 
         eval_step = args.eval_steps and (done % args.eval_steps == 0 or done == args.max_steps)

@@ -71,9 +71,9 @@ def test_simpo_with_zero_gamma_and_equal_lengths_is_length_normalised_dpo_with_z
     by the common length n (i.e. DPO at β/n), and = CPO's sigmoid on sums at β/n."""
     n = 4
     torch.manual_seed(0)
-    token_logps = -torch.rand(6, n) * 2  # 3 pairs: rows [chosen (3) | rejected (3)], all n tokens long
-    mask = torch.ones(6, n)
-    sums, means = sequence_scores(token_logps, mask, False), sequence_scores(token_logps, mask, True)
+    total = -torch.rand(6) * 2 * n  # S(y) of 3 pairs: [chosen (3) | rejected (3)], all n tokens long
+    tokens = torch.full((6,), float(n))
+    sums, means = sequence_scores(total, tokens, False), sequence_scores(total, tokens, True)
     simpo = cpo_loss(means[:3], means[3:], "simpo", BETA, simpo_gamma=0.0)[0]
     ref_w = ref_l = torch.zeros(3)
     h = (sums[:3] - ref_w) - (sums[3:] - ref_l)
@@ -98,10 +98,9 @@ def test_alphapo_at_zero_alpha_is_simpo_and_continuous():
 
 
 def test_detail3_scores_are_sums_or_means():
-    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float32)
-    assert sequence_scores(lp, mask, False).tolist() == [-6.0, -0.5]
-    assert sequence_scores(lp, mask, True).tolist() == [-2.0, -0.5]
+    total, tokens = torch.tensor([-6.0, -0.5]), torch.tensor([3.0, 1.0])  # S(y) and |y|
+    assert sequence_scores(total, tokens, False).tolist() == [-6.0, -0.5]
+    assert sequence_scores(total, tokens, True).tolist() == [-2.0, -0.5]
 
 
 def test_detail5_nll_is_global_token_mean():
@@ -120,22 +119,97 @@ def test_gradient_of_sigmoid_loss():
     assert torch.allclose(w.grad, want, atol=1e-6)
 
 
-def test_detail1_forward_equals_separate_unpadded_forwards():
-    from common import model as model_utils, preference, toy
+ROWS = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22], [34, 35, 36, 37, 2], [38, 2]),
+        ([1, 23, 24, 25, 26], [39, 2], [40, 41, 2])]  # (prompt, chosen, rejected) ids of unequal lengths
+
+
+def _toy(monkeypatch, plain_head: bool):
+    """The toy Llama, its head applied 5 positions per block (several blocks per forward), or, plain_head False,
+    treated as a model whose logits must come from its own forward (model_utils.chunked_head is None)."""
+    from common import model as model_utils, toy
 
     tok = toy.make_tokenizer()
-    torch.manual_seed(0)
     model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
-    rows = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22], [34, 35, 36, 37, 2], [38, 2])]
-    batch = preference.pair_batch(rows, tok.pad_token_id, "cpu")
-    with torch.no_grad():
-        lp, _ = forward_pairs(model, batch)
-        seq = sequence_scores(lp, batch["completion_mask"].float(), False)
-        for i, (p, c, r) in enumerate(rows):
-            for j, comp in ((i, c), (i + 2, r)):
-                ids = torch.tensor([p + comp])
-                alone = model_utils.completion_logps(model, ids, torch.ones_like(ids), len(comp)).sum()
-                assert seq[j].item() == pytest.approx(alone.item(), abs=1e-5)
+    monkeypatch.setitem(model_utils.LOGPS_CHUNK_ELEMENTS, "cpu", 5 * model.config.vocab_size)
+    if not plain_head:
+        monkeypatch.setattr(model_utils, "PLAIN_HEAD_MODELS", set())
+    assert (model_utils.chunked_head(model) is not None) == plain_head
+    return model, tok.pad_token_id
+
+
+def _alone(model) -> dict:
+    """forward_pairs' per-sequence sums from each completion run alone, unpadded, with its full float32 logits."""
+    B = len(ROWS)
+    out = {k: [] for k in ("logps", "tokens", "mean_logits", "correct", "entropy")}
+    for j in range(2 * B):
+        p, c, r = ROWS[j % B]
+        comp = c if j < B else r
+        ids = torch.tensor([p + comp])
+        k = len(comp)
+        logits = model(input_ids=ids).logits[0, -k - 1:-1].float()  # (k, V): the positions predicting the completion
+        full = torch.log_softmax(logits, -1)
+        out["logps"].append(full.gather(-1, ids[0, -k:, None]).sum())
+        out["tokens"].append(torch.tensor(float(k)))
+        out["mean_logits"].append(logits.mean(-1).sum().detach())
+        out["correct"].append((logits.argmax(-1) == ids[0, -k:]).float().sum())
+        out["entropy"].append(-(full.exp() * full).sum().detach())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("plain_head", [True, False], ids=["chunked_head", "model_logits"])
+def test_details1_9_forward_sums_equal_each_sequence_alone_with_its_full_logits(monkeypatch, plain_head, packed):
+    """One forward of the pairs (two padded rows per pair, or packed, detail 9): each completion's summed log-prob
+    S(y), token count, summed mean logit, correct-token count and entropy equal those of the sequence run alone
+    with its full float32 logits, to 1e-5; so do the length-normalised scores S̄ (simpo, ipo), the chosen NLL, and
+    the gradients of S, S̄ and the NLL."""
+    from cpo import pair_layout
+
+    model, pad_id = _toy(monkeypatch, plain_head)
+    params = list(model.parameters())
+    B = len(ROWS)
+    batch = pair_layout(ROWS, pad_id, "cpu", packed)
+    if packed:  # no padding in a packed layout
+        assert batch["comp"]["weights"].sum() == batch["comp"]["weights"].numel()
+    got = forward_pairs(model, batch, want_entropy=True)
+    want = _alone(model)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=k)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(2 * B, generator=g), torch.randn(2 * B, generator=g), torch.randn(B, generator=g)
+
+    def objective(f):  # S, S̄ and the chosen NLL (-S of the chosen completions), weighted
+        return ((a * sequence_scores(f["logps"], f["tokens"], False)).sum()
+                + (b * sequence_scores(f["logps"], f["tokens"], True)).sum() + (c * -f["logps"][:B]).sum())
+
+    torch.testing.assert_close(objective(got), objective(want), atol=1e-5, rtol=1e-5)
+    for x, y in zip(torch.autograd.grad(objective(got), params), torch.autograd.grad(objective(want), params)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_detail9_packed_batch_gives_the_padded_batch_loss_and_gradient(monkeypatch, loss_type):
+    """The CPO (summed scores) and CPO-SimPO (length-normalised) loss with the NLL term, of a packed micro-batch,
+    and its gradient, equal the padded micro-batch's, to 1e-5; the packed rows hold fewer positions."""
+    from cpo import pair_layout
+
+    model, pad_id = _toy(monkeypatch, True)
+    params = list(model.parameters())
+    B = len(ROWS)
+    losses, grads, sizes = [], [], []
+    for packed in (False, True):
+        batch = pair_layout(ROWS, pad_id, "cpu", packed)
+        f = forward_pairs(model, batch)
+        s = sequence_scores(f["logps"], f["tokens"], loss_type == "simpo")
+        losses_, _, _ = cpo_loss(s[:B], s[B:], loss_type, 2.0 if loss_type == "simpo" else 0.1, 1.0)
+        loss = (losses_ + nll_share(-f["logps"][:B], f["tokens"][:B].sum().item() / B)).mean()
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, params))
+        sizes.append(batch["inputs"]["input_ids"].numel())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert sizes[1] < sizes[0]
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -244,11 +318,13 @@ def test_details3_5_first_step_equals_independent_computation(base_run, toy_poli
     assert step1["rewards/chosen"] == pytest.approx(sum(rewards_w) / 8, rel=1e-5)
 
 
-def test_detail5_two_processes_with_accumulation_match_one_batch(base_run, tmp_path):
-    """1 process x 8 pairs = 2 processes x 2 accumulation micro-batches x 2 pairs: same metrics, same weights."""
+def test_details5_9_two_processes_with_accumulation_and_packing_match_one_padded_batch(base_run, tmp_path):
+    """1 process x 8 pairs, padded = 2 processes x 2 accumulation micro-batches x 2 pairs, packed (detail 9): same
+    metrics, same weights."""
     out = tmp_path / "ddp"
     run_script("cpo.py", *FAST, "--output_dir", str(out), "--eval_steps", "0", "--per_device_train_batch_size", "2",
-               "--gradient_accumulation_steps", "2", launcher=accelerate_launcher(2), timeout=900)
+               "--gradient_accumulation_steps", "2", "--packing", "True", launcher=accelerate_launcher(2),
+               timeout=900)
     ref = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
     got = {r["step"]: r for r in read_metrics(out)}
     assert sorted(got) == [1, 2, 3]

@@ -109,30 +109,96 @@ def test_detail4_sft_mask_covers_prompt_after_its_first_token():
     assert sft_token_mask(am, cm, False).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]]
 
 
-def test_detail1_forward_equals_separate_unpadded_forwards():
-    """The SFT NLL of each chosen sequence (prompt after its first token + completion) and the completion
-    log-probs of both rows equal those of each sequence run alone without padding."""
-    from common import model as model_utils, preference, toy
+ROWS = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22, 23, 24, 25], [34, 35, 36, 37, 2], [38, 2]),
+        ([1, 26], [39, 40, 2], [41, 2])]  # (prompt, chosen, rejected) ids of unequal lengths
+
+
+def _toy(monkeypatch, plain_head: bool):
+    """The toy Llama, its head applied 5 positions per block (several blocks per forward), or, plain_head False,
+    treated as a model whose logits must come from its own forward (model_utils.chunked_head is None)."""
+    from common import model as model_utils, toy
 
     tok = toy.make_tokenizer()
-    torch.manual_seed(0)
     model = model_utils.load_causal_lm("toy", tok, seed=0).eval()
-    rows = [([1, 20, 21], [30, 2], [31, 32, 33, 2]), ([1, 22, 23, 24, 25], [34, 35, 36, 37, 2], [38, 2])]
-    batch = preference.pair_batch(rows, tok.pad_token_id, "cpu")
-    mask = batch["completion_mask"].float()
-    with torch.no_grad():
-        for prompt_loss in (True, False):
-            lp, nll, _ = forward_pairs(model, batch, prompt_loss)
-            seq = (lp * mask).sum(1)
-            for i, (p, c, r) in enumerate(rows):
-                for j, comp in ((i, c), (i + 2, r)):
-                    ids = torch.tensor([p + comp])
-                    alone = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                    token_lp = alone.gather(-1, ids[0, 1:, None]).squeeze(-1)  # targets 1..L-1
-                    assert seq[j].item() == pytest.approx(token_lp[-len(comp):].sum().item(), abs=1e-5)
-                    if j == i:
-                        want = -(token_lp.sum() if prompt_loss else token_lp[-len(comp):].sum()).item()
-                        assert nll[i].item() == pytest.approx(want, abs=1e-5)
+    monkeypatch.setitem(model_utils.LOGPS_CHUNK_ELEMENTS, "cpu", 5 * model.config.vocab_size)
+    if not plain_head:
+        monkeypatch.setattr(model_utils, "PLAIN_HEAD_MODELS", set())
+    assert (model_utils.chunked_head(model) is not None) == plain_head
+    return model, tok.pad_token_id
+
+
+def _alone(model, prompt_loss: bool) -> dict:
+    """forward_pairs' per-sequence sums from each sequence run alone, unpadded, with its full (L, V) float32 logits."""
+    B = len(ROWS)
+    out = {k: [] for k in ("logps", "tokens", "nll", "nll_tokens", "mean_logits", "correct", "entropy")}
+    for j in range(2 * B):
+        p, c, r = ROWS[j % B]
+        comp = c if j < B else r
+        ids = torch.tensor([p + comp])
+        logits = model(input_ids=ids).logits[0, :-1].float()  # (L-1, V): position t-1 predicts token t
+        full = torch.log_softmax(logits, -1)
+        token_lp = full.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        k = len(comp)
+        out["logps"].append(token_lp[-k:].sum())
+        out["tokens"].append(torch.tensor(float(k)))
+        out["mean_logits"].append(logits[-k:].mean(-1).sum().detach())
+        out["correct"].append((logits[-k:].argmax(-1) == ids[0, -k:]).float().sum())
+        out["entropy"].append(-(full[-k:].exp() * full[-k:]).sum().detach())
+        if j < B:  # detail 4: the chosen sequence's prompt after its first token, then its completion
+            out["nll"].append(-(token_lp.sum() if prompt_loss else token_lp[-k:].sum()))
+            out["nll_tokens"].append(torch.tensor(float(len(p) - 1 + k if prompt_loss else k)))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("plain_head", [True, False], ids=["chunked_head", "model_logits"])
+def test_details1_4_9_forward_sums_equal_each_sequence_alone_with_its_full_logits(monkeypatch, plain_head, packed):
+    """One forward of the pairs (two padded rows per pair, or packed, detail 9): each sequence's summed completion
+    log-prob S(y), its token count, the chosen SFT NLL and token count (with and without prompt loss), the summed mean
+    logit, correct-token count and entropy equal those of the sequence run alone with its full float32 logits, to
+    1e-5, and so do the gradients of S and the NLL."""
+    from orpo import pair_layout
+
+    model, pad_id = _toy(monkeypatch, plain_head)
+    params = [q for q in model.parameters() if q.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2 * len(ROWS), generator=g), torch.randn(len(ROWS), generator=g)
+    for prompt_loss in (True, False):
+        batch = pair_layout(ROWS, pad_id, "cpu", prompt_loss, packed)
+        if packed:  # no padding in a packed layout: every token in a group is a real one
+            assert batch["comp"]["weights"].sum() == batch["comp"]["weights"].numel()
+        got = forward_pairs(model, batch, want_entropy=True)
+        want = _alone(model, prompt_loss)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=f"{k}, prompt_loss {prompt_loss}")
+        g_got = torch.autograd.grad((a * got["logps"]).sum() + (b * got["nll"]).sum(), params)
+        g_want = torch.autograd.grad((a * want["logps"]).sum() + (b * want["nll"]).sum(), params)
+        for x, y in zip(g_got, g_want):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_detail9_packed_batch_gives_the_padded_batch_loss_and_gradient(monkeypatch):
+    """The ORPO loss of a packed micro-batch and its gradient equal the padded micro-batch's, to 1e-5; the packed
+    rows hold fewer positions than the padded ones."""
+    from orpo import pair_layout
+
+    model, pad_id = _toy(monkeypatch, True)
+    params = list(model.parameters())
+    for prompt_loss in (True, False):
+        losses, grads, sizes = [], [], []
+        for packed in (False, True):
+            batch = pair_layout(ROWS, pad_id, "cpu", prompt_loss, packed)
+            f = forward_pairs(model, batch)
+            mean = f["logps"] / f["tokens"]
+            B = len(ROWS)
+            loss = orpo_loss(mean[:B], mean[B:], f["nll"], f["nll_tokens"].sum().item() / B, 0.25)["loss"].mean()
+            losses.append(loss)
+            grads.append(torch.autograd.grad(loss, params))
+            sizes.append(batch["inputs"]["input_ids"].numel())
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        for x, y in zip(*grads):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        assert sizes[1] < sizes[0]
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -234,11 +300,13 @@ def test_details1_4_first_step_equals_independent_computation(base_run, toy_poli
     assert step1["log_odds_ratio"] == pytest.approx(sum(ls(z) for z in ratios) / 8, rel=1e-4)
 
 
-def test_detail5_two_processes_with_accumulation_match_one_batch(base_run, tmp_path):
-    """1 process x 8 pairs = 2 processes x 2 accumulation micro-batches x 2 pairs: same metrics, same weights."""
+def test_details5_9_two_processes_with_accumulation_and_packing_match_one_padded_batch(base_run, tmp_path):
+    """1 process x 8 pairs, padded = 2 processes x 2 accumulation micro-batches x 2 pairs, packed (detail 9): same
+    metrics, same weights."""
     out = tmp_path / "ddp"
     run_script("orpo.py", *FAST, "--output_dir", str(out), "--eval_steps", "0", "--per_device_train_batch_size", "2",
-               "--gradient_accumulation_steps", "2", launcher=accelerate_launcher(2), timeout=900)
+               "--gradient_accumulation_steps", "2", "--packing", "True", launcher=accelerate_launcher(2),
+               timeout=900)
     ref = {r["step"]: r for r in read_metrics(base_run) if r["step"] > 0}
     got = {r["step"]: r for r in read_metrics(out)}
     assert sorted(got) == [1, 2, 3]
