@@ -95,7 +95,7 @@ def main():
     if a.child:
         print("RESULT " + json.dumps(trl_first_step(a)))
         return
-    from kto_speed import trl_python
+    from dpo_speed import trl_python
 
     from common import model as model_utils, toy
 
