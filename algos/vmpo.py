@@ -68,6 +68,38 @@ shipped V-MPO and DAR, nenuadrian/trl, `VMPOTrainer`):
     environment tokens get no gradient. Reward functions see the decoded transcript; the environment's (or agent
     program's) summed rewards are the reward source environment_reward. Evaluation runs greedy episodes.
     max_new_tokens is per turn.
+13. Asynchronous generation (online mode, --async_generation, common/async_rollout.py, as grpo.py detail 12): a
+    worker samples the next steps' completions while the trainer takes its optimizer step: an HF-generate process
+    holding its own copy of the sampler of choice 1 (π_old for the old_policy* estimators, π_θ for ref; weights
+    pushed through shared memory after each optimizer step), or with --use_vllm --vllm_mode server the server driven
+    from a thread. A step's completions (all its micro-batches, sampled in one call) are requested once the trainer
+    holds a version v (versions count optimizer steps) with step - v <= max_staleness, and sampled by the sampler of
+    exactly v; the staleness is checked and logged per step (async/staleness, async/wait_seconds,
+    async/sampling_seconds). With the old_policy* estimators the sampler is the snapshot, so a lag changes what
+    samples only across an old-policy sync. max_staleness 0 is the synchronous schedule through the worker: it starts
+    from the trainer's RNG state and weights, so with one micro-batch per step it draws the very samples of the
+    synchronous path (same losses to ~1e-6, from importance weights exp(~0)); with several, the one sampling call
+    draws other (equally distributed) samples than the synchronous path's one call per micro-batch. A wait longer
+    than --async_timeout stops the run with an error naming the flag; a worker exception is raised with the worker's
+    traceback; the worker is stopped on exit and on errors. Resume: the checkpoint keeps each rank's worker RNG state
+    and the resumed worker starts from the checkpoint's sampler weights; with max_staleness 0 a resumed run repeats
+    the uninterrupted one, with k > 0 the first k steps after a resume are sampled by fresher weights (staleness ramps
+    up 0, 1, .., k as at a start). Offline data and --tools / --environment / --agent_command fail at start-up.
+14. DEVIATION(paper: no importance weighting, its samples come from π_old): a sampler that is not the synchronous
+    schedule's π_old (the async worker's stale weights, or vLLM's numerics; both return the log-probs of the tokens
+    they drew) is corrected at the level V-MPO works at, the whole completion. The E-step target is q(y) ∝ π_old(y)
+    exp(A/η) on the top set; from samples of μ its self-normalised estimate is ψ_i ∝ w_i exp(A_i/η), w_i = π_old(y_i)
+    / μ(y_i) = exp(Σ_t ℓ^old_t - ℓ^μ_t), truncated at --vllm_importance_sampling_cap: ψ = softmax_D(A/η + log w),
+    still summing to 1 on D. The η dual estimates the same expectation, L_η = η ε_η + η [logsumexp_D(A/η + log w) -
+    logsumexp_D(log w)] (dL/dη = ε_η - KL(ψ‖q_D), q_D ∝ w on D; with w ≡ 1 the uncorrected L_η). The KL and the
+    anchor are expectations under π_old too: each sample's kl_i and anchor term carries w_i (so does the KL the α
+    dual sees). π_old here is the snapshot (old_policy*: its log-probs are already computed, no extra cost) or, for
+    ref, π_θ before the update (one more forward without gradient). Not corrected: the top-n selection (by advantage
+    among the drawn samples) and the advantage statistics. Sequence-level, not token-level as grpo.py detail 7: ψ
+    weighs whole completions, and a per-token weight inside a sequence log-prob has no E-step meaning; the cap bounds
+    the variance of the product over tokens. The trust region alone does not make this unnecessary: the α dual
+    bounds KL(π_old‖π_θ), not the gap between the sampler and π_old. The sampler-trainer gap is logged under TRL's
+    sampling/* names, the sequence weights as vmpo/is_weight_mean, vmpo/is_weight_min, vmpo/is_clipped_fraction.
 
 Defaults are the toy benchmark's (why these values: benchmarks/results/vmpo/README.md): toy-sft policy on toy:add,
 64 completions (32 prompts x K = 2) per step, lr 3e-5, ε_η = 1.0, ε_α = 0.05, batch baseline and scale. The fork's
@@ -84,11 +116,13 @@ Run:
     python algos/vmpo.py --data_mode preference              # offline, toy preference pairs
     python algos/vmpo.py --data_mode prompt_completion_reward --kl_estimator old_policy
     python algos/vmpo.py --reward_model_name_or_path toy-rm  # learned reward model instead of the gold reward
+    python algos/vmpo.py --async_generation True --max_staleness 1   # sample the next step during this one (13)
     bash benchmarks/vmpo.sh                                  # curves over 3 seeds
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -103,8 +137,9 @@ import torch
 import tyro
 
 from common import checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout, tracking
-from common import agents, peft_utils
+from common import agents, async_rollout, peft_utils
 from common.generation import build_generator
+from common.sampling import Generation
 
 KL_ESTIMATORS = ("ref", "behavior", "old_policy", "old_policy_ref")
 BASELINES = ("per_prompt", "batch", "ema")
@@ -211,6 +246,21 @@ class Args:
     """GPU memory share of a colocated vLLM"""
     vllm_kv_cache_gb: float = 1.0
     """KV-cache space of a CPU vLLM"""
+    vllm_importance_sampling_cap: float | None = 3.0
+    """when the sampler returns its log-probs (vLLM, --async_generation): each sample's E-step weight, KL and anchor
+    terms carry the truncated ratio min(π_old/π_sampler, cap) of its whole completion (choice 14); None: only log
+    the mismatch"""
+    # --- asynchronous generation, online mode (common/async_rollout.py, choice 13)
+    async_generation: bool = False
+    """sample the next step's completions in a worker (an HF-generate process; with --use_vllm, the vLLM server)
+    while the trainer takes its optimizer step; the sampler's log-probs give the correction of choice 14"""
+    max_staleness: int = 1
+    """with --async_generation: a step's completions are sampled by weights at most this many optimizer steps older
+    than the sampler of the synchronous schedule (0: the synchronous schedule, through the worker)"""
+    async_timeout: float = 600.0
+    """seconds the trainer waits for the generation worker (a weight push or a batch) before it stops with an error"""
+    async_worker_threads: int = 0
+    """torch threads of the generation worker process (0: as many as the trainer uses)"""
     # --- tools and environments: multi-turn episodes, online mode (common/agents.py, choice 12)
     tools: list[str] | None = None
     """tool functions 'path/file.py:fn' or 'module:fn' (name, signature and docstring describe them); the policy
@@ -362,19 +412,37 @@ def select_top(adv: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
-def estep_weights(adv: torch.Tensor, selected: torch.Tensor, eta: float | torch.Tensor) -> torch.Tensor:
-    """ψ (N,): softmax(A/η) over the selected samples, 0 elsewhere (all 0 when none is selected), no gradient."""
+def estep_weights(adv: torch.Tensor, selected: torch.Tensor, eta: float | torch.Tensor,
+                  log_is: torch.Tensor | None = None) -> torch.Tensor:
+    """ψ (N,): softmax(A/η) over the selected samples, 0 elsewhere (all 0 when none is selected), no gradient. With
+    log_is (N,), the log importance weights log min(π_old/π_sampler, cap) of samples from another sampler (choice 14),
+    softmax(A/η + log_is): the self-normalised estimate of the same target q ∝ π_old exp(A/η)."""
     assert adv.shape == selected.shape and adv.dim() == 1
     if not selected.any():
         return torch.zeros_like(adv)
-    logits = (adv.detach() / eta).masked_fill(~selected, float("-inf"))
-    return torch.softmax(logits, 0).detach()
+    logits = adv.detach() / eta if log_is is None else adv.detach() / eta + log_is.detach()
+    return torch.softmax(logits.masked_fill(~selected, float("-inf")), 0).detach()
 
 
-def eta_dual_loss(eta: torch.Tensor, adv: torch.Tensor, selected: torch.Tensor, eps_eta: float) -> torch.Tensor:
-    """L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n], A detached; dL/dη = ε_η - KL(ψ‖U_D)."""
+def eta_dual_loss(eta: torch.Tensor, adv: torch.Tensor, selected: torch.Tensor, eps_eta: float,
+                  log_is: torch.Tensor | None = None) -> torch.Tensor:
+    """L_η = η ε_η + η [logsumexp_{j∈D}(A_j/η) - log n], A detached; dL/dη = ε_η - KL(ψ‖U_D). With log_is
+    (choice 14): η ε_η + η [logsumexp_D(A/η + log_is) - logsumexp_D(log_is)], dL/dη = ε_η - KL(ψ‖q_D), q_D ∝ the
+    truncated importance weights on D (U_D when they are all equal)."""
     a = adv.detach()[selected]
-    return eta * eps_eta + eta * (torch.logsumexp(a / eta, 0) - math.log(a.numel()))
+    if log_is is None:
+        return eta * eps_eta + eta * (torch.logsumexp(a / eta, 0) - math.log(a.numel()))
+    lw = log_is.detach()[selected]
+    return eta * eps_eta + eta * (torch.logsumexp(a / eta + lw, 0) - torch.logsumexp(lw, 0))
+
+
+def sequence_log_is_weights(target_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                            cap: float) -> torch.Tensor:
+    """(N,) log min(π_old(y)/π_sampler(y), cap) of whole completions from per-token log-probs (N, T) of the sampled
+    tokens under the synchronous schedule's sampler (π_old) and the sampler that drew them, and the 0/1 mask (N, T)
+    of the tokens S sums over (choice 14)."""
+    assert target_logps.shape == sampler_logps.shape == mask.shape and mask.dim() == 2
+    return (((target_logps - sampler_logps) * mask).sum(1)).clamp(max=math.log(cap)).detach()
 
 
 def alpha_dual_loss(alpha: torch.Tensor, kl: torch.Tensor | float, eps_alpha: float) -> torch.Tensor:
@@ -482,9 +550,31 @@ def check_args(args: Args):
         raise ValueError("--old_policy_sync_steps must be >= 1")
     if args.k < 1 or args.max_steps < 1 or args.per_device_train_batch_size < 1:
         raise ValueError("--k, --max_steps and --per_device_train_batch_size must be positive")
+    if args.async_generation:  # choice 13: online single-turn sampling only
+        check_async(args, args.data_mode)
+    if args.vllm_importance_sampling_cap is not None and args.vllm_importance_sampling_cap <= 0:
+        raise ValueError(f"--vllm_importance_sampling_cap must be > 0 (or None), got "
+                         f"{args.vllm_importance_sampling_cap}")
     if args.kl_estimator.startswith("old_policy") and args.old_policy_sync_steps == 1:
         warnings.warn("--old_policy_sync_steps 1 copies the policy into the old policy every step: the KL is always "
                       "0, α decays to its floor and there is no trust region")
+
+
+def check_async(args: Args, mode: str):
+    """--async_generation needs online, single-turn sampling (choice 13); `mode` is --data_mode or the detected one."""
+    if mode in ("preference", "prompt_completion_reward"):
+        raise ValueError(f"--async_generation samples completions online: drop it with offline data (--data_mode "
+                         f"{mode}, or a dataset with completion columns), or train on prompt-only data")
+    if args.max_staleness < 0:
+        raise ValueError(f"--max_staleness must be >= 0 (optimizer steps), got {args.max_staleness}")
+    if args.async_timeout <= 0:
+        raise ValueError(f"--async_timeout must be > 0 seconds, got {args.async_timeout}")
+    if args.tools or args.environment or args.agent_command:
+        raise ValueError("--async_generation samples single-turn completions: drop it with --tools, --environment or "
+                         "--agent_command")
+    if args.use_vllm and args.vllm_mode != "server":
+        raise ValueError("--async_generation with --use_vllm needs --vllm_mode server (a colocated engine shares the "
+                         "trainer's process); or drop --use_vllm to sample in an HF-generate worker process")
 
 
 def check_degenerate(args: Args, k: int, num_global: int, has_behavior: bool):
@@ -555,6 +645,13 @@ def load_rows(args: Args, tokenizer):
     return mode, k, rows, None
 
 
+def generation_rows(gen: Generation, rows: slice) -> Generation:
+    """Rows `rows` of a generation batch (one micro-batch of the step's completions)."""
+    return dataclasses.replace(gen, completion_ids=gen.completion_ids[rows], completion_mask=gen.completion_mask[rows],
+                               terminated=gen.terminated[rows], texts=gen.texts[rows],
+                               sampler_logps=None if gen.sampler_logps is None else gen.sampler_logps[rows])
+
+
 def sequence_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (N,) summed over completion tokens, per-token log-probs (N, T))."""
     T = batch["completion_mask"].shape[1]
@@ -576,6 +673,8 @@ def main(args: Args):
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     mode, k, rows, eval_ds = load_rows(args, tokenizer)
     online = mode == "online"
+    if args.async_generation:  # the data's columns may only now say it is offline (choice 13)
+        check_async(args, mode)
     check_batch(args, k, online)
     agent = agents.Agent.from_args(args, tokenizer)  # None without --tools / --environment (choice 12)
     if agent is not None and not online:
@@ -594,7 +693,8 @@ def main(args: Args):
                                                              args.dataset_name, args.environment or args.agent_command),
                                          args.reward_weights, args.dataset_name, device) if online else None
     peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
-    resume = checkpoint.prepare_output_dir(args)  # one run per folder: refuses to mix with another run's files
+    # one run per folder: refuses to mix with another run's files
+    resume = checkpoint.prepare_output_dir(args, may_change=("async_timeout", "async_worker_threads"))
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
@@ -612,11 +712,12 @@ def main(args: Args):
     sampler = old_model if old_model is not None else model  # choice 1
 
     state = {"ema": None, "streak": 0, "warned": False, "syncs": 0, "skipped": 0}
-    start_step, elapsed = 0, 0.0
+    start_step, elapsed, saved_rng = 0, 0.0, None
     saved_models = {"duals": duals, **({"old_policy": old_model} if old_model is not None else {})}
     if resume is not None:  # duals, their Adam, the old policy and the counters come back with the rest
         saved = checkpoint.load_checkpoint(accelerator, resume, models=saved_models, optimizers={"duals": dual_opt})
         start_step, elapsed, state = saved["step"], saved["elapsed"], {**state, **saved["vmpo_state"]}
+        saved_rng = saved.get("async_rng")  # every rank's worker RNG (choice 13)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     if generator is not None:
         generator.sync_weights(sampler)
@@ -627,9 +728,27 @@ def main(args: Args):
                       f"{args.max_steps} steps -> {args.output_dir}")
 
     def save(step: int):  # everything --resume_from needs: duals and their Adam, EMA, counters, old policy
-        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed(), "vmpo_state": dict(state)}, args.save_total_limit,
-                                   models=saved_models, optimizers={"duals": dual_opt})
+        extra = {"elapsed": tracker.elapsed(), "vmpo_state": dict(state)}
+        if worker_rng is not None:  # every rank's worker RNG, where its next step's sampling starts (choice 13)
+            extra["async_rng"] = accelerator.gather(worker_rng[None].to(device)).cpu()
+        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args, extra,
+                                   args.save_total_limit, models=saved_models, optimizers={"duals": dual_opt})
+
+    def step_prompts(step: int) -> list[list[int]]:  # this process's prompts of each micro-batch of a step
+        indices = data.batch_indices(len(rows), num_global // k, step, args.seed)
+        return [indices[(m * W + rank) * P:(m * W + rank + 1) * P] for m in range(GA)]
+
+    async_ro, worker_rng = None, None
+    if args.async_generation:  # choice 13: a worker samples ahead, from weights at most max_staleness steps old
+        if args.use_vllm:
+            worker = async_rollout.ThreadWorker(generator, accelerator, args.async_timeout)
+        else:  # a copy of the sampler (π_old for the old_policy* estimators, choice 1), its RNG from the trainer's
+            worker = async_rollout.ProcessWorker.for_policy(
+                sampler, tokenizer, generator.cfg, accelerator, args.async_timeout, args.async_worker_threads,
+                rng_state=saved_rng[rank] if saved_rng is not None and len(saved_rng) == W else None)
+        async_ro = async_rollout.AsyncRollout(
+            worker, lambda s: [rows[i]["prompt_ids"] for mb in step_prompts(s) for i in mb], k, 1, args.max_staleness,
+            args.max_steps)
 
     def evaluate() -> dict:  # greedy completions of held-out prompts, scored by the run's reward sources
         if agent is not None:
@@ -641,173 +760,210 @@ def main(args: Args):
         return evaluation.heldout_gold_reward(model, tokenizer, args.dataset_name, args.num_eval_prompts,
                                               args.max_new_tokens, accelerator=accelerator)
 
-    if start_step == 0 and (first := evaluate()):
-        tracker.log(first, 0, args.max_steps)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     window, first_rpf = defaultdict(list), []  # per-step metrics since the last log; rewards of the first window
-    model.train()
-    for step in range(start_step, args.max_steps):
-        done = step + 1
-        indices = data.batch_indices(len(rows), num_global // k, step, args.seed)
-        micro = [indices[(m * W + rank) * P:(m * W + rank + 1) * P] for m in range(GA)]  # this process's prompts
+    try:
+        if async_ro is not None:
+            async_ro.start(sampler, start_step)  # the first steps' completions are sampled during the evaluation
+        if start_step == 0 and (first := evaluate()):
+            tracker.log(first, 0, args.max_steps)
+        model.train()
+        for step in range(start_step, args.max_steps):
+            done = step + 1
+            micro = step_prompts(step)  # this process's prompts, per micro-batch
 
-        # ---- 1. generate: K completions per prompt from the sampler (online) or the data's; frozen log-probs
-        mbs = []
-        for mb in micro:
-            if agent is not None:  # multi-turn episodes, same row layout (choice 12)
-                gen = agent.rollout(generator, sampler, [rows[i]["prompt_ids"] for i in mb],
-                                    [{"prompt": rows[i]["prompt"], **rows[i]["columns"]} for i in mb], k)
-                c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
-                texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
-            elif online:
-                gen = generator.generate(sampler, [rows[i]["prompt_ids"] for i in mb], n=k)
-                c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)  # EOS kept (choice 7)
-                texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
-            else:
-                gen, c_ids = None, [c for i in mb for c in rows[i]["completion_ids"]]
-                texts = [t for i in mb for t in rows[i]["completion_texts"]]
-                terminated = torch.tensor([len(c) > 0 and c[-1] == eos_id for c in c_ids])
-                r = torch.tensor([x for i in mb for x in rows[i]["rewards"]])
-                s_beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
-                         if "behavior_logps" in rows[mb[0]] else None)
-            batch = data.batch_prompt_completion([rows[i]["prompt_ids"] for i in mb for _ in range(k)], c_ids, pad_id)
-            batch = {key: v.to(device) for key, v in batch.items()}  # completion mask from token counts (choice 7)
-            if agent is not None:  # S sums over the policy's own tokens: tool and environment tokens are not trained
-                batch["completion_mask"] = batch["completion_mask"] * gen.policy_mask.to(device)
-            with torch.no_grad():
-                s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
-                s_old, old_tok = (sequence_logps(old_model, batch, args.temperature) if old_model is not None
-                                  else (None, None))
-            mbs.append({"mb": mb, "batch": batch, "ids": c_ids, "texts": texts, "terminated": terminated,
-                        "rewards": r, "s_ref": s_ref, "s_old": s_old, "old_tok": old_tok, "s_beh": s_beh, "gen": gen})
+            # ---- 1. generate: K completions per prompt from the sampler (online) or the data's; frozen log-probs
+            mbs, step_gen = [], None
+            if async_ro is not None:  # sampled ahead by the worker, with its log-probs (choice 13)
+                step_gen, info = async_ro.get(step, step)
+                worker_rng = async_rollout.worker_rng_state(info)
+                window_add(window, {"async/staleness": float(info["staleness"]), "async/wait_seconds": info["wait"],
+                                    "async/sampling_seconds": info["seconds"]})
+            for m_idx, mb in enumerate(micro):
+                if agent is not None:  # multi-turn episodes, same row layout (choice 12)
+                    gen = agent.rollout(generator, sampler, [rows[i]["prompt_ids"] for i in mb],
+                                        [{"prompt": rows[i]["prompt"], **rows[i]["columns"]} for i in mb], k)
+                    c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
+                    texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
+                elif step_gen is not None:  # micro-batch m_idx: rows m_idx*P*K .. of the step's batch
+                    gen = generation_rows(step_gen, slice(m_idx * P * k, (m_idx + 1) * P * k))
+                    c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
+                    texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
+                elif online:
+                    gen = generator.generate(sampler, [rows[i]["prompt_ids"] for i in mb], n=k)
+                    c_ids = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)  # EOS kept (choice 7)
+                    texts, terminated, r, s_beh = gen.texts, gen.terminated, None, None
+                else:
+                    gen, c_ids = None, [c for i in mb for c in rows[i]["completion_ids"]]
+                    texts = [t for i in mb for t in rows[i]["completion_texts"]]
+                    terminated = torch.tensor([len(c) > 0 and c[-1] == eos_id for c in c_ids])
+                    r = torch.tensor([x for i in mb for x in rows[i]["rewards"]])
+                    s_beh = (torch.tensor([x for i in mb for x in rows[i]["behavior_logps"]], device=device)
+                             if "behavior_logps" in rows[mb[0]] else None)
+                batch = data.batch_prompt_completion([rows[i]["prompt_ids"] for i in mb for _ in range(k)], c_ids,
+                                                     pad_id)
+                batch = {key: v.to(device) for key, v in batch.items()}  # completion mask from token counts (choice 7)
+                if agent is not None:  # S sums over the policy's own tokens: tool and environment tokens not trained
+                    batch["completion_mask"] = batch["completion_mask"] * gen.policy_mask.to(device)
+                with torch.no_grad():
+                    s_ref, _ = sequence_logps(ref_model, batch, args.temperature)
+                    s_old, old_tok = (sequence_logps(old_model, batch, args.temperature) if old_model is not None
+                                      else (None, None))
+                    log_is = None  # choice 14: drawn by a sampler other than the synchronous schedule's π_old
+                    cap = args.vllm_importance_sampling_cap
+                    if gen is not None and gen.sampler_logps is not None and cap is not None:
+                        target = old_tok if old_tok is not None else sequence_logps(model, batch, args.temperature)[1]
+                        log_is = sequence_log_is_weights(target, gen.sampler_logps[:, :target.shape[1]].to(device),
+                                                         batch["completion_mask"].float(), cap)
+                mbs.append({"mb": mb, "batch": batch, "ids": c_ids, "texts": texts, "terminated": terminated,
+                            "rewards": r, "s_ref": s_ref, "s_old": s_old, "old_tok": old_tok, "s_beh": s_beh,
+                            "gen": gen, "log_is": log_is})
 
-        # ---- 2. score: (N_local, F) rewards per source, NaN = not scored (choice 8); a NaN or inf from a source
-        # stops the run here, before any update. Gathered over processes: (B_global, K)
-        if online:
+            # ---- 2. score: (N_local, F) rewards per source, NaN = not scored (choice 8); a NaN or inf from a source
+            # stops the run here, before any update. Gathered over processes: (B_global, K)
+            if online:
+                for m in mbs:
+                    prompts = [rows[i]["prompt"] for i in m["mb"] for _ in range(k)]
+                    cols = {c: [rows[i]["columns"][c] for i in m["mb"] for _ in range(k)] for c in rows[0]["columns"]}
+                    if agent is not None:
+                        cols["env_reward"] = m["gen"].env_rewards
+                    m["rpf"] = sources(prompts, rollout.as_completions(prompts, m["texts"]), m["ids"], cols)
+                    m["rewards"] = combine_rewards(m["rpf"], sources.weights)
+                rpf_all = distributed.gather_cat(accelerator, torch.cat([m["rpf"] for m in mbs]).to(device)).cpu()
+            local_r = torch.cat([m["rewards"] for m in mbs]).float()
+            all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)
+
+            # ---- 3. targets: advantages, the top-n E-step and ψ over the whole step's batch (choices 4, 5, 8)
+            if args.baseline == "ema":
+                state["ema"] = update_ema(state["ema"], torch.nanmean(all_r).item(), args.reward_ema_decay)
+            adv = compute_advantages(all_r, args.baseline, args.adv_norm, state["ema"]).flatten()  # (N,)
+            selected = select_top(adv, args.topk_fraction)
+            eta_now, alpha_now = duals.eta().item(), duals.alpha().item()
+            log_is = (distributed.gather_cat(accelerator, torch.cat([m["log_is"] for m in mbs])).cpu()
+                      if mbs[0]["log_is"] is not None else None)  # (N,) choice 14
+            psi = estep_weights(adv, selected, eta_now, log_is)
+            local_psi = psi[rank * local_r.numel():(rank + 1) * local_r.numel()].to(device)
+
+            # ---- 4. update: weighted maximum likelihood + α·KL (+ reference anchor), one backward per micro-batch
+            st, pos = defaultdict(float), 0
             for m in mbs:
-                prompts = [rows[i]["prompt"] for i in m["mb"] for _ in range(k)]
-                cols = {c: [rows[i]["columns"][c] for i in m["mb"] for _ in range(k)] for c in rows[0]["columns"]}
-                if agent is not None:
-                    cols["env_reward"] = m["gen"].env_rewards
-                m["rpf"] = sources(prompts, rollout.as_completions(prompts, m["texts"]), m["ids"], cols)
-                m["rewards"] = combine_rewards(m["rpf"], sources.weights)
-            rpf_all = distributed.gather_cat(accelerator, torch.cat([m["rpf"] for m in mbs]).to(device)).cpu()
-        local_r = torch.cat([m["rewards"] for m in mbs]).float()
-        all_r = distributed.gather_cat(accelerator, local_r.to(device)).cpu().view(-1, k)
+                batch, n_mb = m["batch"], len(m["ids"])
+                w = local_psi[pos:pos + n_mb]
+                pos += n_mb
+                with accelerator.accumulate(model):
+                    s_pol, tok = sequence_logps(model, batch, args.temperature)
+                    kl_val, kl_sur = sequence_kl(args.kl_estimator, s_pol, m["s_ref"], m["s_old"], m["s_beh"])
+                    _, anchor_sur = (ref_anchor(s_pol, m["s_ref"], args.ref_anchor_coef)
+                                     if args.kl_estimator == "old_policy_ref" else (None, None))
+                    if m["log_is"] is not None:  # choice 14: importance-weighted estimates of the KL and the anchor
+                        is_w = m["log_is"].exp()
+                        kl_val, kl_sur = kl_val * is_w, kl_sur * is_w
+                        anchor_sur = anchor_sur * is_w if anchor_sur is not None else None
+                    loss, parts = vmpo_loss(w, s_pol, kl_sur, alpha_now, anchor_sur, num_global)
+                    # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
+                    # summed micro-batch losses give exactly the gradient of the whole step's loss
+                    accelerator.backward(loss * GA * W)
+                    if accelerator.sync_gradients:  # a non-finite gradient norm skips the step (choice 11)
+                        st["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                                              args.max_grad_norm)
+                        state["skipped"] += not stepped
+                with torch.no_grad():
+                    cm = batch["completion_mask"].float()
+                    for key, v in parts.items():
+                        st[key] += v
+                    sampler_s = (m["s_old"] if m["s_old"] is not None
+                                 else (m["s_beh"] if m["s_beh"] is not None else s_pol))
+                    for key, v in (("kl", kl_val), ("s_policy", s_pol), ("s_ref", m["s_ref"]), ("s_old", sampler_s),
+                                   ("len", cm), ("neg_logp", -(tok * cm))):
+                        st[key] += v.sum().item()
+                    m["trainer_tok"] = m["old_tok"] if m["old_tok"] is not None else tok.detach()  # the sampler's, here
+            tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items() if key != "grad_norm"}
 
-        # ---- 3. targets: advantages, the top-n E-step and ψ over the whole step's batch (choices 4, 5, 8)
-        if args.baseline == "ema":
-            state["ema"] = update_ema(state["ema"], torch.nanmean(all_r).item(), args.reward_ema_decay)
-        adv = compute_advantages(all_r, args.baseline, args.adv_norm, state["ema"]).flatten()  # (N,)
-        selected = select_top(adv, args.topk_fraction)
-        eta_now, alpha_now = duals.eta().item(), duals.alpha().item()
-        psi = estep_weights(adv, selected, eta_now)
-        local_psi = psi[rank * local_r.numel():(rank + 1) * local_r.numel()].to(device)
+            # duals: one step on L_η + L_α from the global batch (choices 3, 8)
+            kl_mean = tot["kl"] / num_global
+            dual_opt.zero_grad()
+            eta_loss = eta_dual_loss(duals.eta(), adv, selected, args.eps_eta, log_is) if selected.any() else None
+            alpha_loss = alpha_dual_loss(duals.alpha(), kl_mean, args.eps_alpha)
+            if stepped:  # a skipped step leaves the duals as they were too (choice 11)
+                (alpha_loss + eta_loss if eta_loss is not None else alpha_loss).backward()
+                dual_opt.step()
+                duals.clamp_(args.min_eta, args.max_eta, args.min_alpha, args.max_alpha)
+            state["streak"] = state["streak"] + 1 if abs(kl_mean) <= args.kl_zero_tol else 0
+            if state["streak"] >= args.kl_warning_patience and not state["warned"]:
+                state["warned"] = True
+                warnings.warn(f"the KL ({args.kl_estimator}) has been below {args.kl_zero_tol} for {state['streak']} "
+                              f"steps: the trust region is inactive (old-policy sync too frequent, or no behaviour "
+                              f"log-probs?)")
+            # old-policy snapshot: hard copy every old_policy_sync_steps optimizer steps
+            if old_model is not None and done % args.old_policy_sync_steps == 0:
+                old_model.load_state_dict(distributed.full_state_dict(accelerator, model))  # gathered: ZeRO-3, FSDP2
+                state["syncs"] += 1
+            if async_ro is not None:
+                async_ro.weights_updated(sampler, done)  # push, and request the step now allowed (choice 13)
+            elif generator is not None and (old_model is None or done % args.old_policy_sync_steps == 0):
+                generator.sync_weights(sampler)
 
-        # ---- 4. update: weighted maximum likelihood + α·KL (+ reference anchor), one backward per micro-batch
-        st, pos = defaultdict(float), 0
-        for m in mbs:
-            batch, n_mb = m["batch"], len(m["ids"])
-            w = local_psi[pos:pos + n_mb]
-            pos += n_mb
-            with accelerator.accumulate(model):
-                s_pol, tok = sequence_logps(model, batch, args.temperature)
-                kl_val, kl_sur = sequence_kl(args.kl_estimator, s_pol, m["s_ref"], m["s_old"], m["s_beh"])
-                _, anchor_sur = (ref_anchor(s_pol, m["s_ref"], args.ref_anchor_coef)
-                                 if args.kl_estimator == "old_policy_ref" else (None, None))
-                loss, parts = vmpo_loss(w, s_pol, kl_sur, alpha_now, anchor_sur, num_global)
-                # accelerate divides by the accumulation steps and DDP averages over processes; undo both so the
-                # summed micro-batch losses give exactly the gradient of the whole step's loss
-                accelerator.backward(loss * GA * W)
-                if accelerator.sync_gradients:  # a non-finite gradient norm skips the step (choice 11)
-                    st["grad_norm"], stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                                          args.max_grad_norm)
-                    state["skipped"] += not stepped
-            with torch.no_grad():
-                cm = batch["completion_mask"].float()
-                for key, v in parts.items():
-                    st[key] += v
-                sampler_s = m["s_old"] if m["s_old"] is not None else (m["s_beh"] if m["s_beh"] is not None else s_pol)
-                for key, v in (("kl", kl_val), ("s_policy", s_pol), ("s_ref", m["s_ref"]), ("s_old", sampler_s),
-                               ("len", cm), ("neg_logp", -(tok * cm))):
-                    st[key] += v.sum().item()
-                m["trainer_tok"] = m["old_tok"] if m["old_tok"] is not None else tok.detach()  # the sampler's, here
-        tot = {key: distributed.gather_sum(accelerator, v) for key, v in st.items() if key != "grad_norm"}
-
-        # duals: one step on L_η + L_α from the global batch (choices 3, 8)
-        kl_mean = tot["kl"] / num_global
-        dual_opt.zero_grad()
-        eta_loss = eta_dual_loss(duals.eta(), adv, selected, args.eps_eta) if selected.any() else None
-        alpha_loss = alpha_dual_loss(duals.alpha(), kl_mean, args.eps_alpha)
-        if stepped:  # a skipped step leaves the duals as they were too (choice 11)
-            (alpha_loss + eta_loss if eta_loss is not None else alpha_loss).backward()
-            dual_opt.step()
-            duals.clamp_(args.min_eta, args.max_eta, args.min_alpha, args.max_alpha)
-        state["streak"] = state["streak"] + 1 if abs(kl_mean) <= args.kl_zero_tol else 0
-        if state["streak"] >= args.kl_warning_patience and not state["warned"]:
-            state["warned"] = True
-            warnings.warn(f"the KL ({args.kl_estimator}) has been below {args.kl_zero_tol} for {state['streak']} "
-                          f"steps: the trust region is inactive (old-policy sync too frequent, or no behaviour "
-                          f"log-probs?)")
-        # old-policy snapshot: hard copy every old_policy_sync_steps optimizer steps
-        if old_model is not None and done % args.old_policy_sync_steps == 0:
-            old_model.load_state_dict(distributed.full_state_dict(accelerator, model))  # gathered: ZeRO-3, FSDP2
-            state["syncs"] += 1
-        if generator is not None and (old_model is None or done % args.old_policy_sync_steps == 0):
-            generator.sync_weights(sampler)
-
-        # ---- 5. log: means over the steps since the last log (NaN-aware), counters and duals at their current value
-        sel_adv = adv[selected]
-        lens = torch.tensor([len(c) for m in mbs for c in m["ids"]])
-        window_add(window, rollout.completion_metrics(accelerator, torch.arange(int(lens.max()))[None] < lens[:, None],
-                                                      torch.cat([m["terminated"] for m in mbs])))
-        if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # vLLM: gap to the trainer
-            window_add(window, rollout.sampler_gap_metrics(accelerator, [m["trainer_tok"] for m in mbs],
-                                                           [m["gen"].sampler_logps for m in mbs],
-                                                           [m["batch"]["completion_mask"] for m in mbs]))
-        if agent is not None:
-            for m in mbs:
-                window_add(window, agents.episode_metrics(accelerator, m["gen"]))
-        if online:
-            window_add(window, sources.metrics(rpf_all))
-            first_rpf = first_rpf + [rpf_all] if first_rpf is not None else None
-        window_add(window, {
-            "vmpo/rewards_mean": torch.nanmean(all_r).item(), "vmpo/rewards_std": nanstd(all_r).item(),
-            "vmpo/advantages_mean": torch.nanmean(adv).item(), "vmpo/advantages_std": nanstd(adv).item(),
-            "vmpo/top_advantages_mean": sel_adv.mean().item() if sel_adv.numel() else float("nan"),
-            "vmpo/top_advantages_std": sel_adv.std(unbiased=False).item() if sel_adv.numel() > 1 else 0.0,
-            "vmpo/weights_entropy": weights_entropy(psi),
-            "vmpo/weights_kl_uniform": weights_kl_from_uniform(psi, selected),
-            "vmpo/selected_fraction": selected.float().mean().item(),
-            "vmpo/scored_fraction": (~torch.isnan(all_r)).float().mean().item(),
-            "vmpo/eta_loss": eta_loss.item() if eta_loss is not None else float("nan"),
-            "vmpo/kl_mean": kl_mean, "vmpo/logps_policy": tot["s_policy"] / num_global,
-            "vmpo/logps_ref": tot["s_ref"] / num_global, "vmpo/logps_old": tot["s_old"] / num_global,
-            "vmpo/policy_loss": tot["policy_loss"], "vmpo/kl_loss": tot["kl_loss"],
-            "vmpo/ref_anchor_loss": tot["ref_anchor_loss"],
-            "vmpo/loss": tot["policy_loss"] + tot["kl_loss"] + tot["ref_anchor_loss"],
-            "vmpo/reward_ema_baseline": state["ema"] if state["ema"] is not None else torch.nanmean(all_r).item(),
-            "kl_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
-            "entropy": tot["neg_logp"] / max(tot["len"], 1), "grad_norm": st["grad_norm"],
-        })
-        if done % args.logging_steps == 0 or done == args.max_steps:
-            if online and first_rpf is not None:  # one loud warning when no reward varied at all
-                sources.check_varies(first_rpf, accelerator.is_main_process)
-                first_rpf = None
-            out = {key: (sum(v) / len(v) if v else float("nan")) for key, v in window.items()}
-            out.update({"vmpo/eta": eta_now, "vmpo/alpha": alpha_now, "vmpo/near_zero_kl_streak": state["streak"],
-                        "vmpo/old_policy_syncs": state["syncs"], "train/skipped_steps": state["skipped"],
-                        "learning_rate": scheduler.get_last_lr()[0]})
-            window = defaultdict(list)
-            if done == args.max_steps or (args.eval_steps and done % args.eval_steps == 0):
-                out.update(evaluate())
-            tracker.log(out, done, args.max_steps)
-        if args.log_completions_steps and done % args.log_completions_steps == 0:
-            m = mbs[0]
-            tracker.log_samples(done, [{"prompt": str(rows[m["mb"][j // k]]["prompt"]), "completion": m["texts"][j],
-                                        "reward": m["rewards"][j].item()} for j in range(min(4, len(m["texts"])))])
-        if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
-            save(done)
+            # ---- 5. log: means over the steps since the last log (NaN-aware), counters and duals at their value now
+            sel_adv = adv[selected]
+            lens = torch.tensor([len(c) for m in mbs for c in m["ids"]])
+            window_add(window, rollout.completion_metrics(accelerator,
+                                                          torch.arange(int(lens.max()))[None] < lens[:, None],
+                                                          torch.cat([m["terminated"] for m in mbs])))
+            if any(m["gen"] is not None and m["gen"].sampler_logps is not None for m in mbs):  # gap to the trainer
+                window_add(window, rollout.sampler_gap_metrics(accelerator, [m["trainer_tok"] for m in mbs],
+                                                               [m["gen"].sampler_logps for m in mbs],
+                                                               [m["batch"]["completion_mask"] for m in mbs]))
+            if log_is is not None:
+                w_is = log_is.exp()
+                window_add(window, {"vmpo/is_weight_mean": w_is.mean().item(), "vmpo/is_weight_min": w_is.min().item(),
+                                    "vmpo/is_clipped_fraction": (log_is >= math.log(args.vllm_importance_sampling_cap)
+                                                                 ).float().mean().item()})
+            if agent is not None:
+                for m in mbs:
+                    window_add(window, agents.episode_metrics(accelerator, m["gen"]))
+            if online:
+                window_add(window, sources.metrics(rpf_all))
+                first_rpf = first_rpf + [rpf_all] if first_rpf is not None else None
+            window_add(window, {
+                "vmpo/rewards_mean": torch.nanmean(all_r).item(), "vmpo/rewards_std": nanstd(all_r).item(),
+                "vmpo/advantages_mean": torch.nanmean(adv).item(), "vmpo/advantages_std": nanstd(adv).item(),
+                "vmpo/top_advantages_mean": sel_adv.mean().item() if sel_adv.numel() else float("nan"),
+                "vmpo/top_advantages_std": sel_adv.std(unbiased=False).item() if sel_adv.numel() > 1 else 0.0,
+                "vmpo/weights_entropy": weights_entropy(psi),
+                "vmpo/weights_kl_uniform": weights_kl_from_uniform(psi, selected),
+                "vmpo/selected_fraction": selected.float().mean().item(),
+                "vmpo/scored_fraction": (~torch.isnan(all_r)).float().mean().item(),
+                "vmpo/eta_loss": eta_loss.item() if eta_loss is not None else float("nan"),
+                "vmpo/kl_mean": kl_mean, "vmpo/logps_policy": tot["s_policy"] / num_global,
+                "vmpo/logps_ref": tot["s_ref"] / num_global, "vmpo/logps_old": tot["s_old"] / num_global,
+                "vmpo/policy_loss": tot["policy_loss"], "vmpo/kl_loss": tot["kl_loss"],
+                "vmpo/ref_anchor_loss": tot["ref_anchor_loss"],
+                "vmpo/loss": tot["policy_loss"] + tot["kl_loss"] + tot["ref_anchor_loss"],
+                "vmpo/reward_ema_baseline": state["ema"] if state["ema"] is not None else torch.nanmean(all_r).item(),
+                "kl_ref": (tot["s_policy"] - tot["s_ref"]) / num_global,
+                "entropy": tot["neg_logp"] / max(tot["len"], 1), "grad_norm": st["grad_norm"],
+            })
+            if done % args.logging_steps == 0 or done == args.max_steps:
+                if online and first_rpf is not None:  # one loud warning when no reward varied at all
+                    sources.check_varies(first_rpf, accelerator.is_main_process)
+                    first_rpf = None
+                out = {key: (sum(v) / len(v) if v else float("nan")) for key, v in window.items()}
+                out.update({"vmpo/eta": eta_now, "vmpo/alpha": alpha_now, "vmpo/near_zero_kl_streak": state["streak"],
+                            "vmpo/old_policy_syncs": state["syncs"], "train/skipped_steps": state["skipped"],
+                            "learning_rate": scheduler.get_last_lr()[0]})
+                window = defaultdict(list)
+                if done == args.max_steps or (args.eval_steps and done % args.eval_steps == 0):
+                    out.update(evaluate())
+                tracker.log(out, done, args.max_steps)
+            if args.log_completions_steps and done % args.log_completions_steps == 0:
+                m = mbs[0]
+                tracker.log_samples(done, [{"prompt": str(rows[m["mb"][j // k]]["prompt"]), "completion": m["texts"][j],
+                                            "reward": m["rewards"][j].item()} for j in range(min(4, len(m["texts"])))])
+            if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
+                save(done)
+    finally:
+        if async_ro is not None:
+            async_ro.close()
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir, args.max_steps)
     if args.save_steps:
