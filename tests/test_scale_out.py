@@ -348,6 +348,31 @@ PPO_KEYS = ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scor
             "val/ratio", "grad_norm", "eval/gold_reward", "completions/mean_length")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_ppo_resume_equals_uninterrupted(init_model, tmp_path, mode):
+    """ppo.py on 2 processes with real sampling, resumed from its rollout-2 checkpoint (policy + value module,
+    optimizer, scheduler, adaptive-KL state, both ranks' RNG), ends with the uninterrupted run's rollout-3
+    statistics and final policy."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    flags = ["--model_name_or_path", str(init_model), "--max_steps", "3", "--num_mini_batches", "2",
+             "--num_ppo_epochs", "2", "--eval_steps", "0", "--log_completions_steps", "0", "--logging_steps", "1",
+             "--save_steps", "2", "--per_device_train_batch_size", "4",
+             "--reward_funcs", f"{tmp_path / 'length_reward.py'}:length"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(launcher(mode), ROOT / "algos" / "ppo.py", [*flags, "--output_dir", str(full)])
+    proc = run(launcher(mode), ROOT / "algos" / "ppo.py", [*flags, "--output_dir", str(resumed), "--resume_from",
+                                                           str(full / "checkpoint-2")])
+    assert "resumed from" in proc.stdout and "at rollout 2" in proc.stdout
+    a, b = read_metrics(full)[-1], read_metrics(resumed)[-1]
+    assert a["step"] == b["step"] == 3
+    for key in ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    pa, pb = load_params(full), load_params(resumed)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=1e-6, rtol=0, msg=k)
+
+
 @pytest.mark.parametrize("mode", [pytest.param("ddp", marks=pytest.mark.slow),
                                   pytest.param("zero2", marks=[*needs_deepspeed, pytest.mark.slow]),
                                   pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
