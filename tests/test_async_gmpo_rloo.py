@@ -12,7 +12,7 @@ import torch
 
 from conftest import assert_params_close, load_params, read_metrics, run_script  # noqa: F401
 
-RUN = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--eval_steps", "0",
+RUN = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--num_generations", "4", "--eval_steps", "0",
        "--log_completions_steps", "0", "--logging_steps", "1", "--async_timeout", "300"]
 
 
