@@ -260,6 +260,7 @@ def main():
         steps = int(os.environ.get("STEPS", "60"))
         group = int(os.environ["GROUP"]) if os.environ.get("GROUP") else None
         work = Path(os.environ.get("WORK", "/tmp/cleanalign-async-bench"))
+        work.mkdir(parents=True, exist_ok=True)
         result = measure(cli.script, seeds, modes, steps, work, group)
         results_path(cli.script).write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(write_readme()))
