@@ -334,11 +334,34 @@ def load_full_state_dict(accelerator, model, state: dict[str, torch.Tensor]) -> 
                 safe_set_full_fp32_param(p, state[name].to(device=accelerator.device, dtype=torch.float32))
 
 
+def broadcast_from_main(accelerator, module: torch.nn.Module) -> None:
+    """Collective: every parameter and buffer of `module` set to the main process's values, in place (DDP does this
+    when it wraps a model; FSDP2 and DeepSpeed keep each process's own values and shard them). The ranks are seeded
+    differently (make_accelerator), so anything initialised at random after loading (LoRA's A matrices, a new score
+    head) would otherwise differ between processes and the sharded model would be a mix of them. Parameters that
+    ZeRO-3 already partitioned at load time are left alone."""
+    if accelerator.num_processes == 1 or accelerator.distributed_type not in (DistributedType.FSDP,
+                                                                              DistributedType.DEEPSPEED):
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if hasattr(t, "ds_id") or hasattr(t, "to_local"):
+                continue
+            moved = t.data.to(accelerator.device)
+            torch.distributed.broadcast(moved, src=0)
+            if moved is not t.data:
+                t.data.copy_(moved)
+
+
 class _Accelerator(Accelerator):
-    """accelerate's Accelerator; after preparing a model and its optimizer it prints (main process) how many
-    elements each process holds, so a sharded mode that silently did not shard shows it."""
+    """accelerate's Accelerator. Before preparing, the models' weights are made the main process's on every process
+    (broadcast_from_main); after preparing a model and its optimizer it prints (main process) how many elements each
+    process holds, so a sharded mode that silently did not shard shows it."""
 
     def prepare(self, *args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.nn.Module):
+                broadcast_from_main(self, a)
         out = super().prepare(*args, **kwargs)
         result = out if isinstance(out, (tuple, list)) else (out,)
         models = [o for o in result if isinstance(o, torch.nn.Module)]

@@ -207,6 +207,29 @@ def test_sft_resume_equals_uninterrupted(runs, tmp_path, mode):
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
 
 
+@pytest.mark.parametrize("mode", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_lora_sft_two_processes_match_one(init_model, tmp_path, mode):
+    """LoRA's A matrices are drawn at random after the model loads, and the processes are seeded differently: the
+    sharded run starts from the main process's draw (common/distributed.broadcast_from_main), so its losses and its
+    saved adapter equal one process's. Without it each process shards its own draw (the losses part at step 2)."""
+    flags = ["--model_name_or_path", str(init_model), "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "0",
+             "--use_peft", "True", "--learning_rate", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable], ROOT / "algos" / "sft.py", [*flags, "--per_device_train_batch_size", "8",
+                                                     "--output_dir", str(one)])
+    proc = run(launcher(mode), ROOT / "algos" / "sft.py", [*flags, "--per_device_train_batch_size", "4",
+                                                           "--output_dir", str(two)])
+    assert f"distributed: {DESCRIPTION[mode]} on 2 processes" in proc.stdout
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-6), a["step"]
+    from safetensors.torch import load_file
+
+    pa, pb = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=1e-5, rtol=0, msg=k)
+
+
 # ----------------------------------------------------------------------------- generation and weight pushes
 GEN_PROBE = '''
 import json, sys
