@@ -49,7 +49,18 @@ Implementation details (numbered; the tests name the one they check):
     S^θ, val/contain_eos_token. objective/model_kl and objective/model_scores repeat kl and scores under the names
     xpo.py and nash_md.py use for their policy samples, so the three scripts plot together. kl and entropy sum over
     completion tokens only (TRL 1.16 sums them over the padding positions after EOS too). Means are over every
-    sample of the logging window on every process; unscored entries are left out (NaN-aware).
+    sample of the logging window on every process; unscored entries are left out (NaN-aware). The window's sums
+    and counts stay on the device until the logging step (one transfer per window, no per-step host sync).
+11. One forward per micro-batch for both completions of every prompt, with the prompt computed once: each prompt is
+    one row [prompt | first sample | second sample | padding]; the second sample's positions restart after the
+    prompt and a block attention mask lets each token see only the causal past of its own sequence, so every
+    log-prob equals that of a separate forward of prompt + completion (to float rounding) at the cost of one prompt
+    instead of two (prefix sharing, as dpo.py's detail 1). The policy (with grad) and the reference (without) each
+    run this one forward; the hidden states that predict completion tokens go through the output head and the
+    float32 log-softmax a block at a time (common/model.py's logps_at), never as (2B, T, V) logits. It needs an
+    attention that takes a custom 4D mask (sdpa, eager) and no sliding window shorter than a sequence; otherwise,
+    or with --share_prompt False, each sample is its own row [left-padded prompt | right-padded completion] (TRL's
+    layout).
 
 Data: prompt-only (`prompt`), standard or conversational; other dataset types are reduced to their prompts.
 
@@ -186,6 +197,8 @@ class Args:
     """β, the strength of the implicit KL to the reference; one value, or one per epoch (the last holds after)"""
     loss_type: str = "sigmoid"
     """'sigmoid' (DPO) or 'ipo'"""
+    share_prompt: bool = True
+    """one forward row per prompt for both samples, the prompt computed once (detail 11); False: a row per sample"""
     eval_steps: int = 25
     """held-out evaluation every this many steps, at step 0 and at the end (0: never): greedy completions scored by
     the run's reward source (eval/reward) and, on the toy tasks, by the gold reward (eval/gold_reward; with a judge
@@ -267,6 +280,74 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, h
 
 
+def pair_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device, share_prompt: bool = True,
+               mask_dtype: torch.dtype = torch.bool) -> dict:
+    """Forward inputs for B prompts with two samples each (completions[2b], completions[2b + 1] belong to prompts[b]),
+    detail 11. targets, completion_mask, rows, cols: (2B, T) in the completions' order; token t of completion i is
+    predicted by the model's output at (rows[i, t], cols[i, t]) of its last `keep` positions.
+    share_prompt: one row per prompt [prompt | first | second | right padding], the second sample's positions
+      restarting after the prompt, and a (B, 1, L, L) attention mask in which each token sees the causal past of its
+      own sequence only (the second sample never sees the first; padding sees itself). mask_dtype: bool (True =
+      attend: sdpa) or a float dtype (0 or its minimum added to the scores: eager).
+    else: a row per sample [left-padded prompt | right-padded completion], 0/1 attention mask (2B, P+T)."""
+    B = len(prompts)
+    assert len(completions) == 2 * B and all(len(c) > 0 for c in completions)
+    T = max(len(c) for c in completions)
+    targets = torch.tensor([c + [pad_id] * (T - len(c)) for c in completions])  # (2B, T)
+    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions])  # (2B, T)
+    if not share_prompt or min(len(p) for p in prompts) == 0:  # an empty prompt predicts nothing: no shared row
+        b = data.batch_prompt_completion([p for p in prompts for _ in range(2)], completions, pad_id)
+        am = b["attention_mask"]
+        out = {"input_ids": b["input_ids"], "attention_mask": am,
+               "position_ids": model_utils.position_ids_from_mask(am), "keep": T + 1,
+               "rows": torch.arange(2 * B)[:, None].expand(2 * B, T),
+               "cols": torch.arange(T)[None, :].expand(2 * B, T)}  # kept column t predicts completion token t
+    else:
+        L = max(len(p) + len(completions[2 * b]) + len(completions[2 * b + 1]) for b, p in enumerate(prompts))
+        first = min(len(p) for p in prompts) - 1  # the earliest predicting position: the model's outputs from there on
+        ids, pos, seg, cols = [], [], [], []  # lists first, one tensor each
+        for b, p in enumerate(prompts):
+            y1, y2 = completions[2 * b], completions[2 * b + 1]
+            P, T1, T2 = len(p), len(y1), len(y2)
+            n = L - P - T1 - T2
+            ids.append(p + y1 + y2 + [pad_id] * n)
+            pos.append(list(range(P + T1)) + list(range(P, P + T2)) + [0] * n)
+            seg.append([0] * P + [1] * T1 + [2] * T2 + [3] * n)  # 0 prompt, 1 first, 2 second, 3 padding
+            # the row position whose output predicts each token: the second sample's first token is the prompt's last
+            for at in (list(range(P - 1, P + T1 - 1)), [P - 1] + list(range(P + T1, P + T1 + T2 - 1))):
+                cols.append([a - first for a in at] + [0] * (T - len(at)))
+        ids, pos, seg = torch.tensor(ids), torch.tensor(pos), torch.tensor(seg)  # (B, L)
+        q, k = seg[:, :, None], seg[:, None, :]
+        ar = torch.arange(L)
+        mask = (ar[:, None] >= ar[None, :]) & ~((q == 2) & (k == 1)) & (k != 3)  # (B, L, L)
+        mask = (mask | (torch.eye(L, dtype=torch.bool) & (q == 3)))[:, None]  # padding attends to itself
+        if mask_dtype != torch.bool:
+            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+        out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "keep": L - first,
+               "rows": torch.arange(B).repeat_interleave(2)[:, None].expand(2 * B, T), "cols": torch.tensor(cols)}
+    out.update(targets=targets, completion_mask=cmask)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def pair_token_logps(model, batch: dict) -> torch.Tensor:
+    """Per-token log-probs (2B, T) of pair_batch's completions under `model` at temperature 1 (detail 7), from one
+    forward, through the chunked output head."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    return model_utils.logps_at(model, inputs, batch["keep"], batch["rows"], batch["cols"], batch["targets"])
+
+
+def can_share_prompt(models: list, longest: int) -> bool:
+    """Whether every model takes pair_batch's shared-prompt mask: an attention that takes a custom 4D mask (sdpa,
+    eager) and no sliding window shorter than `longest` (the mask replaces the window)."""
+    for m in models:
+        cfg = model_utils._unwrap(m).config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+        if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager") or (window and longest > window):
+            return False
+    return True
+
+
 # ----------------------------------------------------------------------------- set-up helpers (plumbing)
 def check_args(args: Args):
     """Fail before any model is loaded."""
@@ -306,26 +387,27 @@ def prompt_micro_batches(indices: list[int], prompts_per_micro_batch: int, accum
 
 
 class WindowMeans:
-    """Means over a logging window, NaN-aware: `add` sums the non-NaN entries and counts them; `reduce` sums both
-    over processes in one call and returns sum / count per name (NaN where nothing was counted)."""
+    """Means over a logging window, NaN-aware: `add` sums the non-NaN entries and counts them, on the values' own
+    device (no host sync per step); `reduce` moves the sums once, sums them over processes in one call and returns
+    sum / count per name (NaN where nothing was counted)."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, float] = {}
+        self.acc: dict[str, torch.Tensor] = {}  # name -> (2,) float64 [sum, count]
 
     def add(self, name: str, values):
-        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+        v = torch.as_tensor(values).detach().reshape(-1).double()
         keep = ~torch.isnan(v)
-        self.sums[name] = self.sums.get(name, 0.0) + v[keep].sum().item()
-        self.counts[name] = self.counts.get(name, 0.0) + keep.sum().item()
+        s = torch.stack([torch.where(keep, v, torch.zeros_like(v)).sum(), keep.sum().double()])
+        self.acc[name] = self.acc[name] + s.to(self.acc[name].device) if name in self.acc else s
 
     def reduce(self, accelerator) -> dict:
-        names = sorted(self.sums)
-        t = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64).reshape(-1, 2)
+        names = sorted(self.acc)
+        t = torch.stack([self.acc[n].to(accelerator.device) for n in names]) if names else \
+            torch.zeros((0, 2), dtype=torch.float64, device=accelerator.device)
         if accelerator.num_processes > 1:
-            t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
-        self.sums, self.counts = {}, {}
-        return {n: (sm / c if c else float("nan")) for n, (sm, c) in zip(names, t.tolist())}
+            t = accelerator.reduce(t, reduction="sum")
+        self.acc = {}
+        return {n: (sm / c if c else float("nan")) for n, (sm, c) in zip(names, t.cpu().tolist())}
 
 
 # ----------------------------------------------------------------------------- main
@@ -372,8 +454,20 @@ def main(args: Args):
         ref_model = model_utils.load_causal_lm(args.ref_model_name_or_path or args.model_name_or_path, tokenizer,
                                                args.dataset_name, seed=args.seed)
         ref_model.to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # the fused kernel (TRL's default optimizer too); not under DeepSpeed / FSDP, which manage their own parameters
+    fused = accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU") and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    # detail 11: one shared-prompt row per prompt when both models take the block mask
+    longest = max(len(p) for p in prompt_ids_all) + args.max_new_tokens
+    share = args.share_prompt and can_share_prompt([model, ref_model], longest)
+    if args.share_prompt and not share:
+        accelerator.print("the attention implementation (or a sliding window) cannot take the shared-prompt mask: each "
+                          "sample gets its own row with a copy of the prompt, as with --share_prompt False")
+    sdpa = all(getattr(model_utils._unwrap(m).config, "_attn_implementation", None) == "sdpa"
+               for m in (model, ref_model))
+    mask_dtype = torch.bool if sdpa else next(model.parameters()).dtype
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     generator = build_generator(args, tokenizer, accelerator, model)
@@ -428,17 +522,16 @@ def main(args: Args):
                 scores = apply_missing_eos_penalty(rpf[:, 0], terminated, args.missing_eos_penalty)
                 first_wins = first_is_chosen(scores[0::2], scores[1::2])  # (B,)
                 weights = pair_weights(scores[0::2], scores[1::2], args.drop_ties)  # (B,) 0: out of the loss
-            # 3. log-probs of both samples under the policy (with grad) and the reference; the DPO loss (details 6-7)
-            batch = data.batch_prompt_completion([prompt_ids_all[i] for i in mb for _ in range(2)], ids_list, pad_id)
-            input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            mask = batch["completion_mask"].to(device).float()  # (2B, T)
-            T = mask.shape[1]
+            # 3. log-probs of both samples under the policy (with grad) and the reference, one forward each (detail
+            # 11); the DPO loss (details 6-7)
+            batch = pair_batch([prompt_ids_all[i] for i in mb], ids_list, pad_id, device, share, mask_dtype)
+            mask = batch["completion_mask"].float()  # (2B, T)
             with torch.no_grad():
-                ref_seq = (model_utils.completion_logps(ref_model, input_ids, attn, T) * mask).sum(1)  # (2B,)
-            chosen_idx = (2 * torch.arange(B) + (~first_wins).long()).to(device)  # (B,)
-            rejected_idx = (2 * torch.arange(B) + first_wins.long()).to(device)
+                ref_seq = (pair_token_logps(ref_model, batch) * mask).sum(1)  # (2B,)
+            chosen_cpu = 2 * torch.arange(B) + (~first_wins).long()  # (B,) row of each pair's chosen sample
+            chosen_idx, rejected_idx = chosen_cpu.to(device), (chosen_cpu ^ 1).to(device)
             with accelerator.accumulate(model):
-                logps = model_utils.completion_logps(model, input_ids, attn, T)  # (2B, T)
+                logps = pair_token_logps(model, batch)  # (2B, T)
                 seq = (logps * mask).sum(1)  # (2B,)
                 losses, h = dpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx], ref_seq[rejected_idx],
                                      beta, args.loss_type)
@@ -450,15 +543,14 @@ def main(args: Args):
                     _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
                                                             args.max_grad_norm)
                     skipped_steps += not stepped
-            # 4. statistics of the window; NaN entries (unscored pairs) are left out of the means
+            # 4. statistics of the window (on the device: no host sync); NaN entries (unscored pairs) are left out
             with torch.no_grad():
-                seq, kl = seq.detach().cpu(), (seq.detach() - ref_seq).cpu()  # (2B,)
-                chosen_idx, rejected_idx = chosen_idx.cpu(), rejected_idx.cpu()
-                ranked = torch.ones(B, dtype=torch.bool) if scores is None else \
-                    ~(scores[0::2].isnan() | scores[1::2].isnan())  # (B,) pairs with a preference
+                seq, kl = seq.detach(), seq.detach() - ref_seq  # (2B,)
+                ranked = (torch.ones(B, dtype=torch.bool) if scores is None else
+                          ~(scores[0::2].isnan() | scores[1::2].isnan())).to(device)  # (B,) pairs with a preference
                 per_pair = lambda v: torch.where(ranked, v, torch.full_like(v, float("nan")))  # noqa: E731
-                hh = h.detach().cpu()
-                stats.add("loss/dpo", per_pair(losses.detach().cpu()))
+                hh = h.detach()
+                stats.add("loss/dpo", per_pair(losses.detach()))
                 stats.add("objective/kl", kl)
                 stats.add("objective/entropy", -seq)
                 stats.add("rewards/chosen", per_pair(beta * kl[chosen_idx]))
@@ -470,7 +562,7 @@ def main(args: Args):
                 stats.add("val/contain_eos_token", terminated.double())
                 if scores is not None:
                     stats.add("objective/scores", scores)
-                    stats.add("objective/scores_margin", scores[chosen_idx] - scores[rejected_idx])
+                    stats.add("objective/scores_margin", scores[chosen_cpu] - scores[chosen_cpu ^ 1])
                     stats.add("objective/tie_rate", per_pair((scores[0::2] == scores[1::2]).double()))
                     stats.add("objective/unscored_rate", (~ranked).double())
                 if gold is not None:
@@ -482,10 +574,11 @@ def main(args: Args):
                     window["logps"].append(logps.detach().cpu())
                     window["sampler_logps"].append(gen.sampler_logps.cpu())
             if sample_rows is None:
-                sample_rows = [{"prompt": str(prompts2[2 * b]), "chosen": gen.texts[int(chosen_idx[b])],
-                                "rejected": gen.texts[int(rejected_idx[b])],
-                                **({"score_chosen": float(scores[chosen_idx[b]]),
-                                    "score_rejected": float(scores[rejected_idx[b]])} if scores is not None else {})}
+                c = chosen_cpu.tolist()
+                sample_rows = [{"prompt": str(prompts2[2 * b]), "chosen": gen.texts[c[b]],
+                                "rejected": gen.texts[c[b] ^ 1],
+                                **({"score_chosen": float(scores[c[b]]), "score_rejected": float(scores[c[b] ^ 1])}
+                                   if scores is not None else {})}
                                for b in range(min(4, B))]
         generator.sync_weights(model)
 
