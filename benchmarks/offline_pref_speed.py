@@ -1,17 +1,24 @@
-"""Seconds per optimizer step of algos/kto.py, orpo.py and cpo.py vs TRL 1.16's trainers, at matched settings.
+"""Seconds per optimizer step of algos/kto.py, bco.py, orpo.py and cpo.py vs TRL's trainers, at matched settings;
+for kto and bco also the peak memory of a step at a 151,936-token vocabulary and tokens/s with --packing on
+variable-length rows.
 
     python benchmarks/offline_pref_speed.py --method orpo  # 3 repeats x 40 steps -> benchmarks/results/orpo/
     python benchmarks/offline_pref_speed.py --method cpo
     python benchmarks/offline_pref_speed.py --method kto   # = python benchmarks/kto_speed.py
+    python benchmarks/offline_pref_speed.py --method bco   # vs TRL 1.13's BCOTrainer (its last release)
     python benchmarks/offline_pref_speed.py --method orpo --repeats 1 --steps 20   # a quicker look
+    python benchmarks/offline_pref_speed.py --method kto --section memory   # -> benchmarks/results/kto/memory.md
+    python benchmarks/offline_pref_speed.py --method kto --section packing  # -> benchmarks/results/kto/packing.md
 
-TRL's trainers: KTOTrainer (trl), ORPOTrainer and CPOTrainer (trl.experimental.orpo / .cpo). Matched settings: the
+TRL's trainers: KTOTrainer (trl), ORPOTrainer and CPOTrainer (trl.experimental.orpo / .cpo), BCOTrainer
+(trl.experimental.bco in TRL 1.13, removed after; a venv of its own). Matched settings: the
 same model folder (the toy SFT policy, toy-sft), the toy:add rows (unpaired for kto, preference pairs for orpo and
 cpo), 64 examples (kto) or pairs (orpo, cpo) per optimizer step (one micro-batch, one process), float32, AdamW at
 lr 1e-4 with a constant schedule, gradient clipping at 1.0, the same thread count (--threads), metrics logged every
 --logging_steps steps, no evaluation, no checkpoints, and each method's loss settings:
     kto   loss_type kto, β 0.1 (both compute the reference point z from the mismatched pairs of the batch: four
           forwards per step, one with gradient; a reference model held in memory)
+    bco   β 0.1, no UDM (both: the running reward mean δ; two forwards per step, one with gradient; a reference model)
     orpo  λ (TRL's beta) 0.1, the NLL on prompt + chosen (both defaults); no reference model
     cpo   loss_type sigmoid, β 0.1, cpo_alpha 1 (both defaults); no reference model
 TRL runs with gradient checkpointing off and on (its configs' default is on). Each script runs as its command line
@@ -26,6 +33,21 @@ sides are timed over the same windows of --logging_steps steps, logging step inc
 after --warmup steps, per step. With one thread per program the CPU time is what a quiet machine's wall time would
 be, and it hardly moves when other jobs share the cores (the wall time does). The programs run interleaved,
 --repeats times; the table gives the CPU time and the wall time of the median repeat and the best wall time.
+
+--section memory (kto, bco): the same programs on benchmarks/vs_trl.py's big_vocab_model() (toy-sft with its
+vocabulary padded to 151,936 tokens, Qwen2's, hidden size 128), a few steps. A global optimizer-step hook
+(vs_trl.StepClock) resets the resident-set high-water mark after --warmup steps: `step peak` is the high-water mark
+over the measured steps, `step extra` that peak minus the resident set between two steps (what a step allocates on
+top of weights, optimizer state and caches).
+
+--section packing (kto, bco): variable-length unpaired rows (varlen_unpaired: vs_trl.varlen_dataset's 5-200 token
+texts split into a prompt and a completion at a problem boundary, every other row desirable, the others with their
+last answer digit changed), --varlen_batch examples per step, for the script padded, the script with --packing,
+TRL with gradient checkpointing off and TRL's defaults (TRL's KTOTrainer and BCOTrainer have no padding-free or
+packing option). Every program trains on the same batches in the same order (TRL reads the rows in the script's
+batch order, sequentially), so the tokens per step are the same and tokens per second compare as the inverse of the
+time: tokens = prompt + completion of the step's examples (the script's tokenisation; kto's mismatched pairs are
+extra work on the same tokens, in both programs).
 """
 
 from __future__ import annotations
@@ -35,6 +57,7 @@ import importlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -48,12 +71,53 @@ from dpo_speed import (ROOT, TRL_VERSION, clock, cpu_name, measure, peak_rss_mb,
 METHODS = {
     "kto": {"script": "kto", "kind": "unpaired", "trl": ("trl", "KTOConfig", "KTOTrainer"),
             "trl_loss": {"loss_type": "kto", "beta": 0.1}, "flags": ["--loss_type", "kto", "--beta", "0.1"]},
+    "bco": {"script": "bco", "kind": "unpaired", "trl": ("trl.experimental.bco", "BCOConfig", "BCOTrainer"),
+            "trl_version": "1.13.0", "trl_loss": {"beta": 0.1}, "flags": ["--beta", "0.1"]},
     "orpo": {"script": "orpo", "kind": "preference", "trl": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
              "trl_loss": {"beta": 0.1}, "flags": ["--beta", "0.1"]},
     "cpo": {"script": "cpo", "kind": "preference", "trl": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
             "trl_loss": {"loss_type": "sigmoid", "beta": 0.1, "cpo_alpha": 1.0},
             "flags": ["--loss_type", "sigmoid", "--beta", "0.1", "--cpo_alpha", "1.0"]},
 }
+
+SECTIONS = ("speed", "memory", "packing")
+PER_SECTION = {"memory": ("kto", "bco"), "packing": ("kto", "bco")}  # the methods each other section measures
+
+
+def trl_python_for(method: str, venv: str | None) -> str:
+    """The python of the scratch virtualenv holding the TRL release the method is compared with."""
+    version = METHODS[method].get("trl_version", TRL_VERSION)
+    path = Path(venv or ROOT / ".cache" / f"venv-trl-{version}")
+    if version == TRL_VERSION:
+        return trl_python(path)
+    from bco_trl_check import TRL_VERSION as BCO_TRL, trl_python as trl_python_bco  # TRL 1.13's venv
+
+    assert version == BCO_TRL, version
+    return trl_python_bco(path)
+
+
+def varlen_unpaired(n: int = 2048, seed: int = 0):
+    """Variable-length unpaired rows from vs_trl.varlen_dataset (5 to 200 tokens): each text split at a problem
+    boundary (';') near a random point, or after its '=' when it is one problem; rows alternate desirable (the text
+    as it is) and undesirable (the last digit of the completion changed)."""
+    import random
+
+    from datasets import Dataset
+    from vs_trl import varlen_dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for i, text in enumerate(varlen_dataset(n, seed)["text"]):
+        cuts = [j + 1 for j, ch in enumerate(text) if ch == ";"] or [text.index("=") + 1]
+        k = cuts[rng.randrange(len(cuts))]
+        prompt, completion = text[:k], text[k:]
+        if i % 2:
+            digits = [j for j, ch in enumerate(completion) if ch.isdigit()]
+            if digits:
+                j = digits[-1]
+                completion = completion[:j] + str((int(completion[j]) + 1) % 10) + completion[j + 1:]
+        rows.append({"prompt": prompt, "completion": completion, "label": i % 2 == 0})
+    return Dataset.from_list(rows)
 
 
 # ----------------------------------------------------------------------------- the measured programs (child processes)
@@ -68,14 +132,30 @@ def child_trl(a) -> dict:
     mod = importlib.import_module(m["trl"][0])
     Config, Trainer = getattr(mod, m["trl"][1]), getattr(mod, m["trl"][2])
     set_threads(a.threads)
-    ds = toy.make_dataset("add", m["kind"], "train")
+    if a.rows:  # the rows in the script's batch order (written by the parent), read sequentially
+        from datasets import Dataset
+
+        ds = Dataset.from_list([json.loads(line) for line in Path(a.rows).read_text().splitlines()])
+    else:
+        ds = toy.make_dataset("add", m["kind"], "train")
     tok = AutoTokenizer.from_pretrained(a.model)
     points: list[list[float]] = []
+    step_clock = None
+    if a.section == "memory":
+        from vs_trl import StepClock
+
+        step_clock = StepClock(a.warmup)
+
+    losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % a.logging_steps == 0:
                 points.append(clock(state.global_step))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
 
     cfg = Config(output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                  learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -84,8 +164,13 @@ def child_trl(a) -> dict:
                  save_strategy="no", eval_strategy="no", report_to=[], seed=1, dataloader_num_workers=0,
                  disable_dropout=True, model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True, **m["trl_loss"])
     trainer = Trainer(model=a.model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    if a.rows:
+        from torch.utils.data import SequentialSampler
+
+        trainer._get_train_sampler = lambda *args, **kw: SequentialSampler(trainer.train_dataset)
     trainer.train()
-    return {"points": points, "peak_rss_mb": peak_rss_mb()}
+    return {"points": points, "peak_rss_mb": peak_rss_mb(), "losses": losses,
+            **(step_clock.result() if step_clock else {})}
 
 
 def child_ours(a) -> dict:
@@ -99,6 +184,11 @@ def child_ours(a) -> dict:
     script = importlib.import_module(m["script"])
     set_threads(a.threads)
     points = []
+    step_clock = None
+    if a.section == "memory":
+        from vs_trl import StepClock
+
+        step_clock = StepClock(a.warmup)
     log = tracking.Tracker.log
 
     def timed_log(self, metrics, step, total_steps=None):
@@ -109,19 +199,26 @@ def child_ours(a) -> dict:
     flags = ["--model_name_or_path", a.model, "--max_steps", str(a.steps), "--per_device_train_batch_size",
              str(a.batch), "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--max_grad_norm", "1.0",
              "--logging_steps", str(a.logging_steps), "--eval_steps", "0", "--save_steps", "0",
-             "--output_dir", a.out, "--overwrite_output_dir", "True", *m["flags"]]
+             "--output_dir", a.out, "--overwrite_output_dir", "True", *m["flags"], *a.extra.split()]
+    if a.rows:
+        flags += ["--dataset_name", a.rows, "--num_eval_prompts", "0"]
     script.main(tyro.cli(script.Args, args=flags, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
-    return {"points": points, "peak_rss_mb": peak_rss_mb()}
+    metrics = [json.loads(x) for x in (Path(a.out) / "metrics.jsonl").read_text().splitlines() if x]
+    return {"points": points, "peak_rss_mb": peak_rss_mb(), "losses": [x["loss"] for x in metrics if "loss" in x],
+            **(step_clock.result() if step_clock else {})}
 
 
 # ----------------------------------------------------------------------------- the driver
-def run_child(python: str, kind: str, a, out: Path, checkpointing: int = 0) -> dict:
-    res, run = out / f"{a.method}_{kind}.json", out / f"{a.method}_{kind}"
+def run_child(python: str, kind: str, a, out: Path, checkpointing: int = 0, extra: str = "") -> dict:
+    tag = f"{a.method}_{a.section}_{kind}{'_packing' if extra else ''}"
+    res, run = out / f"{tag}.json", out / tag
     shutil.rmtree(run, ignore_errors=True)
     cmd = [python, str(Path(__file__).resolve()), "--child", kind, "--method", a.method, "--model", a.model,
            "--steps", str(a.steps), "--batch", str(a.batch), "--threads", str(a.threads), "--logging_steps",
            str(a.logging_steps), "--result", str(res), "--out", str(run), "--gradient_checkpointing",
-           str(checkpointing)]
+           str(checkpointing), "--section", a.section, "--warmup", str(a.warmup),
+           "--rows", getattr(a, "rows_trl", a.rows) if kind == "trl" else a.rows,
+           f"--extra={extra}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -130,29 +227,46 @@ def run_child(python: str, kind: str, a, out: Path, checkpointing: int = 0) -> d
     return json.loads(res.read_text())
 
 
+DEFAULTS = {  # per section: steps, warmup, logging_steps, batch, repeats
+    "speed": (40, 10, 10, 64, 3), "memory": (5, 2, 1, 64, 1), "packing": (12, 4, 2, 32, 3)}
+
+
 def main(default_method: str | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", choices=sorted(METHODS), default=default_method, required=default_method is None,
                     help="which script and TRL trainer")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
-    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (a multiple of "
-                    "--logging_steps)")
-    ap.add_argument("--logging_steps", type=int, default=10, help="metrics logged every this many steps (both)")
-    ap.add_argument("--repeats", type=int, default=3, help="measurements of each program, interleaved")
-    ap.add_argument("--batch", type=int, default=64, help="examples (kto) or pairs (orpo, cpo) per optimizer step")
+    ap.add_argument("--section", choices=SECTIONS, default="speed", help="speed (toy:add), memory (151,936-token "
+                    "vocabulary) or packing (variable-length rows); memory and packing for kto and bco")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per measurement (default: speed 40, "
+                    "memory 5, packing 12)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing, a multiple of "
+                    "--logging_steps (default: speed 10, memory 2, packing 4)")
+    ap.add_argument("--logging_steps", type=int, default=None, help="metrics logged every this many steps (both; "
+                    "default: speed 10, memory 1, packing 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="measurements of each program, interleaved (default: "
+                    "3, memory 1)")
+    ap.add_argument("--batch", type=int, default=None, help="examples (kto, bco) or pairs (orpo, cpo) per optimizer "
+                    "step (default: 64, packing 32)")
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of every program")
-    ap.add_argument("--trl_venv", default=str(ROOT / ".cache" / f"venv-trl-{TRL_VERSION}"))
-    ap.add_argument("--out", default=None, help="where speed.md / speed.json go (default benchmarks/results/{method})")
+    ap.add_argument("--trl_venv", default=None, help="the TRL virtualenv (default .cache/venv-trl-{version})")
+    ap.add_argument("--out", default=None, help="where {section}.md / .json go (default benchmarks/results/{method})")
     # child-process arguments
     ap.add_argument("--child", choices=["trl", "ours"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gradient_checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--rows", default="", help=argparse.SUPPRESS)  # a jsonl of rows instead of toy:add
+    ap.add_argument("--extra", default="", help=argparse.SUPPRESS)  # extra script flags, one string
     a = ap.parse_args()
+    for k, v in zip(("steps", "warmup", "logging_steps", "batch", "repeats"), DEFAULTS[a.section]):
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if a.child:
         res = {"trl": child_trl, "ours": child_ours}[a.child](a)
         Path(a.result).write_text(json.dumps(res) + "\n")
         return
+    if a.section != "speed" and a.method not in PER_SECTION[a.section]:
+        raise SystemExit(f"--section {a.section} measures {' and '.join(PER_SECTION[a.section])}, not {a.method}")
     if a.warmup % a.logging_steps or a.steps < a.warmup + 2 * a.logging_steps:
         raise SystemExit("--warmup must be a multiple of --logging_steps and --steps >= --warmup + 2 x "
                          "--logging_steps (two timed windows at least)")
@@ -164,48 +278,143 @@ def main(default_method: str | None = None):
     out = Path(a.out or ROOT / "benchmarks" / "results" / a.method)
     scratch = ROOT / "runs" / "bench" / "offline_pref_speed"
     scratch.mkdir(parents=True, exist_ok=True)
-    py = trl_python(Path(a.trl_venv))
+    py = trl_python_for(a.method, a.trl_venv)
     ours_name, trl_name = f"{m['script']}.py", f"TRL {m['trl'][2]}"
-    programs = {
-        ours_name: lambda: run_child(sys.executable, "ours", a, scratch),
-        f"{trl_name}, gradient checkpointing off": lambda: run_child(py, "trl", a, scratch, 0),
-        f"{trl_name}, gradient checkpointing on": lambda: run_child(py, "trl", a, scratch, 1),
-    }
+    tokens_per_step = None
+    if a.section == "memory":
+        from vs_trl import big_vocab_model
+
+        a.model = str(big_vocab_model())
+    if a.section == "packing":
+        tokens_per_step = write_varlen_rows(a, scratch)
+    programs = {ours_name + (" (padded)" if a.section == "packing" else ""):
+                lambda: run_child(sys.executable, "ours", a, scratch)}
+    if a.section == "packing":
+        programs[f"{ours_name} --packing"] = lambda: run_child(sys.executable, "ours", a, scratch,
+                                                               extra="--packing True")
+    programs[f"{trl_name}, gradient checkpointing off"] = lambda: run_child(py, "trl", a, scratch, 0)
+    programs[f"{trl_name}, gradient checkpointing on"] = lambda: run_child(py, "trl", a, scratch, 1)
+    raw = {name: [] for name in programs}  # every child's full result (memory, losses)
+
+    def keep(name, fn):
+        def run():
+            res = fn()
+            raw[name].append(res)
+            return res
+        return run
+
     load_before = os.getloadavg()
-    summary = measure(programs, a.repeats, a.warmup)
+    t0 = time.time()
+    summary = measure({name: keep(name, fn) for name, fn in programs.items()}, a.repeats, a.warmup)
     load_after = os.getloadavg()
-    for v in summary.values():
-        v["s_per_step"] = v["wall_s_per_step_median"]
-    ours = summary[ours_name]
-    checks = {}
-    for key, what in (("cpu_s_per_step", "CPU time"), ("s_per_step", "wall time, median repeat")):
-        for name, v in summary.items():
-            if name != ours_name:
-                checks[f"speed-up vs {name} ({what})"] = v[key] / ours[key]
-    checks["peak RSS of TRL (checkpointing off) / the script's"] = (
-        summary[f"{trl_name}, gradient checkpointing off"]["peak_rss_mb"] / ours["peak_rss_mb"])
-    meta = {"method": a.method, "steps": a.steps, "warmup": a.warmup, "logging_steps": a.logging_steps,
-            "repeats": a.repeats, "batch": a.batch, "threads": a.threads, "cpu": cpu_name(), "cores": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps({"meta": meta, "programs": summary, "checks": checks}, indent=2) + "\n")
-    lines = ["| program | CPU s / step (median repeat) | wall s / step (median repeat) | wall (best repeat) | "
-             "CPU per repeat | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    med = statistics.median
     for name, v in summary.items():
-        lines.append(f"| {name} | {v['cpu_s_per_step']:.4f} | {v['s_per_step']:.4f} | {v['wall_s_per_step_best']:.4f} "
-                     f"| {', '.join(f'{x:.4f}' for x in v['cpu_all'])} | {v['peak_rss_mb']:.0f} |")
-    lines += ["", "| check (> 1 = the script is faster / TRL uses more) | measured |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f}x |" for k, v in checks.items()]
-    unit = "examples" if a.method == "kto" else "pairs"
-    lines += ["", f"`python benchmarks/offline_pref_speed.py --method {a.method}`: {a.repeats} interleaved repeats x "
-              f"{a.steps} steps (per run: the median {a.logging_steps}-step window after {a.warmup} warm-up steps), "
-              f"{a.batch} {unit} per step, {a.threads} thread(s) per program, {meta['cores']} cores ({meta['cpu']}), "
-              f"no GPU, load average {meta['loadavg_before']} before and {meta['loadavg_after']} after (other jobs "
-              f"shared the cores: the CPU times are the measure), {meta['date']}."]
-    (out / "speed.md").write_text("\n".join(lines) + "\n")
+        v["s_per_step"] = v["wall_s_per_step_median"]
+        if a.section == "memory":
+            v["step_peak_mb"] = med(r["step_peak_mb"] for r in raw[name])
+            v["step_extra_mb"] = med(r["step_extra_mb"] for r in raw[name])
+        if "losses" in raw[name][0]:
+            v["losses"] = raw[name][0]["losses"]
+        if tokens_per_step:
+            v["tokens_per_cpu_s"] = tokens_per_step / v["cpu_s_per_step"]
+            v["tokens_per_wall_s"] = tokens_per_step / v["s_per_step"]
+    ours_key = next(iter(programs))
+    ours = summary[ours_key]
+    trl_off, trl_on = f"{trl_name}, gradient checkpointing off", f"{trl_name}, gradient checkpointing on"
+    checks = {}
+    if a.section == "speed":
+        for key, what in (("cpu_s_per_step", "CPU time"), ("s_per_step", "wall time, median repeat")):
+            for name, v in summary.items():
+                if name != ours_key:
+                    checks[f"speed-up vs {name} ({what})"] = v[key] / ours[key]
+        checks["peak RSS of TRL (checkpointing off) / the script's"] = (summary[trl_off]["peak_rss_mb"]
+                                                                      / ours["peak_rss_mb"])
+    elif a.section == "memory":
+        for key, what in (("step_peak_mb", "step peak RSS"), ("step_extra_mb", "step extra")):
+            for trl in (trl_off, trl_on):
+                checks[f"{what}: the script / {trl} (target <= 0.5)"] = ours[key] / summary[trl][key]
+        checks[f"speed-up vs {trl_off} (CPU time)"] = summary[trl_off]["cpu_s_per_step"] / ours["cpu_s_per_step"]
+    else:
+        packed = summary[f"{ours_name} --packing"]
+        checks[f"tokens/s: --packing / {trl_on} (TRL's defaults; target >= 2)"] = (
+            packed["tokens_per_cpu_s"] / summary[trl_on]["tokens_per_cpu_s"])
+        checks[f"tokens/s: --packing / {trl_off}"] = packed["tokens_per_cpu_s"] / summary[trl_off]["tokens_per_cpu_s"]
+        checks["tokens/s: --packing / padded"] = packed["tokens_per_cpu_s"] / ours["tokens_per_cpu_s"]
+        checks["largest |logged loss, --packing - padded| (same batches: 0 up to rounding)"] = max(
+            abs(x - y) for x, y in zip(packed["losses"], ours["losses"]))
+    meta = {"method": a.method, "section": a.section, "steps": a.steps, "warmup": a.warmup,
+            "logging_steps": a.logging_steps, "repeats": a.repeats, "batch": a.batch, "threads": a.threads,
+            "model": Path(a.model).name, "cpu": cpu_name(), "cores": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
+            "minutes": round((time.time() - t0) / 60, 1), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if tokens_per_step:
+        meta["tokens_per_step"] = tokens_per_step
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.section}.json").write_text(json.dumps({"meta": meta, "programs": summary, "checks": checks},
+                                                      indent=2) + "\n")
+    lines = table(a.section, summary)
+    lines += ["", "| check | measured |", "|---|---|"]
+    lines += [f"| {k} | {v:.3g} |" if k.startswith("largest") else f"| {k} | {v:.2f}x |" for k, v in checks.items()]
+    unit = "examples" if METHODS[a.method]["kind"] == "unpaired" else "pairs"
+    flags = f" --section {a.section}" if a.section != "speed" else ""
+    data_note = {"speed": "toy-sft on toy:add",
+                 "memory": f"{meta['model']} (151,936-token vocabulary, hidden 128) on toy:add",
+                 "packing": f"toy-sft on varlen_unpaired ({tokens_per_step:.0f} tokens per step)"
+                 if tokens_per_step else ""}[a.section]
+    lines += ["", f"`python benchmarks/offline_pref_speed.py --method {a.method}{flags}`: {data_note}, {a.repeats} "
+              f"interleaved repeat(s) x {a.steps} steps (per run: the median {a.logging_steps}-step window after "
+              f"{a.warmup} warm-up steps), {a.batch} {unit} per step, {a.threads} thread(s) per program, "
+              f"{meta['cores']} cores ({meta['cpu']}), no GPU, load average {meta['loadavg_before']} before and "
+              f"{meta['loadavg_after']} after ({meta['minutes']} min; other jobs shared the cores: the CPU times are "
+              f"the measure), {meta['date']}."]
+    (out / f"{a.section}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
+def write_varlen_rows(a, scratch: Path) -> float:
+    """The packing section's data: the rows file the script reads (--rows) and, for TRL, the same rows in the
+    script's batch order (read sequentially); returns the mean tokens (prompt + completion) per step."""
+    from common import data, model as model_utils, preference
+
+    ds = varlen_unpaired()
+    rows_file = scratch / "varlen_unpaired.jsonl"
+    ds.to_json(str(rows_file))
+    tok = model_utils.load_tokenizer(a.model)
+    tokenised, dropped = preference.tokenize_unpaired(ds, tok, 1024, None)
+    assert not dropped and len(tokenised) == len(ds)
+    order = [i for step in range(a.steps) for i in data.batch_indices(len(ds), a.batch, step, 1)]  # seed 1 (both)
+    trl_file = scratch / "varlen_unpaired_trl_order.jsonl"
+    trl_file.write_text("".join(json.dumps(ds[i]) + "\n" for i in order))
+    a.rows, a.rows_trl = str(rows_file), str(trl_file)
+    measured = order[a.warmup * a.batch:]
+    return sum(len(tokenised[i][0]) + len(tokenised[i][1]) for i in measured) / (a.steps - a.warmup)
+
+
+def table(section: str, summary: dict) -> list[str]:
+    if section == "speed":
+        lines = ["| program | CPU s / step (median repeat) | wall s / step (median repeat) | wall (best repeat) | "
+                 "CPU per repeat | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+        for name, v in summary.items():
+            lines.append(f"| {name} | {v['cpu_s_per_step']:.4f} | {v['s_per_step']:.4f} | "
+                         f"{v['wall_s_per_step_best']:.4f} | {', '.join(f'{x:.4f}' for x in v['cpu_all'])} | "
+                         f"{v['peak_rss_mb']:.0f} |")
+    elif section == "memory":
+        lines = ["| program | CPU s / step | wall s / step | step peak RSS (MB) | step extra (MB) | process peak RSS "
+                 "(MB) |", "|---|---|---|---|---|---|"]
+        for name, v in summary.items():
+            lines.append(f"| {name} | {v['cpu_s_per_step']:.3f} | {v['s_per_step']:.3f} | {v['step_peak_mb']:.0f} | "
+                         f"{v['step_extra_mb']:.0f} | {v['peak_rss_mb']:.0f} |")
+        lines += ["", "step peak = the resident-set high-water mark over the measured steps (the whole process); step "
+                  "extra = that peak minus the resident set between two steps, i.e. what a step allocates on top of "
+                  "what stays."]
+    else:
+        lines = ["| program | CPU s / step | wall s / step | tokens per CPU second | tokens per wall second | "
+                 "first logged losses |", "|---|---|---|---|---|---|"]
+        for name, v in summary.items():
+            losses = ", ".join(f"{x:.5f}" for x in v.get("losses", [])[:3]) or "-"
+            lines.append(f"| {name} | {v['cpu_s_per_step']:.3f} | {v['s_per_step']:.3f} | "
+                         f"{v['tokens_per_cpu_s']:.0f} | {v['tokens_per_wall_s']:.0f} | {losses} |")
+    return lines
 
 if __name__ == "__main__":
     main()
