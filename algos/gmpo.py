@@ -41,7 +41,8 @@ Implementation details (numbered so the tests and the README can point at them):
     ratios, TRL 1.16 GRPO's 'sequence_truncate', is the unbiased weight but its variance grows with the length,
     which is what GMPO's geometric mean is there to avoid). TRL 1.16's GMPO loss applies no sampler correction (its
     parent computes the ratio; the GMPO loss does not use it). The gap is logged under TRL's sampling/* names either
-    way; with num_iterations = 1, π_old is the training forward's own (detached) log-probs, at no extra forward.
+    way, the applied c as sampling/sequence_is_weight/{mean,min} and sampling/sequence_is_clipped_fraction; with
+    num_iterations = 1, π_old is the training forward's own (detached) log-probs, at no extra forward.
  8. --mask_truncated_completions leaves completions that did not end with EOS out of the loss; the completion mask
     comes from generation (cut after the first EOS, EOS kept), never from pad_token_id.
  9. Non-finite safety: a non-finite gradient norm skips the optimizer step (train/skipped_steps); when no reward
@@ -612,7 +613,7 @@ def main(args: Args):
 
             # ---------------------------------------------------------------- one optimizer step over the batch
             t0 = time.time()
-            sums, trainer_lp = defaultdict(float), [None] * A_steps
+            sums, trainer_lp, is_ws = defaultdict(float), [None] * A_steps, []
             for m in range(A_steps):
                 rows = slice(m * B, (m + 1) * B)
                 with accelerator.accumulate(model):
@@ -626,6 +627,7 @@ def main(args: Args):
                         if args.vllm_importance_sampling_cap is not None:
                             is_w = sequence_is_weights(old, sampler_lp[m][:, :T], mask,
                                                        args.vllm_importance_sampling_cap)
+                            is_ws.append(is_w)
                     # detail 4: a sequence mean per micro-batch (accelerate's 1/accumulation, DDP's mean: the batch's)
                     loss, kl = gmpo_loss(logps, old, adv, mask, eps_low, eps_high, args.beta, ref_logps[m], is_w)
                     accelerator.backward(loss)
@@ -657,6 +659,12 @@ def main(args: Args):
 
             # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
             train_time = time.time() - t0
+            if is_ws:  # detail 7: the weights applied, over the completions of every process
+                w_all = distributed.gather_cat(accelerator, torch.cat(is_ws))
+                window["sampling/sequence_is_weight/mean"].append(w_all.mean().item())
+                window["sampling/sequence_is_weight/min"].append(w_all.min().item())
+                window["sampling/sequence_is_clipped_fraction"].append(
+                    (w_all >= args.vllm_importance_sampling_cap).float().mean().item())
             tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items()
                    if k_ not in ("grad_norm", "log_ratio_min", "log_ratio_max")}
             ntok = max(tot["tokens"], 1)

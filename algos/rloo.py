@@ -37,8 +37,9 @@ Implementation details (numbered so the tests and the README can point at them):
     RLOO treats the whole completion as one action (its ratio ρ_i is the product of the token ratios, not GSPO's
     mean), so its correction is the same product: TRL 1.16 GRPO's 'sequence_truncate' mode (a per-token weight has
     no per-token term to multiply once ρ_i is clipped as a whole). TRL 1.16's RLOOTrainer does not ask vLLM for
-    log-probs and applies no correction. The gap is logged under TRL's sampling/* names either way; with one
-    iteration and beta = 0, π_old is the training forward's own (detached) log-probs, at no extra forward.
+    log-probs and applies no correction. The gap is logged under TRL's sampling/* names either way, the applied c
+    as sampling/sequence_is_weight/{mean,min} and sampling/sequence_is_clipped_fraction; with one iteration and
+    beta = 0, π_old is the training forward's own (detached) log-probs, at no extra forward.
  8. --mask_truncated_completions leaves completions that did not end with EOS out of the loss and of the KL
     penalty; the completion mask comes from generation (cut after the first EOS, EOS kept), never from pad_token_id.
  9. Non-finite safety: a non-finite gradient norm skips the optimizer step (train/skipped_steps); when no reward
@@ -604,7 +605,7 @@ def main(args: Args):
 
             # ---------------------------------------------------------------- one optimizer step over the batch
             t0 = time.time()
-            sums, trainer_lp = defaultdict(float), [None] * A_steps
+            sums, trainer_lp, is_ws = defaultdict(float), [None] * A_steps, []
             for m in range(A_steps):
                 rows = slice(m * B, (m + 1) * B)
                 with accelerator.accumulate(model):
@@ -620,6 +621,7 @@ def main(args: Args):
                         if args.vllm_importance_sampling_cap is not None:
                             is_w = sequence_is_weights(old, sampler_lp[m][:, :T], mask,
                                                        args.vllm_importance_sampling_cap)
+                            is_ws.append(is_w)
                     # detail 6: a sequence mean per micro-batch (accelerate's 1/accumulation, DDP's mean: the batch's)
                     loss, ratio = rloo_loss(logps, old, adv, mask, eps_low, eps_high, is_w)
                     accelerator.backward(loss)
@@ -648,6 +650,12 @@ def main(args: Args):
 
             # ---- plumbing (safe to skip): step metrics over every process, logging, checkpoints
             train_time = time.time() - t0
+            if is_ws:  # detail 7: the weights applied, over the completions of every process
+                w_all = distributed.gather_cat(accelerator, torch.cat(is_ws))
+                window["sampling/sequence_is_weight/mean"].append(w_all.mean().item())
+                window["sampling/sequence_is_weight/min"].append(w_all.min().item())
+                window["sampling/sequence_is_clipped_fraction"].append(
+                    (w_all >= args.vllm_importance_sampling_cap).float().mean().item())
             tot = {k_: distributed.gather_sum(accelerator, v) for k_, v in sums.items() if k_ != "grad_norm"}
             ntok = max(tot["tokens"], 1)
             window["loss"].append(tot["loss"] / (A_steps * W))

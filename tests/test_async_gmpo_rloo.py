@@ -78,6 +78,7 @@ def test_async_staleness_0_draws_the_samples_of_the_sync_path(tmp_path, toy_poli
         assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)  # importance weights exp(~0) = 1
         assert b["async/staleness"] == 0 and b["sampling/sampling_logp_difference/max"] < 1e-4
+        assert b["sampling/sequence_is_weight/mean"] == pytest.approx(1.0, abs=1e-4)  # the applied weights
         assert "async/staleness" not in a
     assert_params_close(tmp_path / "sync", tmp_path / "k0", atol=1e-5)
 
@@ -104,6 +105,7 @@ def test_async_staleness_1_bound_and_resume(tmp_path, toy_policy, script):
     for r in full[1:]:  # sampled one step behind: the sampler's log-probs differ from π_old, the weights are not 1
         assert r["sampling/sampling_logp_difference/mean"] > 1e-4
         assert r["sampling/importance_sampling_ratio/mean"] != pytest.approx(1.0, abs=1e-6)
+        assert r["sampling/sequence_is_weight/mean"] != pytest.approx(1.0, abs=1e-6)
     before, after = load_params(toy_policy), load_params(tmp_path / "full1")
     assert any(not torch.equal(before[k_], after[k_]) for k_ in before)
     assert [r["async/staleness"] for r in cut] == [0, 1, 0, 1]
