@@ -1,6 +1,5 @@
 """Seconds per optimizer step of algos/kto.py, bco.py, orpo.py and cpo.py vs TRL's trainers, at matched settings;
-for kto and bco also the peak memory of a step at a 151,936-token vocabulary and tokens/s with --packing on
-variable-length rows.
+also the peak memory of a step at a 151,936-token vocabulary and tokens/s with --packing on variable-length rows.
 
     python benchmarks/offline_pref_speed.py --method orpo  # 3 repeats x 40 steps -> benchmarks/results/orpo/
     python benchmarks/offline_pref_speed.py --method cpo
@@ -9,6 +8,7 @@ variable-length rows.
     python benchmarks/offline_pref_speed.py --method orpo --repeats 1 --steps 20   # a quicker look
     python benchmarks/offline_pref_speed.py --method kto --section memory   # -> benchmarks/results/kto/memory.md
     python benchmarks/offline_pref_speed.py --method kto --section packing  # -> benchmarks/results/kto/packing.md
+    python benchmarks/offline_pref_speed.py --method orpo --section memory  # (and cpo; --section packing too)
 
 TRL's trainers: KTOTrainer (trl), ORPOTrainer and CPOTrainer (trl.experimental.orpo / .cpo), BCOTrainer
 (trl.experimental.bco in TRL 1.13, removed after; a venv of its own). Matched settings: the
@@ -34,20 +34,22 @@ after --warmup steps, per step. With one thread per program the CPU time is what
 be, and it hardly moves when other jobs share the cores (the wall time does). The programs run interleaved,
 --repeats times; the table gives the CPU time and the wall time of the median repeat and the best wall time.
 
---section memory (kto, bco): the same programs on benchmarks/vs_trl.py's big_vocab_model() (toy-sft with its
+--section memory (kto, bco, orpo, cpo): the same programs on benchmarks/vs_trl.py's big_vocab_model() (toy-sft with its
 vocabulary padded to 151,936 tokens, Qwen2's, hidden size 128), a few steps. A global optimizer-step hook
 (vs_trl.StepClock) resets the resident-set high-water mark after --warmup steps: `step peak` is the high-water mark
 over the measured steps, `step extra` that peak minus the resident set between two steps (what a step allocates on
 top of weights, optimizer state and caches).
 
---section packing (kto, bco): variable-length unpaired rows (varlen_unpaired: vs_trl.varlen_dataset's 5-200 token
+--section packing (kto, bco, orpo, cpo): variable-length unpaired rows (varlen_unpaired: vs_trl.varlen_dataset's 5-200 token
 texts split into a prompt and a completion at a problem boundary, every other row desirable, the others with their
 last answer digit changed), --varlen_batch examples per step, for the script padded, the script with --packing,
 TRL with gradient checkpointing off and TRL's defaults (TRL's KTOTrainer and BCOTrainer have no padding-free or
 packing option). Every program trains on the same batches in the same order (TRL reads the rows in the script's
 batch order, sequentially), so the tokens per step are the same and tokens per second compare as the inverse of the
 time: tokens = prompt + completion of the step's examples (the script's tokenisation; kto's mismatched pairs are
-extra work on the same tokens, in both programs).
+extra work on the same tokens, in both programs). orpo and cpo: variable-length pairs (varlen_pairs: the same split
+texts, chosen = the completion, rejected = its last digit changed), --batch pairs per step, tokens = 2 x prompt +
+chosen + rejected (TRL's ORPOTrainer and CPOTrainer have no padding-free or packing option either).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ METHODS = {
 }
 
 SECTIONS = ("speed", "memory", "packing")
-PER_SECTION = {"memory": ("kto", "bco"), "packing": ("kto", "bco")}  # the methods each other section measures
+PER_SECTION = {"memory": ("kto", "bco", "orpo", "cpo"), "packing": ("kto", "bco", "orpo", "cpo")}  # the methods each
+# other section measures
 
 
 def trl_python_for(method: str, venv: str | None) -> str:
@@ -117,6 +120,20 @@ def varlen_unpaired(n: int = 2048, seed: int = 0):
                 j = digits[-1]
                 completion = completion[:j] + str((int(completion[j]) + 1) % 10) + completion[j + 1:]
         rows.append({"prompt": prompt, "completion": completion, "label": i % 2 == 0})
+    return Dataset.from_list(rows)
+
+
+def varlen_pairs(n: int = 2048, seed: int = 0):
+    """Variable-length preference pairs from the same split texts as varlen_unpaired: chosen = the completion as it
+    is, rejected = the completion with its last digit changed (texts whose completion has no digit are left out)."""
+    from datasets import Dataset
+
+    rows = []
+    for r in varlen_unpaired(n, seed):
+        digits = [j for j, ch in enumerate(r["completion"]) if ch.isdigit()]
+        if r["label"] and digits:  # the desirable rows: their completion is the right one
+            c, j = r["completion"], digits[-1]
+            rows.append({"prompt": r["prompt"], "chosen": c, "rejected": c[:j] + str((int(c[j]) + 1) % 10) + c[j + 1:]})
     return Dataset.from_list(rows)
 
 
@@ -359,7 +376,8 @@ def main(default_method: str | None = None):
     flags = f" --section {a.section}" if a.section != "speed" else ""
     data_note = {"speed": "toy-sft on toy:add",
                  "memory": f"{meta['model']} (151,936-token vocabulary, hidden 128) on toy:add",
-                 "packing": f"toy-sft on varlen_unpaired ({tokens_per_step:.0f} tokens per step)"
+                 "packing": f"toy-sft on {'varlen_pairs' if unit == 'pairs' else 'varlen_unpaired'} "
+                            f"({tokens_per_step:.0f} tokens per step)"
                  if tokens_per_step else ""}[a.section]
     lines += ["", f"`python benchmarks/offline_pref_speed.py --method {a.method}{flags}`: {data_note}, {a.repeats} "
               f"interleaved repeat(s) x {a.steps} steps (per run: the median {a.logging_steps}-step window after "
@@ -376,18 +394,25 @@ def write_varlen_rows(a, scratch: Path) -> float:
     script's batch order (read sequentially); returns the mean tokens (prompt + completion) per step."""
     from common import data, model as model_utils, preference
 
-    ds = varlen_unpaired()
-    rows_file = scratch / "varlen_unpaired.jsonl"
+    paired = METHODS[a.method]["kind"] == "preference"  # orpo, cpo: pairs (prompt + chosen, prompt + rejected)
+    name = "varlen_pairs" if paired else "varlen_unpaired"
+    ds = varlen_pairs(4096) if paired else varlen_unpaired()
+    rows_file = scratch / f"{name}.jsonl"
     ds.to_json(str(rows_file))
     tok = model_utils.load_tokenizer(a.model)
-    tokenised, dropped = preference.tokenize_unpaired(ds, tok, 1024, None)
+    if paired:
+        tokenised, dropped = preference.tokenize_pairs(ds, tok, 1024, None)
+        n_tokens = [2 * len(p) + len(c) + len(r) for p, c, r in tokenised]
+    else:
+        tokenised, dropped = preference.tokenize_unpaired(ds, tok, 1024, None)
+        n_tokens = [len(p) + len(c) for p, c, *_ in tokenised]
     assert not dropped and len(tokenised) == len(ds)
     order = [i for step in range(a.steps) for i in data.batch_indices(len(ds), a.batch, step, 1)]  # seed 1 (both)
-    trl_file = scratch / "varlen_unpaired_trl_order.jsonl"
+    trl_file = scratch / f"{name}_trl_order.jsonl"
     trl_file.write_text("".join(json.dumps(ds[i]) + "\n" for i in order))
     a.rows, a.rows_trl = str(rows_file), str(trl_file)
     measured = order[a.warmup * a.batch:]
-    return sum(len(tokenised[i][0]) + len(tokenised[i][1]) for i in measured) / (a.steps - a.warmup)
+    return sum(n_tokens[i] for i in measured) / (a.steps - a.warmup)
 
 
 def table(section: str, summary: dict) -> list[str]:
