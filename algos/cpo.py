@@ -262,12 +262,12 @@ def nll_share(chosen_nll: torch.Tensor, tokens_per_pair: float) -> torch.Tensor:
 def pair_layout(rows: list, pad_id: int, device, packed: bool = False) -> dict:
     """A micro-batch of pairs for forward_pairs: the 2B sequences [prompt | chosen] (0..B-1) then [prompt | rejected]
     (B..2B-1), the forward's inputs, how many final positions it keeps (`keep`), and for the completion tokens
-    (`comp`, each (K,)): (row, column) of the predicting position among the kept ones, the target, the sequence it
-    belongs to (`seq`) and a 0/1 weight (0: padding).
+    (`comp`, each (K,), real tokens only: the head never runs on padding): (row, column) of the predicting position
+    among the kept ones, the target, the sequence it belongs to (`seq`) and a weight (1).
     padded (detail 1): two rows per pair, left-padded prompt and right-padded completion (common/preference.py);
-      the (2B, T) block of completion positions, weight = completion mask; keep = T + 1.
+      keep = T + 1.
     packed (detail 9): the sequences packed into rows as long as the longest one (common/packing.py: positions
-      restart and attention stays within each sequence); only real tokens, weight 1."""
+      restart and attention stays within each sequence); keep = the row length."""
     if packed:
         seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
         starts = [len(p) for p, _, _ in rows] * 2  # the first completion token of each sequence
@@ -277,14 +277,14 @@ def pair_layout(rows: list, pad_id: int, device, packed: bool = False) -> dict:
                 "weights": b["weights"]}
         return {"inputs": {"input_ids": b["input_ids"], "position_ids": b["position_ids"]},
                 "keep": b["input_ids"].shape[1], "n": len(seqs), "comp": comp}
-    b = preference.pair_batch(rows, pad_id, device)
+    b = preference.pair_batch(rows, pad_id, "cpu")  # the index lists are made on the CPU: no device sync
     ids, am, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
     N, T = cm.shape
-    r = torch.arange(N, device=ids.device)[:, None].expand(N, T).reshape(-1)
-    comp = {"rows": r, "cols": torch.arange(T, device=ids.device).repeat(N), "targets": ids[:, -T:].reshape(-1),
-            "seq": r, "weights": cm.float().reshape(-1)}
+    r, t = cm.nonzero(as_tuple=True)  # the real completion tokens only: the head never runs on padding
+    comp = {"rows": r, "cols": t, "targets": ids[r, ids.shape[1] - T + t], "seq": r, "weights": torch.ones(len(r))}
     inputs = {"input_ids": ids, "attention_mask": am, "position_ids": model_utils.position_ids_from_mask(am)}
-    return {"inputs": inputs, "keep": T + 1, "n": N, "comp": comp}
+    return {"inputs": {k: v.to(device) for k, v in inputs.items()}, "keep": T + 1, "n": N,
+            "comp": {k: v.to(device) for k, v in comp.items()}}
 
 
 def forward_pairs(model, batch: dict, want_entropy: bool = False) -> dict:

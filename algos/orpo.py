@@ -235,7 +235,7 @@ def sft_token_mask(attention_mask: torch.Tensor, completion_mask: torch.Tensor, 
 # ----------------------------------------------------------------------------- forwards
 def _group(rows, cols, targets, seq, weights, device) -> dict:
     """Tokens that get a log-prob: (row, column) of the predicting position among the forward's kept positions, the
-    target, the sequence it belongs to and a 0/1 weight (0: padding), all (K,)."""
+    target, the sequence it belongs to and a weight (1: pair_layout lists real tokens only), all (K,)."""
     return {"rows": rows.reshape(-1).to(device), "cols": cols.reshape(-1).to(device),
             "targets": targets.reshape(-1).to(device), "seq": seq.reshape(-1).to(device),
             "weights": weights.reshape(-1).float().to(device)}
@@ -246,11 +246,11 @@ def pair_layout(rows: list, pad_id: int, device, prompt_loss: bool, packed: bool
     (B..2B-1), the forward's inputs, how many final positions it keeps (`keep`), and two token groups (_group):
     `comp`, the completion tokens of every sequence, and `sft`, the chosen prompts' SFT tokens (detail 4; None
     without prompt loss).
-    padded (detail 1): two rows per pair, left-padded prompt and right-padded completion (common/preference.py); comp
-      is the (2B, T) block of completion positions (weight = completion mask), sft the (B, P-1) block of prompt
-      positions (weight = sft_token_mask). keep = T + 1, or every position with prompt loss.
+    padded (detail 1): two rows per pair, left-padded prompt and right-padded completion (common/preference.py);
+      keep = T + 1, or every position with prompt loss.
     packed (detail 9): the sequences packed into rows as long as the longest one (common/packing.py: positions
-      restart and attention stays within each sequence); only real tokens, weight 1, `seq` says whose."""
+      restart and attention stays within each sequence); keep = the row length.
+    In both, the groups list real tokens only (weight 1), and `seq` says whose each is."""
     B = len(rows)
     if packed:
         seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
@@ -268,18 +268,16 @@ def pair_layout(rows: list, pad_id: int, device, prompt_loss: bool, packed: bool
         inputs = {"input_ids": b["input_ids"].to(device), "position_ids": b["position_ids"].to(device)}
         return {"inputs": inputs, "keep": b["input_ids"].shape[1], "n": 2 * B, **groups,
                 "sft": groups["sft"] if prompt_loss else None}
-    b = preference.pair_batch(rows, pad_id, "cpu")
+    b = preference.pair_batch(rows, pad_id, "cpu")  # the index lists are made on the CPU: no device sync
     ids, am, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
     (N, T), L = cm.shape, ids.shape[1]
     keep = L if prompt_loss else T + 1  # hidden states of the last `keep` positions; column 0 = position L - keep
-    r = torch.arange(N)[:, None].expand(N, T)
-    comp = _group(r, (keep - T - 1 + torch.arange(T)).expand(N, T), ids[:, -T:], r, cm, device)
+    r, t = cm.nonzero(as_tuple=True)  # the real completion tokens only: the head never runs on padding
+    comp = _group(r, keep - T - 1 + t, ids[r, L - T + t], r, torch.ones(len(r)), device)
     sft = None
     if prompt_loss:  # targets 1 .. L-T-1 (prompt tokens), predicted at positions 0 .. L-T-2
-        P1 = L - T - 1
-        r = torch.arange(B)[:, None].expand(B, P1)
-        sft = _group(r, torch.arange(P1).expand(B, P1), ids[:B, 1:L - T], r,
-                     sft_token_mask(am[:B], cm[:B], True)[:, :P1], device)
+        r, j = sft_token_mask(am[:B], cm[:B], True)[:, :L - T - 1].nonzero(as_tuple=True)
+        sft = _group(r, j, ids[r, j + 1], r, torch.ones(len(r)), device)
     inputs = {"input_ids": ids.to(device), "attention_mask": am.to(device),
               "position_ids": model_utils.position_ids_from_mask(am).to(device)}
     return {"inputs": inputs, "keep": keep, "n": N, "comp": comp, "sft": sft}

@@ -165,8 +165,10 @@ def test_details1_4_9_forward_sums_equal_each_sequence_alone_with_its_full_logit
     a, b = torch.randn(2 * len(ROWS), generator=g), torch.randn(len(ROWS), generator=g)
     for prompt_loss in (True, False):
         batch = pair_layout(ROWS, pad_id, "cpu", prompt_loss, packed)
-        if packed:  # no padding in a packed layout: every token in a group is a real one
-            assert batch["comp"]["weights"].sum() == batch["comp"]["weights"].numel()
+        # the head runs on real tokens only, in both layouts: one row per completion token and per SFT prompt token
+        assert batch["comp"]["targets"].numel() == sum(len(c) + len(r) for _, c, r in ROWS)
+        if prompt_loss:
+            assert batch["sft"]["targets"].numel() == sum(len(p) - 1 for p, _, _ in ROWS)
         got = forward_pairs(model, batch, want_entropy=True)
         want = _alone(model, prompt_loss)
         for k in want:
