@@ -2,6 +2,7 @@
 
     python benchmarks/dpo_speed.py                         # 5 repeats x 30 steps each -> benchmarks/results/dpo/
     python benchmarks/dpo_speed.py --repeats 2 --steps 20  # a quicker look
+    python benchmarks/dpo_speed.py --section packing       # variable-length pairs -> benchmarks/results/dpo/packing/
 
 Matched settings: the same model folder (the toy SFT policy, toy-sft, about 0.9M parameters), the toy:add preference
 pairs, 64 pairs per optimizer step (one micro-batch, one process), β = 0.1, the sigmoid loss, a reference model held
@@ -23,6 +24,17 @@ plain loop: its own clock), both as wall time and as the process's CPU time. Wit
 time is what a quiet machine's wall time would be, and it hardly moves when other jobs share the cores (the wall
 time does). The programs run interleaved, --repeats times; the table gives the CPU time of the median repeat and
 the wall time of the best and the median repeat.
+
+--section packing: tokens per second on variable-length preference pairs (varlen_pairs: prompt + chosen and prompt +
+rejected each 5 to 200 tokens, from benchmarks/vs_trl.py's varlen_dataset), --varlen_batch pairs per step, for
+dpo.py padded, dpo.py --packing (whole pairs packed, the prompt shared), dpo.py --packing --share_prompt False
+(sequences packed by position ids), TRL's DPOTrainer with its defaults (gradient checkpointing on) and TRL with
+padding_free=True and checkpointing off. Every program trains on the same batches in the same order (TRL reads a
+file written in dpo.py's batch order, without shuffling), so the tokens per step are the same and tokens per second
+compare as the inverse of the time: tokens = prompt + chosen + prompt + rejected of the step's pairs (dpo.py's
+tokenisation), time = the process's CPU time (or wall time) from the end of step --warmup to the last step, over
+the tokens of those steps. The logged losses of the first steps are kept to check that the programs do the same
+work (step 1 is log 2 for all of them).
 """
 
 from __future__ import annotations
@@ -65,13 +77,23 @@ def child_trl(a) -> dict:
     from common import toy
 
     set_threads(a.threads)
-    ds = toy.make_dataset("add", "preference", "train")
+    if a.varlen:  # the pairs in dpo.py's batch order (written by the parent), read without shuffling
+        from datasets import Dataset
+
+        ds = Dataset.from_list([json.loads(line) for line in Path(a.varlen).read_text().splitlines()])
+    else:
+        ds = toy.make_dataset("add", "preference", "train")
     tok = AutoTokenizer.from_pretrained(a.model)
     points: list[list[float]] = []
+    losses: dict[int, float] = {}
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             points.append(clock(state.global_step))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses[state.global_step] = logs["loss"]
 
     cfg = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                     learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -79,10 +101,18 @@ def child_trl(a) -> dict:
                     bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=bool(a.gradient_checkpointing),
                     logging_steps=a.logging_steps, save_strategy="no", eval_strategy="no", report_to=[], seed=1,
                     dataloader_num_workers=0, disable_dropout=True, model_init_kwargs={"dtype": torch.float32},
-                    disable_tqdm=True)
-    trainer = DPOTrainer(model=a.model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+                    disable_tqdm=True, padding_free=a.trl_mode == "padding_free")
+    cls = DPOTrainer
+    if a.varlen:
+        class InOrder(DPOTrainer):  # the file is already in the order dpo.py draws its batches
+            def _get_train_sampler(self, train_dataset=None):
+                return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
+                                                          else self.train_dataset)
+
+        cls = InOrder
+    trainer = cls(model=a.model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    return {"points": points, "peak_rss_mb": peak_rss_mb()}
+    return {"points": points, "peak_rss_mb": peak_rss_mb(), "losses": losses}
 
 
 def child_plain(a) -> dict:
@@ -130,11 +160,13 @@ def child_ours(a) -> dict:
     from common import tracking
 
     set_threads(a.threads)
-    points = []
+    points, losses = [], {}
     log = tracking.Tracker.log
 
     def timed_log(self, metrics, step, total_steps=None):
         points.append(clock(step))
+        if "loss" in metrics:
+            losses[step] = metrics["loss"]
         return log(self, metrics, step, total_steps)
 
     tracking.Tracker.log = timed_log
@@ -142,8 +174,10 @@ def child_ours(a) -> dict:
              str(a.batch), "--beta", "0.1", "--loss_type", "sigmoid", "--learning_rate", "1e-4", "--logging_steps",
              str(a.logging_steps), "--eval_steps", "0", "--save_steps", "0", "--output_dir", a.out,
              "--overwrite_output_dir", "True", *a.dpo_flags]
+    if a.varlen:
+        flags += ["--dataset_name", a.varlen, "--num_eval_prompts", "0"]
     dpo.main(tyro.cli(dpo.Args, args=flags, use_underscores=True, config=(tyro.conf.FlagConversionOff,)))
-    return {"points": points, "peak_rss_mb": peak_rss_mb()}
+    return {"points": points, "peak_rss_mb": peak_rss_mb(), "losses": losses}
 
 
 def clock(step: int) -> list[float]:
@@ -180,6 +214,54 @@ def measure(programs: dict, repeats: int, warmup: int) -> dict:
                    "wall_s_per_step_median": med(x["wall"] for x in v),
                    "cpu_all": [round(x["cpu"], 5) for x in v], "wall_all": [round(x["wall"], 5) for x in v],
                    "peak_rss_mb": med(x["peak_rss_mb"] for x in v)} for name, v in results.items()}
+
+
+def varlen_pairs(n: int = 4096, seed: int = 0):
+    """Variable-length preference pairs from vs_trl.py's language-modelling mix (texts of 5 to 200 tokens): each
+    pair's prompt is a random-length head of one text and its chosen completion the rest of it; the rejected one is
+    the tail of another text, so prompt + rejected is also 5 to 200 tokens and completions of a pair differ in
+    length (deterministic)."""
+    import random
+
+    from datasets import Dataset
+
+    from benchmarks.vs_trl import varlen_dataset
+
+    rng = random.Random(seed)
+    texts = varlen_dataset(2 * n, seed)["text"]
+    rows = []
+    for a, b in zip(texts[0::2], texts[1::2]):
+        k = rng.randint(1, max(1, len(a) - 1))  # a non-empty prompt and a non-empty chosen completion
+        rows.append({"prompt": a[:k], "chosen": a[k:] or a[-1:], "rejected": b[-max(1, len(b) - k):]})
+    return Dataset.from_list(rows)
+
+
+def measure_tokens(programs: dict, repeats: int, warmup: int, tokens: list[int]) -> dict:
+    """Like measure, per token: each run's CPU and wall seconds from the end of step `warmup` to its last step over
+    the tokens of those steps (tokens[s] = the tokens of step s + 1, the same for every program), interleaved
+    repeats, medians; plus the first logged losses of the first repeat."""
+    results = {name: [] for name in programs}
+    first_losses = {}
+    for r in range(repeats):
+        for name, fn in programs.items():
+            res = fn()
+            pts = {int(p[0]): p for p in res["points"]}
+            last = max(pts)
+            n_tok = sum(tokens[warmup:last])
+            x = {"cpu": (pts[last][2] - pts[warmup][2]) / n_tok, "wall": (pts[last][1] - pts[warmup][1]) / n_tok,
+                 "steps": last - warmup, "peak_rss_mb": res["peak_rss_mb"]}
+            results[name].append(x)
+            first_losses.setdefault(name, {int(k): v for k, v in sorted(res["losses"].items(), key=lambda kv:
+                                                                         int(kv[0]))[:5]})
+            print(f"repeat {r + 1}/{repeats} {name}: {1 / x['cpu']:.0f} tokens per CPU s, {1 / x['wall']:.0f} per "
+                  f"wall s, peak RSS {x['peak_rss_mb']:.0f} MB", flush=True)
+    med = statistics.median
+    return {name: {"tokens_per_cpu_s": 1 / med(x["cpu"] for x in v),
+                   "tokens_per_wall_s_median": 1 / med(x["wall"] for x in v),
+                   "tokens_per_wall_s_best": 1 / min(x["wall"] for x in v),
+                   "tokens_per_cpu_s_all": [round(1 / x["cpu"], 1) for x in v],
+                   "peak_rss_mb": med(x["peak_rss_mb"] for x in v), "first_losses": first_losses[name]}
+            for name, v in results.items()}
 
 
 def run_child(python: str, kind: str, a, extra: list[str], out: Path) -> dict:
@@ -232,6 +314,11 @@ def main():
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gradient_checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--varlen", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--trl_mode", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--section", choices=["toy", "packing"], default="toy", help="toy: the toy:add pairs (default); "
+                    "packing: tokens per second on variable-length pairs -> OUT/packing/")
+    ap.add_argument("--varlen_batch", type=int, default=16, help="packing section: pairs per optimizer step")
     a = ap.parse_args()
     if a.child:
         a.dpo_flags = a.dpo_flags.split()
@@ -246,6 +333,8 @@ def main():
     scratch = ROOT / "runs" / "bench" / "dpo_speed"
     scratch.mkdir(parents=True, exist_ok=True)
     py = trl_python(Path(a.trl_venv))
+    if a.section == "packing":
+        return packing_section(a, py, out / "packing", scratch / "packing")
     load_before = os.getloadavg()
     programs = {
         "dpo.py": lambda: run_child(sys.executable, "ours", a, [], scratch),
@@ -285,6 +374,79 @@ def main():
               f"warm-up steps), {a.batch} pairs per step, {a.threads} thread(s) per program, {meta['cores']} cores "
               f"({meta['cpu']}), "
               f"load average {meta['loadavg_before']} before and {meta['loadavg_after']} after, {meta['date']}."]
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def packing_section(a, py: str, out: Path, scratch: Path):
+    """Tokens per second of dpo.py (padded, packed) and TRL (defaults, padding_free) on the same variable-length
+    batches (see the module docstring)."""
+    from common import data, model as model_utils
+    from dpo import tokenize_pairs
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    ds = varlen_pairs()
+    ours_file, trl_file = scratch / "varlen_pairs.jsonl", scratch / "varlen_pairs_in_dpo_order.jsonl"
+    ds.to_json(str(ours_file))
+    tok = model_utils.load_tokenizer(a.model)
+    rows, dropped = tokenize_pairs(ds, tok, 1024, None)
+    assert not dropped and len(rows) == len(ds)
+    order = [data.batch_indices(len(rows), a.varlen_batch, s, 1) for s in range(a.steps)]  # dpo.py's draws (seed 1)
+    ds.select([i for idx in order for i in idx]).to_json(str(trl_file))
+    tokens = [sum(2 * len(rows[i][0]) + len(rows[i][1]) + len(rows[i][2]) for i in idx) for idx in order]
+    lengths = sorted([len(p) + len(c) for p, c, _ in rows] + [len(p) + len(r) for p, _, r in rows])
+    a.batch = a.varlen_batch
+
+    def ours(flags: str) -> dict:
+        return run_child(sys.executable, "ours", a, ["--varlen", str(ours_file), f"--dpo_flags={flags}"], scratch)
+
+    def trl(ckpt: int, mode: str = "") -> dict:
+        return run_child(py, "trl", a, ["--varlen", str(trl_file), "--gradient_checkpointing", str(ckpt),
+                                        f"--trl_mode={mode}"], scratch)
+
+    programs = {
+        "dpo.py (padded)": lambda: ours(""),
+        "dpo.py --packing": lambda: ours("--packing True"),
+        "dpo.py --packing --share_prompt False": lambda: ours("--packing True --share_prompt False"),
+        "TRL DPOTrainer, defaults": lambda: trl(1),
+        "TRL DPOTrainer, padding_free=True (checkpointing off)": lambda: trl(0, "padding_free"),
+    }
+    load_before = os.getloadavg()
+    t0 = time.time()
+    summary = measure_tokens(programs, a.repeats, a.warmup, tokens)
+    meta = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "batch_pairs": a.varlen_batch,
+            "threads": a.threads, "cpu": cpu_name(), "cores": os.cpu_count(),
+            "sequence_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
+            "tokens_per_step_mean": statistics.mean(tokens[a.warmup:]),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "minutes": round((time.time() - t0) / 60, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    packed, padded = summary["dpo.py --packing"], summary["dpo.py (padded)"]
+    trl_def = summary["TRL DPOTrainer, defaults"]
+    trl_pf = summary["TRL DPOTrainer, padding_free=True (checkpointing off)"]
+    checks = {}
+    for key, what in (("tokens_per_cpu_s", "CPU time"), ("tokens_per_wall_s_best", "wall time, best repeat")):
+        checks[f"dpo.py --packing vs TRL defaults ({what}); target >= 2x"] = packed[key] / trl_def[key]
+        checks[f"dpo.py --packing vs TRL padding_free ({what}); target >= 1.2x"] = packed[key] / trl_pf[key]
+        checks[f"dpo.py --packing vs dpo.py padded ({what})"] = packed[key] / padded[key]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"meta": meta, "programs": summary, "checks": checks}, indent=2) + "\n")
+    lines = ["| program | tokens / CPU s (median repeat) | tokens / wall s (best) | tokens / wall s (median) | "
+             "peak RSS (MB) | loss at steps 1, 2, 3 |", "|---|---|---|---|---|---|"]
+    for name, v in summary.items():
+        fl = ", ".join(f"{x:.4f}" for _, x in sorted(v["first_losses"].items())[:3])
+        lines.append(f"| {name} | {v['tokens_per_cpu_s']:.0f} | {v['tokens_per_wall_s_best']:.0f} | "
+                     f"{v['tokens_per_wall_s_median']:.0f} | {v['peak_rss_mb']:.0f} | {fl} |")
+    lines += ["", "| check | measured |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in checks.items()]
+    sl = meta["sequence_tokens"]
+    lines += ["", f"{a.repeats} interleaved repeats x {a.steps} steps (tokens and time from the end of step {a.warmup} "
+              f"on), {a.varlen_batch} pairs per step ({meta['tokens_per_step_mean']:.0f} tokens per step on average: "
+              f"prompt + chosen + prompt + rejected), sequences of {sl['min']} to {sl['max']} tokens (median "
+              f"{sl['median']}), the same batches in the same order for every program, {a.threads} thread(s) per "
+              f"program, {meta['cores']} cores ({meta['cpu']}), load average {meta['loadavg_before']} before and "
+              f"{meta['loadavg_after']} after ({meta['minutes']} min), {meta['date']} UTC. TRL 1.16's DPOTrainer "
+              "ignores padding_free=True (it warns that the option is disabled and pads), so that row is TRL padded "
+              "with checkpointing off."]
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
