@@ -113,7 +113,7 @@ def test_async_staleness_0_draws_the_samples_of_the_sync_path(tmp_path, toy_poli
         assert a["vmpo/rewards_mean"] == b["vmpo/rewards_mean"]
         assert a["completions/mean_length"] == b["completions/mean_length"]
         for m in ("vmpo/loss", "vmpo/policy_loss", "vmpo/kl_mean", "vmpo/eta_loss"):  # weights w = exp(~0)
-            assert a[m] == pytest.approx(b[m], abs=1e-5), m
+            assert a[m] == pytest.approx(b[m], abs=5e-6), m
         # the worker's log-probs are the trainer's π_old of the same weights; no step lagged
         assert b["async/staleness"] == 0 and b["sampling/sampling_logp_difference/max"] < 1e-4
         assert b["vmpo/is_weight_min"] == pytest.approx(1.0, abs=1e-4) and b["vmpo/is_clipped_fraction"] == 0
