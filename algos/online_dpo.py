@@ -61,6 +61,29 @@ Implementation details (numbered; the tests name the one they check):
     attention that takes a custom 4D mask (sdpa, eager) and no sliding window shorter than a sequence; otherwise,
     or with --share_prompt False, each sample is its own row [left-padded prompt | right-padded completion] (TRL's
     layout).
+12. Asynchronous generation (--async_generation, common/async_rollout.py, as grpo.py's detail 12): a worker samples
+    the pairs of the next optimizer steps while the trainer ranks and trains on the current ones: an HF-generate
+    process holding its own copy of the policy (weights pushed through shared memory after each optimizer step), or
+    with --use_vllm --vllm_mode server the server driven from a thread. Step s's pairs are requested once the
+    trainer holds a version v (optimizer steps taken) with s - v <= max_staleness, are sampled by exactly v, and
+    their staleness s - v is checked and logged per step (async/staleness; async/wait_seconds is the trainer's wait,
+    async/sampling_seconds the worker's). The worker samples all of a step's micro-batches (of this process) in one
+    call: with --gradient_accumulation_steps > 1 these are other draws of the same distribution than the
+    synchronous path's one call per micro-batch. Ranking (reward model, function or judge) stays in the trainer.
+    No off-policy correction is applied, because none is needed: the DPO loss of a pair is the Bradley-Terry
+    likelihood of its ranking given the policy's and the reference's log-probs of the two completions, the gradient
+    never flows through the sampling, and the loss has the same minimiser π_ref·exp(r/β)/Z under any sampling
+    distribution that covers the pairs (offline DPO trains on pairs from another policy altogether). A pair sampled
+    k steps ago is a valid preference pair; staleness only makes the pairs less on-policy (which pairs weight the
+    gradient), and a sequence-level importance weight π_θ(y1)π_θ(y2)/π_old(y1)π_old(y2) would add variance to undo
+    that. The sampler-trainer gap (sampling/sampling_logp_difference, from the worker's log-probs) is logged as a
+    diagnostic only. max_staleness 0 is the synchronous schedule through the worker: it starts from the trainer's
+    RNG state and weights, so (with one micro-batch per step) it draws the synchronous path's very samples and
+    gives its losses. A wait longer than --async_timeout stops the run with an error naming the flag; a worker
+    exception is raised with the worker's traceback; the worker is stopped on exit and on errors. Resume: the
+    checkpoint keeps each rank's worker RNG state; with max_staleness 0 a resumed run repeats the uninterrupted
+    one; with k > 0 the first k steps after a resume are sampled by fresher weights than in the uninterrupted run
+    (staleness ramps up 0, 1, .., k as at a start).
 
 Data: prompt-only (`prompt`), standard or conversational; other dataset types are reduced to their prompts.
 
@@ -70,6 +93,7 @@ Run:
     python algos/online_dpo.py --reward_model_name_or_path None --judge rm:toy-rm      # pairwise judge
     python algos/online_dpo.py --dataset_name toy:add:conversational --beta 0.1 0.05   # chat prompts, per-epoch β
     accelerate launch --multi_gpu --num_processes 2 algos/online_dpo.py --per_device_train_batch_size 32
+    python algos/online_dpo.py --async_generation True --max_staleness 1   # sample the next pairs during the step
     bash benchmarks/online_pref.sh                                  # 3 seeds of online DPO, XPO and Nash-MD
 """
 
@@ -86,9 +110,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import (checkpoint, data, distributed, evaluation, model as model_utils, rewards as reward_utils, rollout,
-                    peft_utils, tracking)
+from common import (async_rollout, checkpoint, data, distributed, evaluation, model as model_utils,
+                    rewards as reward_utils, rollout, peft_utils, tracking)
 from common.generation import build_generator
+from common.sampling import Generation
 from common.judges import check_ranks, load_judge
 
 
@@ -180,6 +205,17 @@ class Args:
     """fraction of GPU memory for the colocated engine"""
     vllm_kv_cache_gb: float = 1.0
     """KV-cache space (GiB) of a CPU vLLM engine"""
+    # --- asynchronous generation (common/async_rollout.py, detail 12)
+    async_generation: bool = False
+    """sample the next steps' pairs in a worker (an HF-generate process; with --use_vllm, the vLLM server) while the
+    trainer takes its optimizer step"""
+    max_staleness: int = 1
+    """with --async_generation: a step's pairs are sampled by weights at most this many optimizer steps older than the
+    ones it trains (0: the synchronous schedule, through the worker)"""
+    async_timeout: float = 600.0
+    """seconds the trainer waits for the generation worker (a weight push or a batch) before it stops with an error"""
+    async_worker_threads: int = 0
+    """torch threads of the generation worker process (0: as many as the trainer uses)"""
     # --- preference source (exactly one)
     reward_model_name_or_path: str | None = "toy-rm"
     """reward model ranking the pair ('toy-rm', a folder or hub name); None to use --reward_funcs or --judge"""
@@ -372,6 +408,16 @@ def check_args(args: Args):
         raise ValueError(f"--beta must be one or more positive values; got {args.beta}")
     if args.max_steps <= 0 or args.per_device_train_batch_size <= 0 or args.max_new_tokens <= 0:
         raise ValueError("--max_steps, --per_device_train_batch_size and --max_new_tokens must be positive")
+    if args.async_generation:
+        if args.max_staleness < 0:
+            raise ValueError(f"--max_staleness must be >= 0 (optimizer steps), got {args.max_staleness}")
+        if args.async_timeout <= 0:
+            raise ValueError(f"--async_timeout must be > 0 seconds, got {args.async_timeout}")
+        if args.async_worker_threads < 0:
+            raise ValueError(f"--async_worker_threads must be >= 0 (0: the trainer's), got {args.async_worker_threads}")
+        if args.use_vllm and args.vllm_mode != "server":
+            raise ValueError("--async_generation with --use_vllm needs --vllm_mode server (a colocated engine shares "
+                             "the trainer's process); or drop --use_vllm to sample in an HF-generate worker process")
     n = args.per_device_train_batch_size
     if n % 2:
         raise ValueError(f"--per_device_train_batch_size {n} is odd: it counts completions and each prompt gives a pair "
@@ -384,6 +430,18 @@ def prompt_micro_batches(indices: list[int], prompts_per_micro_batch: int, accum
     [(m·W + r)·b, (m·W + r + 1)·b), so the union over processes and micro-batches is the global batch."""
     b, W, r = prompts_per_micro_batch, accelerator.num_processes, accelerator.process_index
     return [indices[(m * W + r) * b:(m * W + r + 1) * b] for m in range(accumulation)]
+
+
+def split_rows(gen: Generation, sizes: list[int]) -> list[Generation]:
+    """`gen` cut into consecutive blocks of `sizes` rows (one per micro-batch), each keeping the full width."""
+    assert sum(sizes) == len(gen.texts)
+    out, s = [], 0
+    for n in sizes:
+        rows = slice(s, s + n)
+        out.append(Generation(gen.completion_ids[rows], gen.completion_mask[rows], gen.terminated[rows],
+                              gen.texts[rows], None if gen.sampler_logps is None else gen.sampler_logps[rows]))
+        s += n
+    return out
 
 
 class WindowMeans:
@@ -444,7 +502,7 @@ def main(args: Args):
     elif judge is not None:
         eval_ds = None  # a judge scores no single completion: nothing to evaluate on non-toy data
     peft_utils.check_args(args)  # LoRA flags and module names, before anything is loaded or written
-    resume = checkpoint.prepare_output_dir(args)  # one run per folder, before any model loads
+    resume = checkpoint.prepare_output_dir(args, may_change=("async_timeout", "async_worker_threads"))  # before models
 
     model = model_utils.load_causal_lm(args.model_name_or_path, tokenizer, args.dataset_name, seed=args.seed)
     model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
@@ -472,7 +530,7 @@ def main(args: Args):
     accelerator.register_for_checkpointing(scheduler)
     generator = build_generator(args, tokenizer, accelerator, model)
 
-    start_step, elapsed, skipped_steps = 0, 0.0, 0
+    start_step, elapsed, skipped_steps, state = 0, 0.0, 0, {}
     if resume is not None:
         state = checkpoint.load_checkpoint(accelerator, resume)
         start_step, elapsed, skipped_steps = state["step"], state["elapsed"], state.get("skipped_steps", 0)
@@ -489,137 +547,175 @@ def main(args: Args):
                                         args.num_eval_prompts, args.max_new_tokens, accelerator=accelerator)
         return out if rewards is not None else {k: out[k] for k in ("eval/gold_reward", "eval/terminated") if k in out}
 
-    if start_step == 0 and args.eval_steps and eval_ds is not None:
-        tracker.log({**evaluate(), "beta": scheduled(args.beta, 0)}, 0, args.max_steps)
+    def save(step: int):
+        extra = {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps}
+        if worker_rng is not None:  # every rank's worker RNG, where its next batch's sampling starts (detail 12)
+            extra["async_rng"] = accelerator.gather(worker_rng[None].to(device)).cpu()
+        checkpoint.save_checkpoint(accelerator, args.output_dir, step, model, tokenizer, args, extra,
+                                   args.save_total_limit)
+
+    def step_micro_batches(step: int) -> list[list[int]]:  # this process's prompt rows of optimizer step `step`
+        indices = data.batch_indices(len(train), prompts_per_step, step, args.seed)
+        return prompt_micro_batches(indices, pairs_per_micro_batch, A, accelerator)
+
+    async_ro, worker_rng = None, None
+    if args.async_generation:  # detail 12: the worker samples ahead, from weights at most max_staleness steps old
+        saved = state.get("async_rng")
+        if args.use_vllm:
+            worker = async_rollout.ThreadWorker(generator, accelerator, args.async_timeout)
+        else:
+            worker = async_rollout.ProcessWorker.for_policy(
+                model, tokenizer, generator.cfg, accelerator, args.async_timeout, args.async_worker_threads,
+                rng_state=saved[accelerator.process_index] if saved is not None and len(saved) == W else None)
+        async_ro = async_rollout.AsyncRollout(
+            worker, lambda s: [prompt_ids_all[i] for mb in step_micro_batches(s) for i in mb], 2, 1,
+            args.max_staleness, args.max_steps)
 
     pad_id = tokenizer.pad_token_id
     stats = WindowMeans()
     window = {"rpf": [], "mask": [], "terminated": [], "logps": [], "sampler_logps": []}  # for the common metrics
+    try:  # the worker is stopped on errors too
+        if async_ro is not None:
+            async_ro.start(model, start_step)  # the first pairs are sampled during the step-0 evaluation
+        if start_step == 0 and args.eval_steps and eval_ds is not None:
+            tracker.log({**evaluate(), "beta": scheduled(args.beta, 0)}, 0, args.max_steps)
 
-    # ================================================================ training
-    model.train()
-    for step in range(start_step, args.max_steps):
-        beta = scheduled(args.beta, epoch_at(step, prompts_per_step, len(train)))  # detail 8
-        indices = data.batch_indices(len(train), prompts_per_step, step, args.seed)
-        sample_rows = None
-        for mb in prompt_micro_batches(indices, pairs_per_micro_batch, A, accelerator):
-            B = len(mb)
-            # 1. two samples per prompt from the current policy: rows 2i and 2i+1 belong to prompt i (detail 2)
-            gen = generator.generate(model, [prompt_ids_all[i] for i in mb], n=2)
-            prompts2, cols2 = rollout.repeat_rows(mb, all_prompts, columns, 2)
-            completions = rollout.as_completions(prompts2, gen.texts)
-            ids_list = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
-            terminated = gen.terminated.cpu()
-            # 2. rank each pair (details 3-5); scores (2B,) NaN = unscored, None with a judge
-            scores = None
-            if judge is not None:
-                ranks = judge.judge([all_prompts[i] for i in mb],
-                                    [(completions[2 * b], completions[2 * b + 1]) for b in range(B)])
-                first_wins, weights = check_ranks(ranks, B, source), torch.ones(B)
+        # ============================================================ training
+        model.train()
+        for step in range(start_step, args.max_steps):
+            beta = scheduled(args.beta, epoch_at(step, prompts_per_step, len(train)))  # detail 8
+            micro_batches = step_micro_batches(step)
+            sampled = None
+            if async_ro is not None:  # detail 12: this step's pairs, sampled ahead by the worker
+                out, info = async_ro.get(step, step)
+                worker_rng = async_rollout.worker_rng_state(info)
+                stats.add("async/staleness", float(info["staleness"]))
+                stats.add("async/wait_seconds", info["wait"])  # the trainer waited for the worker
+                stats.add("async/sampling_seconds", info["seconds"])  # the worker sampled the step's pairs
+                sampled = split_rows(out, [2 * len(mb) for mb in micro_batches])
+            sample_rows = None
+            for m, mb in enumerate(micro_batches):
+                B = len(mb)
+                # 1. two samples per prompt from the current policy: rows 2i and 2i+1 belong to prompt i (detail 2)
+                gen = sampled[m] if sampled is not None else \
+                    generator.generate(model, [prompt_ids_all[i] for i in mb], n=2)
+                prompts2, cols2 = rollout.repeat_rows(mb, all_prompts, columns, 2)
+                completions = rollout.as_completions(prompts2, gen.texts)
+                ids_list = rollout.completion_id_lists(gen.completion_ids, gen.completion_mask)
+                terminated = gen.terminated.cpu()
+                # 2. rank each pair (details 3-5); scores (2B,) NaN = unscored, None with a judge
+                scores = None
+                if judge is not None:
+                    ranks = judge.judge([all_prompts[i] for i in mb],
+                                        [(completions[2 * b], completions[2 * b + 1]) for b in range(B)])
+                    first_wins, weights = check_ranks(ranks, B, source), torch.ones(B)
+                else:
+                    rpf = rewards(prompts2, completions, ids_list, cols2)  # (2B, 1); stops the run on NaN / inf
+                    window["rpf"].append(rpf)
+                    scores = apply_missing_eos_penalty(rpf[:, 0], terminated, args.missing_eos_penalty)
+                    first_wins = first_is_chosen(scores[0::2], scores[1::2])  # (B,)
+                    weights = pair_weights(scores[0::2], scores[1::2], args.drop_ties)  # (B,) 0: out of the loss
+                # 3. log-probs of both samples under the policy (with grad) and the reference, one forward each (detail
+                # 11); the DPO loss (details 6-7)
+                batch = pair_batch([prompt_ids_all[i] for i in mb], ids_list, pad_id, device, share, mask_dtype)
+                mask = batch["completion_mask"].float()  # (2B, T)
+                with torch.no_grad():
+                    ref_seq = (pair_token_logps(ref_model, batch) * mask).sum(1)  # (2B,)
+                chosen_cpu = 2 * torch.arange(B) + (~first_wins).long()  # (B,) row of each pair's chosen sample
+                chosen_idx, rejected_idx = chosen_cpu.to(device), (chosen_cpu ^ 1).to(device)
+                with accelerator.accumulate(model):
+                    logps = pair_token_logps(model, batch)  # (2B, T)
+                    seq = (logps * mask).sum(1)  # (2B,)
+                    losses, h = dpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx], ref_seq[rejected_idx],
+                                         beta, args.loss_type)
+                    # mean over the optimizer step's pairs (left-out pairs count as 0): undo accelerate's 1/accumulation
+                    # and DDP's 1/processes
+                    loss = (losses * weights.to(device)).sum() / prompts_per_step
+                    accelerator.backward(loss * A * W)
+                    if accelerator.sync_gradients:
+                        _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                                args.max_grad_norm)
+                        skipped_steps += not stepped
+                # 4. statistics of the window (on the device: no host sync); NaN entries (unscored pairs) are left out
+                with torch.no_grad():
+                    seq, kl = seq.detach(), seq.detach() - ref_seq  # (2B,)
+                    ranked = (torch.ones(B, dtype=torch.bool) if scores is None else
+                              ~(scores[0::2].isnan() | scores[1::2].isnan())).to(device)  # (B,) pairs with a preference
+                    per_pair = lambda v: torch.where(ranked, v, torch.full_like(v, float("nan")))  # noqa: E731
+                    hh = h.detach()
+                    stats.add("loss/dpo", per_pair(losses.detach()))
+                    stats.add("objective/kl", kl)
+                    stats.add("objective/entropy", -seq)
+                    stats.add("rewards/chosen", per_pair(beta * kl[chosen_idx]))
+                    stats.add("rewards/rejected", per_pair(beta * kl[rejected_idx]))
+                    stats.add("rewards/margins", per_pair(beta * hh))
+                    stats.add("rewards/accuracies", per_pair((hh > 0).double()))
+                    stats.add("logps/chosen", per_pair(seq[chosen_idx]))
+                    stats.add("logps/rejected", per_pair(seq[rejected_idx]))
+                    stats.add("val/contain_eos_token", terminated.double())
+                    if scores is not None:
+                        stats.add("objective/scores", scores)
+                        stats.add("objective/scores_margin", scores[chosen_cpu] - scores[chosen_cpu ^ 1])
+                        stats.add("objective/tie_rate", per_pair((scores[0::2] == scores[1::2]).double()))
+                        stats.add("objective/unscored_rate", (~ranked).double())
+                    if gold is not None:
+                        stats.add("train/gold_reward", [float("nan") if v is None else v
+                                                        for v in gold(prompts2, completions)])
+                    window["mask"].append(gen.completion_mask.cpu())
+                    window["terminated"].append(terminated)
+                    if gen.sampler_logps is not None:  # sampler (vLLM) vs trainer log-prob gap
+                        window["logps"].append(logps.detach().cpu())
+                        window["sampler_logps"].append(gen.sampler_logps.cpu())
+                if sample_rows is None:
+                    c = chosen_cpu.tolist()
+                    sample_rows = [{"prompt": str(prompts2[2 * b]), "chosen": gen.texts[c[b]],
+                                    "rejected": gen.texts[c[b] ^ 1],
+                                    **({"score_chosen": float(scores[c[b]]), "score_rejected": float(scores[c[b] ^ 1])}
+                                       if scores is not None else {})}
+                                   for b in range(min(4, B))]
+            if async_ro is not None:
+                async_ro.weights_updated(model, step + 1)  # push, and request the steps now allowed (detail 12)
             else:
-                rpf = rewards(prompts2, completions, ids_list, cols2)  # (2B, 1); stops the run on NaN / inf
-                window["rpf"].append(rpf)
-                scores = apply_missing_eos_penalty(rpf[:, 0], terminated, args.missing_eos_penalty)
-                first_wins = first_is_chosen(scores[0::2], scores[1::2])  # (B,)
-                weights = pair_weights(scores[0::2], scores[1::2], args.drop_ties)  # (B,) 0: out of the loss
-            # 3. log-probs of both samples under the policy (with grad) and the reference, one forward each (detail
-            # 11); the DPO loss (details 6-7)
-            batch = pair_batch([prompt_ids_all[i] for i in mb], ids_list, pad_id, device, share, mask_dtype)
-            mask = batch["completion_mask"].float()  # (2B, T)
-            with torch.no_grad():
-                ref_seq = (pair_token_logps(ref_model, batch) * mask).sum(1)  # (2B,)
-            chosen_cpu = 2 * torch.arange(B) + (~first_wins).long()  # (B,) row of each pair's chosen sample
-            chosen_idx, rejected_idx = chosen_cpu.to(device), (chosen_cpu ^ 1).to(device)
-            with accelerator.accumulate(model):
-                logps = pair_token_logps(model, batch)  # (2B, T)
-                seq = (logps * mask).sum(1)  # (2B,)
-                losses, h = dpo_loss(seq[chosen_idx], seq[rejected_idx], ref_seq[chosen_idx], ref_seq[rejected_idx],
-                                     beta, args.loss_type)
-                # mean over the optimizer step's pairs (left-out pairs count as 0): undo accelerate's 1/accumulation
-                # and DDP's 1/processes
-                loss = (losses * weights.to(device)).sum() / prompts_per_step
-                accelerator.backward(loss * A * W)
-                if accelerator.sync_gradients:
-                    _, stepped = distributed.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                            args.max_grad_norm)
-                    skipped_steps += not stepped
-            # 4. statistics of the window (on the device: no host sync); NaN entries (unscored pairs) are left out
-            with torch.no_grad():
-                seq, kl = seq.detach(), seq.detach() - ref_seq  # (2B,)
-                ranked = (torch.ones(B, dtype=torch.bool) if scores is None else
-                          ~(scores[0::2].isnan() | scores[1::2].isnan())).to(device)  # (B,) pairs with a preference
-                per_pair = lambda v: torch.where(ranked, v, torch.full_like(v, float("nan")))  # noqa: E731
-                hh = h.detach()
-                stats.add("loss/dpo", per_pair(losses.detach()))
-                stats.add("objective/kl", kl)
-                stats.add("objective/entropy", -seq)
-                stats.add("rewards/chosen", per_pair(beta * kl[chosen_idx]))
-                stats.add("rewards/rejected", per_pair(beta * kl[rejected_idx]))
-                stats.add("rewards/margins", per_pair(beta * hh))
-                stats.add("rewards/accuracies", per_pair((hh > 0).double()))
-                stats.add("logps/chosen", per_pair(seq[chosen_idx]))
-                stats.add("logps/rejected", per_pair(seq[rejected_idx]))
-                stats.add("val/contain_eos_token", terminated.double())
-                if scores is not None:
-                    stats.add("objective/scores", scores)
-                    stats.add("objective/scores_margin", scores[chosen_cpu] - scores[chosen_cpu ^ 1])
-                    stats.add("objective/tie_rate", per_pair((scores[0::2] == scores[1::2]).double()))
-                    stats.add("objective/unscored_rate", (~ranked).double())
-                if gold is not None:
-                    stats.add("train/gold_reward", [float("nan") if v is None else v
-                                                    for v in gold(prompts2, completions)])
-                window["mask"].append(gen.completion_mask.cpu())
-                window["terminated"].append(terminated)
-                if gen.sampler_logps is not None:  # sampler (vLLM) vs trainer log-prob gap
-                    window["logps"].append(logps.detach().cpu())
-                    window["sampler_logps"].append(gen.sampler_logps.cpu())
-            if sample_rows is None:
-                c = chosen_cpu.tolist()
-                sample_rows = [{"prompt": str(prompts2[2 * b]), "chosen": gen.texts[c[b]],
-                                "rejected": gen.texts[c[b] ^ 1],
-                                **({"score_chosen": float(scores[c[b]]), "score_rejected": float(scores[c[b] ^ 1])}
-                                   if scores is not None else {})}
-                               for b in range(min(4, B))]
-        generator.sync_weights(model)
+                generator.sync_weights(model)
 
-        # ================================================================ logging, evaluation, checkpoints (plumbing)
-        done = step + 1
-        if done % args.logging_steps == 0 or done == args.max_steps:
-            metrics = stats.reduce(accelerator)
-            metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
-            metrics["objective/model_kl"] = metrics["objective/kl"]  # same name as in xpo.py / nash_md.py
-            if rewards is not None:
-                metrics["objective/model_scores"] = metrics["objective/scores"]
-                metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
-                rpf_all = distributed.gather_cat(accelerator, torch.cat(window["rpf"]))
-                metrics.update(rewards.metrics(rpf_all))
-                rewards.check_varies(rpf_all, accelerator.is_main_process)
-            metrics["val/model_contain_eos_token"] = metrics["val/contain_eos_token"]
-            width = max(m.shape[1] for m in window["mask"])
-            metrics.update(rollout.completion_metrics(
-                accelerator, torch.cat([F.pad(m, (0, width - m.shape[1])) for m in window["mask"]]),
-                torch.cat(window["terminated"])))
-            if window["sampler_logps"]:
-                metrics.update(rollout.sampler_gap_metrics(accelerator, window["logps"], window["sampler_logps"],
-                                                           window["mask"]))
-            window = {k: [] for k in window}
-            metrics.update({"beta": beta, "learning_rate": scheduler.get_last_lr()[0],
-                            "train/skipped_steps": skipped_steps})
-            if args.eval_steps and eval_ds is not None and (done % args.eval_steps == 0 or done == args.max_steps):
-                metrics.update(evaluate())
-            tracker.log(metrics, done, args.max_steps)
-        if args.log_completions_steps and (done % args.log_completions_steps == 0 or done == args.max_steps):
-            tracker.log_samples(done, sample_rows or [])
-        if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
-            checkpoint.save_checkpoint(accelerator, args.output_dir, done, model, tokenizer, args,
-                                       {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
-                                       args.save_total_limit)
+            # ============================================================ logging, evaluation, checkpoints (plumbing)
+            done = step + 1
+            if done % args.logging_steps == 0 or done == args.max_steps:
+                metrics = stats.reduce(accelerator)
+                metrics["objective/non_score_reward"] = -beta * metrics["objective/kl"]
+                metrics["objective/model_kl"] = metrics["objective/kl"]  # same name as in xpo.py / nash_md.py
+                if rewards is not None:
+                    metrics["objective/model_scores"] = metrics["objective/scores"]
+                    metrics["objective/rlhf_reward"] = (metrics["objective/scores"]
+                                                        + metrics["objective/non_score_reward"])
+                    rpf_all = distributed.gather_cat(accelerator, torch.cat(window["rpf"]))
+                    metrics.update(rewards.metrics(rpf_all))
+                    rewards.check_varies(rpf_all, accelerator.is_main_process)
+                metrics["val/model_contain_eos_token"] = metrics["val/contain_eos_token"]
+                width = max(m.shape[1] for m in window["mask"])
+                metrics.update(rollout.completion_metrics(
+                    accelerator, torch.cat([F.pad(m, (0, width - m.shape[1])) for m in window["mask"]]),
+                    torch.cat(window["terminated"])))
+                if window["sampler_logps"]:
+                    metrics.update(rollout.sampler_gap_metrics(accelerator, window["logps"], window["sampler_logps"],
+                                                               window["mask"]))
+                window = {k: [] for k in window}
+                metrics.update({"beta": beta, "learning_rate": scheduler.get_last_lr()[0],
+                                "train/skipped_steps": skipped_steps})
+                if args.eval_steps and eval_ds is not None and (done % args.eval_steps == 0 or done == args.max_steps):
+                    metrics.update(evaluate())
+                tracker.log(metrics, done, args.max_steps)
+            if args.log_completions_steps and (done % args.log_completions_steps == 0 or done == args.max_steps):
+                tracker.log_samples(done, sample_rows or [])
+            if args.save_steps and done % args.save_steps == 0 and done < args.max_steps:
+                save(done)
+    finally:
+        if async_ro is not None:
+            async_ro.close()
 
     checkpoint.save_model(accelerator, model, tokenizer, args.output_dir)
     if args.save_steps:
-        checkpoint.save_checkpoint(accelerator, args.output_dir, args.max_steps, model, tokenizer, args,
-                                   {"elapsed": tracker.elapsed(), "skipped_steps": skipped_steps},
-                                   args.save_total_limit)
+        save(args.max_steps)
     tracker.close()
     accelerator.print(f"saved the final model to {args.output_dir}")
     accelerator.end_training()
