@@ -16,6 +16,7 @@ The flags in which the scripts differ (the name of the group size; extra flags) 
     python benchmarks/async_grpo.py                      # grpo, 3 seeds x 60 steps, sync1 and async
     SEEDS=1,2 STEPS=40 MODES=sync1,sync2,async python benchmarks/async_grpo.py --script rloo
     GROUP=8 python benchmarks/async_grpo.py --script vmpo   # pass the group size (--k 8 for vmpo)
+    APPEND=1 SEEDS=4,5 python benchmarks/async_grpo.py --script gmpo   # more seeds, kept with the earlier ones
     python benchmarks/async_grpo.py --render             # only rebuild README.md from the results files
 """
 
@@ -122,10 +123,23 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def measure(script: str, seeds: list[int], modes: list[str], steps: int, work: Path, group: int | None) -> dict:
-    """Every mode once per seed, interleaved; the summary that `render` turns into a README section."""
+def measure(script: str, seeds: list[int], modes: list[str], steps: int, work: Path, group: int | None,
+            previous: dict | None = None) -> dict:
+    """Every mode once per seed, interleaved; the summary that `render` turns into a README section. `previous`: an
+    earlier results file of the same script, steps and modes whose runs are kept (more seeds)."""
     load0, rows = os.getloadavg(), []
+    if previous is not None:
+        group_flag = None if group is None else [SCRIPTS[script]["group_flag"], group]
+        if previous["steps"] != steps or list(previous["steps_per_s_mean"]) != modes \
+                or previous.get("group_size_flag") != group_flag:
+            raise ValueError("APPEND=1: the earlier results file has other STEPS, MODES or GROUP; run without APPEND")
+        if set(seeds) & set(previous["seeds"]):
+            raise ValueError(f"APPEND=1: seeds {sorted(set(seeds) & set(previous['seeds']))} were already run")
+        load0, rows = previous["load_before"], list(previous["rows"])
+        seeds = previous["seeds"] + seeds
     for i, seed in enumerate(seeds):
+        if any(r["seed"] == seed for r in rows):
+            continue
         order = modes if i % 2 == 0 else modes[::-1]
         for mode in order:
             rows.append(run(script, mode, seed, steps, work, group))
@@ -261,7 +275,9 @@ def main():
         group = int(os.environ["GROUP"]) if os.environ.get("GROUP") else None
         work = Path(os.environ.get("WORK", "/tmp/cleanalign-async-bench"))
         work.mkdir(parents=True, exist_ok=True)
-        result = measure(cli.script, seeds, modes, steps, work, group)
+        append = os.environ.get("APPEND") == "1" and results_path(cli.script).exists()
+        previous = json.loads(results_path(cli.script).read_text()) if append else None
+        result = measure(cli.script, seeds, modes, steps, work, group, previous)
         results_path(cli.script).write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(write_readme()))
 
