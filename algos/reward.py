@@ -100,6 +100,10 @@ class Args:
     """AdamW learning rate (TRL's default is 1e-4)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    optim: str = "adamw_torch"
+    """AdamW kernel: 'adamw_torch' (torch's default for the device; the toy start policies are built with it) or
+    'adamw_torch_fused' (TRL's default: one fused kernel per step, faster, other float rounding; single process or
+    DDP on CPU / CUDA)"""
     warmup_steps: int = 20
     """linear warm-up steps, then linear decay to 0"""
     max_steps: int = 1000
@@ -196,7 +200,13 @@ def main(args: Args):
 
     args.run_name = args.run_name or f"{args.exp_name}__{args.dataset_name.replace('/', '_').replace(':', '_')}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    if args.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ValueError(f"--optim {args.optim!r}: choose 'adamw_torch' or 'adamw_torch_fused'")
     accelerator = distributed.make_accelerator(args)
+    if args.optim == "adamw_torch_fused" and (accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU")
+                                             or accelerator.device.type not in ("cpu", "cuda")):
+        raise ValueError(f"--optim adamw_torch_fused: not with {accelerator.distributed_type.value} on "
+                         f"{accelerator.device.type} (DeepSpeed and FSDP manage the parameters); use --optim adamw_torch")
 
     tokenizer = model_utils.load_tokenizer(args.model_name_or_path, args.dataset_name)
     train_ds, eval_ds = data.load_splits(args, "preference", "reward.py", toy_n=args.num_eval_pairs)
@@ -218,7 +228,8 @@ def main(args: Args):
     model.config.pad_token_id = tokenizer.pad_token_id
     model = peft_utils.maybe_wrap(model, args, task="SEQ_CLS")  # --use_peft: LoRA adapters; the score head trains fully
     score_head = model.score
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=True if args.optim == "adamw_torch_fused" else None)  # None: torch's default
 
     def lr_lambda(step):
         if step < args.warmup_steps:

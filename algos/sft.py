@@ -101,6 +101,10 @@ class Args:
     """AdamW learning rate (the toy model trains from scratch; use ~2e-5 for a pretrained model)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    optim: str = "adamw_torch"
+    """AdamW kernel: 'adamw_torch' (torch's default for the device; the toy start policies are built with it) or
+    'adamw_torch_fused' (TRL's default: one fused kernel per step, faster, other float rounding; single process or
+    DDP on CPU / CUDA)"""
     warmup_steps: int = 20
     """linear warm-up steps"""
     lr_scheduler: str = "linear"
@@ -305,7 +309,13 @@ def main(args: Args):
         raise ValueError(f"--loss_type {args.loss_type!r}: choose 'nll' or 'dft'")
     if args.neftune_noise_alpha is not None and args.neftune_noise_alpha <= 0:
         raise ValueError(f"--neftune_noise_alpha {args.neftune_noise_alpha}: must be > 0 (None turns NEFTune off)")
+    if args.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ValueError(f"--optim {args.optim!r}: choose 'adamw_torch' or 'adamw_torch_fused'")
     accelerator = distributed.make_accelerator(args)
+    if args.optim == "adamw_torch_fused" and (accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU")
+                                             or accelerator.device.type not in ("cpu", "cuda")):
+        raise ValueError(f"--optim adamw_torch_fused: not with {accelerator.distributed_type.value} on "
+                         f"{accelerator.device.type} (DeepSpeed and FSDP manage the parameters); use --optim adamw_torch")
     if args.max_steps <= 0 or args.per_device_train_batch_size <= 0:
         raise ValueError("--max_steps and --per_device_train_batch_size must be positive")
 
@@ -324,7 +334,8 @@ def main(args: Args):
     model = peft_utils.maybe_wrap(model, args)  # --use_peft: LoRA adapters, the rest frozen
     if args.neftune_noise_alpha is not None:
         add_neftune_hook(model, args.neftune_noise_alpha)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=True if args.optim == "adamw_torch_fused" else None)  # None: torch's default
 
     def lr_lambda(step):  # linear warm-up, then constant or linear decay to 0
         if step < args.warmup_steps:
@@ -360,7 +371,9 @@ def main(args: Args):
         indices = data.batch_indices(len(train), global_bs, step, args.seed)
         micro = distributed.micro_batches(indices, args, accelerator)
         local_tokens = sum(sum(train[i][2]) for mb in micro for i in mb)
-        num_items = distributed.gather_sum(accelerator, local_tokens)  # label tokens in the whole step
+        # label tokens in the whole step (one process: no tensor round trip, so no device sync per step)
+        num_items = (float(local_tokens) if accelerator.num_processes == 1
+                     else distributed.gather_sum(accelerator, local_tokens))
         for mb in micro:
             rows = [train[i] for i in mb]
             if args.packing:  # one flat (K,) vector of trained tokens instead of (B, T); rows as long as the longest

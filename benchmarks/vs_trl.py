@@ -5,6 +5,7 @@
     python benchmarks/vs_trl.py --sections memory               # 150k-vocabulary model: peak memory of a step
     python benchmarks/vs_trl.py --sections memory --workloads dpo   # re-measure some workloads, keep the others'
     python benchmarks/vs_trl.py --sections packing              # variable-length SFT: tokens/s, packed vs padded
+    python benchmarks/vs_trl.py --sections profile --workloads sft reward   # where a step's CPU time goes
 
 Results: benchmarks/results/vs_trl/README.md (tables with the machine load) and results.json.
 
@@ -18,6 +19,8 @@ Sections
            for the toy tokens, zero head rows for the rest): dpo and grpo steps at the speed section's batches.
   packing  SFT on a variable-length mix of toy tasks (sequences of 5 to 200 tokens): tokens/s of sft.py padded and
            with --packing, TRL's defaults, TRL padding-free, TRL packing (best-fit decreasing), same loss per token.
+  profile  (only when asked for) sft.py and reward.py on the speed section's workload, their step split into batch
+           building, forward, output head, backward, clipping, AdamW update and the rest (CPU time per step).
 
 Matched settings: the same model folder and rows, the same batch (completions per optimizer step, one micro-batch,
 one process), learning rate, completions per prompt and new tokens, float32, AdamW, clipping at 1.0, constant
@@ -44,6 +47,7 @@ import json
 import os
 import platform
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +61,7 @@ os.environ.setdefault("CLEANALIGN_CACHE", str(ROOT / ".cache"))
 TRL_VERSION = "1.16.0"
 SPEED_WORKLOADS = ("sft", "reward", "dpo", "grpo", "gmpo", "rloo", "online_dpo")
 BIG_VOCAB = 151936
+FUSED = "ours, --optim adamw_torch_fused"
 
 
 # ----------------------------------------------------------------------------- clocks (in every child process)
@@ -196,6 +201,55 @@ def child_ours(a) -> dict:
     if a.workload == "sft":  # trained tokens per step, from the logged num_tokens (tokens per logging window)
         out["tokens_per_step"] = sum(m["num_tokens"] for m in metrics) / metrics[-1]["step"]
         out["loss"] = metrics[-1]["loss"]
+    return out
+
+
+def child_profile(a) -> dict:
+    """Our script's step split into its parts: the CPU time spent inside each function below (exclusive of the
+    others it calls), per optimizer step after the warm-up; `rest of the loop` is what is left of the step."""
+    import accelerate
+    import torch
+
+    from common import data, distributed, model as model_utils
+
+    parts = ((data, "batch_prompt_completion", "batch building (padding, tensors)"),
+             (data, "pad", "batch building (padding, tensors)"),
+             (model_utils, "hidden_before_head", "forward through the model"),
+             (model_utils, "sequence_classifier_scores", "forward through the model"),
+             (model_utils, "head_logps", "output head + float32 log-softmax (chunked)"),
+             (accelerate.Accelerator, "backward", "backward"),
+             (accelerate.Accelerator, "clip_grad_norm_", "gradient norm + clipping"),
+             (torch.optim.AdamW, "step", "AdamW update"),
+             (distributed, "optimizer_step", "zero_grad, scheduler, skip check"))
+    set_threads(a.threads)
+    totals: dict[str, float] = {}
+    inner: list[float] = []  # CPU time of timed callees, one entry per open timed call
+
+    def timed(fn, label):
+        def wrapper(*args, **kwargs):
+            counted, t0 = len(clock.cpu) >= a.warmup, time.process_time()  # calls of the measured steps
+            inner.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt, sub = time.process_time() - t0, inner.pop()
+                if counted:
+                    totals[label] = totals.get(label, 0.0) + dt - sub
+                if inner:
+                    inner[-1] += dt
+        return wrapper
+
+    for owner, attr, label in parts:
+        setattr(owner, attr, timed(getattr(owner, attr), label))
+    clock = StepClock(a.warmup)
+    argv = our_command(a.workload, a)
+    sys.argv = [str(ROOT / "algos" / argv[0]), *argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    out = clock.result()
+    n = len(clock.cpu) - a.warmup
+    out["parts_s_per_step"] = {k: v / n for k, v in totals.items()}
+    out["parts_s_per_step"]["rest of the loop (metrics, masks, accelerate contexts)"] = (
+        out["cpu_s_per_step"] - sum(totals.values()) / n)
     return out
 
 
@@ -360,15 +414,15 @@ def child_plain(a) -> dict:
         for step in range(a.steps):
             idx = data.batch_indices(len(p_ids), 64, step, 1)
             P = [p_ids[i] for i in idx]
-            b = data.batch_prompt_completion(P + P, [ch[i] for i in idx] + [rj[i] for i in idx], pad)
             if w == "reward":
-                ids, am = data.pad([P[k] + (ch + rj)[i] for k, i in enumerate(idx)] +
+                ids, am = data.pad([P[k] + ch[i] for k, i in enumerate(idx)] +
                                    [P[k] + rj[i] for k, i in enumerate(idx)], pad, "right")
                 am = am.long()
                 out = model(input_ids=ids, attention_mask=am, use_cache=False, output_hidden_states=False).logits[:, 0]
                 r = out  # HF pools at the last non-pad token (right padding, pad != eos for the toy tokenizer)
                 loss = -F.logsigmoid(r[:64] - r[64:]).mean()
             else:
+                b = data.batch_prompt_completion(P + P, [ch[i] for i in idx] + [rj[i] for i in idx], pad)
                 m = b["completion_mask"].float()
                 T = m.shape[1]
                 with torch.no_grad():
@@ -487,6 +541,8 @@ def programs_for(section: str, w: str, py: str, a, scratch: Path) -> dict:
     """name -> zero-argument callable returning a child's result, for one workload of one section."""
     ours = lambda **kw: run_child(sys.executable, "ours", w, a, scratch, **kw)  # noqa: E731
     trl = lambda ckpt, **kw: run_child(py, "trl", w, a, scratch, gradient_checkpointing=ckpt, **kw)  # noqa: E731
+    if section == "profile":
+        return {"ours": lambda: run_child(sys.executable, "profile", w, a, scratch)}
     if section == "packing":
         vl = dict(varlen=str(a.varlen_file), batch=a.varlen_batch)
         return {
@@ -502,15 +558,18 @@ def programs_for(section: str, w: str, py: str, a, scratch: Path) -> dict:
     progs = {"ours": lambda: ours(), "TRL, checkpointing off": lambda: trl(0), "TRL defaults": lambda: trl(1)}
     if section == "speed":
         progs["plain PyTorch loop"] = lambda: run_child(sys.executable, "plain", w, a, scratch)
+        if w in ("sft", "reward"):  # with TRL's AdamW kernel too (not the scripts' default: other float rounding)
+            progs[FUSED] = lambda: ours(extra=["--optim", "adamw_torch_fused"])
     return progs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sections", nargs="+", default=["speed", "memory", "packing"],
-                    choices=["speed", "memory", "packing"])
-    ap.add_argument("--workloads", nargs="+", default=list(SPEED_WORKLOADS), help="speed section workloads "
-                    f"({', '.join(SPEED_WORKLOADS)}, kto)")
+                    choices=["speed", "memory", "packing", "profile"])
+    ap.add_argument("--workloads", nargs="+", default=list(SPEED_WORKLOADS), choices=[*SPEED_WORKLOADS, "kto"],
+                    help="the workloads to measure (speed: any; memory: dpo, grpo); a run of some keeps the others' "
+                    "results")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement")
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     ap.add_argument("--logging_steps", type=int, default=10, help="metrics logged every this many steps (all)")
@@ -520,7 +579,7 @@ def main():
     ap.add_argument("--trl_venv", default=str(ROOT / ".cache" / f"venv-trl-{TRL_VERSION}"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_trl"))
     # child-process arguments
-    ap.add_argument("--child", choices=["ours", "trl", "plain"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "trl", "plain", "profile"], help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -533,7 +592,7 @@ def main():
     a = ap.parse_args()
     a.extra = a.extra.split()
     if a.child:
-        res = {"ours": child_ours, "trl": child_trl, "plain": child_plain}[a.child](a)
+        res = {"ours": child_ours, "trl": child_trl, "plain": child_plain, "profile": child_profile}[a.child](a)
         Path(a.result).write_text(json.dumps(res) + "\n")
         return
 
@@ -541,7 +600,8 @@ def main():
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    scratch = ROOT / "runs" / "bench" / "vs_trl"
+    # run folders of this invocation only: two invocations (other sections or workloads) never share one
+    scratch = ROOT / "runs" / "bench" / "vs_trl" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     py = trl_python(Path(a.trl_venv))
     results_path = out / "results.json"
@@ -553,6 +613,9 @@ def main():
         elif section == "memory":
             a.model = str(big_vocab_model())
             workloads = [w for w in ("dpo", "grpo") if w in a.workloads]
+        elif section == "profile":
+            a.model = str(toy.toy_policy_path("add"))
+            workloads = [w for w in ("sft", "reward") if w in a.workloads]
         else:
             a.model = str(toy.toy_policy_path("add"))
             a.varlen_file = scratch / "varlen.jsonl"
@@ -592,6 +655,7 @@ def main():
                         "--steps", str(max(a.steps, 30)), "--warmup", "10", "--out", str(out / "kto")],
                        check=True, cwd=ROOT)
     write_readme(results, out)
+    shutil.rmtree(scratch, ignore_errors=True)  # the children's run folders (saved models); results are in `out`
 
 
 def _med(xs: list[dict], key: str) -> float:
@@ -619,6 +683,13 @@ def write_readme(results: dict, out: Path):
             lines.append(f"| {w} | {o:.1f} | {t0:.1f} | {t1:.1f} | {p:.1f} | {t0 / o:.2f}x | {t1 / o:.2f}x | "
                          f"{o / p:.2f}x | {wl['ours']:.0f}, {wl['TRL, checkpointing off']:.0f}, "
                          f"{wl['TRL defaults']:.0f}, {wl['plain PyTorch loop']:.0f} |")
+        fused = [(w, progs) for w, progs in s["runs"].items() if progs.get(FUSED)]
+        if fused:
+            lines += ["", "With TRL's AdamW kernel (`--optim adamw_torch_fused`, one fused kernel per step; not the "
+                      "default: it rounds differently, and the toy start policies are built with the default kernel): "
+                      + "; ".join(f"{w} {_med(p[FUSED], 'cpu_s_per_step') * 1e3:.1f} ms, "
+                                  f"{_med(p['TRL, checkpointing off'], 'cpu_s_per_step') / _med(p[FUSED], 'cpu_s_per_step'):.2f}x "
+                                  "TRL ckpt off" for w, p in fused) + "."]
         lines += ["", *_meta_lines(s), ""]
         kto = out / "kto" / "speed.json"
         if kto.exists():
@@ -644,6 +715,19 @@ def write_readme(results: dict, out: Path):
                   "resident set between two steps, i.e. what a step allocates on top of what stays. The padded rows "
                   "of the vocabulary have zero weights, so the model samples nearly uniformly over 151,936 tokens "
                   "and completions run to the 8-token limit in every program alike.", "", *_meta_lines(s), ""]
+    if "profile" in results:
+        s = results["profile"]
+        lines += ["## Where a step's CPU time goes (sft.py, reward.py; the speed section's workload)", "",
+                  "CPU ms per optimizer step inside each part (exclusive of the other parts it calls), median over "
+                  "repeats.", "", "| part | " + " | ".join(s["runs"]) + " |", "|---|" + "---|" * len(s["runs"])]
+        names = list(dict.fromkeys(k for progs in s["runs"].values() for r in progs["ours"]
+                                   for k in r["parts_s_per_step"]))
+        med = {w: {k: statistics.median(r["parts_s_per_step"].get(k, 0.0) for r in progs["ours"]) * 1e3
+                   for k in names} for w, progs in s["runs"].items()}
+        total = {w: _med(progs["ours"], "cpu_s_per_step") * 1e3 for w, progs in s["runs"].items()}
+        for k in names:
+            lines.append(f"| {k} | " + " | ".join(f"{med[w][k]:.1f} ({med[w][k] / total[w]:.0%})" for w in med) + " |")
+        lines += ["| whole step | " + " | ".join(f"{total[w]:.1f}" for w in total) + " |", "", *_meta_lines(s), ""]
     if "packing" in results:
         s = results["packing"]
         progs = s["runs"]["sft"]
@@ -673,7 +757,7 @@ def targets(results: dict) -> list[str]:
             o = _med(r[w]["ours"], "cpu_s_per_step")
             rows.append((f"{w}: clearly ahead of TRL with checkpointing off (>= 1.1x)",
                          f"{_med(r[w]['TRL, checkpointing off'], 'cpu_s_per_step') / o:.2f}x", None))
-            if w in ("sft", "grpo", "dpo"):
+            if w in ("sft", "reward", "grpo", "dpo"):
                 ratio = o / _med(r[w]["plain PyTorch loop"], "cpu_s_per_step")
                 rows.append((f"{w}: within 10% of the plain loop", f"{ratio:.2f}x", ratio <= 1.10))
         for row in list(rows):

@@ -3,6 +3,7 @@ NEFTune (detail 4), each against a hand construction; and one run per option thr
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from datasets import Dataset
 
 import sft as sft_script
-from common import data, toy
+from common import data, model as model_utils, toy
 from conftest import read_metrics, run_script
 
 CONVERSATION = [
@@ -140,3 +141,40 @@ def test_unknown_sft_loss_type_fails_at_startup(tmp_path):
     proc = run_script("sft.py", "--output_dir", str(tmp_path / "bad"), "--loss_type", "focal", check=False)
     assert proc.returncode != 0 and "--loss_type" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_optim_fused_selects_torchs_fused_adamw_and_the_default_keeps_torchs_default(tmp_path, monkeypatch):
+    """--optim adamw_torch_fused builds AdamW with the fused kernel, the default passes no kernel choice (torch's
+    default, with which the toy start policies are built); both make the same update up to float rounding."""
+    from safetensors.torch import load_file
+
+    made = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.defaults["fused"])
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    rows = tmp_path / "rows.jsonl"  # a small file: the two runs skip the toy task's 9,000 rows
+    rows.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) + "\n" for a in range(32)))
+    common = dict(max_steps=2, per_device_train_batch_size=16, logging_steps=1, eval_steps=0, save_steps=0,
+                  dataset_name=str(rows), eval_split=None)
+    sft_script.main(sft_script.Args(output_dir=str(tmp_path / "fused"), optim="adamw_torch_fused", **common))
+    sft_script.main(sft_script.Args(output_dir=str(tmp_path / "default"), **common))
+    assert made == [True, None]
+    fused, default = (load_file(tmp_path / d / "model.safetensors") for d in ("fused", "default"))
+    init = model_utils.load_causal_lm("toy", seed=1).state_dict()  # the runs' start (seed 1)
+    moved = min((default[k] - init[k]).abs().max().item() for k in default)
+    gap = max((fused[k] - default[k]).abs().max().item() for k in default)
+    assert moved > 1e-5 and gap < moved / 100  # every tensor moved; the two kernels agree far closer than that
+
+
+def test_unknown_optim_fails_at_startup_in_sft_and_reward(tmp_path):
+    import reward as reward_script
+
+    for script, args in ((sft_script, sft_script.Args), (reward_script, reward_script.Args)):
+        out = tmp_path / script.__name__
+        with pytest.raises(ValueError, match="--optim 'sgd'"):
+            script.main(args(output_dir=str(out), optim="sgd"))
+        assert not out.exists()
