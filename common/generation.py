@@ -39,10 +39,13 @@ class HFGenerator:
             device = next(m.parameters()).device
             was_training = m.training
             m.eval()
+            sample = not greedy and cfg.temperature > 0
             gen_cfg = GenerationConfig(
-                do_sample=not greedy and cfg.temperature > 0,
+                do_sample=sample,
                 temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
-                top_p=cfg.top_p, top_k=cfg.top_k or None, min_p=cfg.min_p,  # top_k 0 = off
+                # top_k 0 = off, passed as 0 when sampling: None would make HF fall back to the model's generation
+                # config or its global default (top-50)
+                top_p=cfg.top_p, top_k=cfg.top_k if sample else None, min_p=cfg.min_p,
                 max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
             )

@@ -337,3 +337,23 @@ def test_default_run_raises_heldout_gold_reward(tmp_path, toy_policy):
     recs = [r for r in read_metrics(out) if r.get("eval/gold_reward") is not None]
     start, final = recs[0]["eval/gold_reward"], recs[-1]["eval/gold_reward"]
     assert final >= start + 0.05, (start, final)
+
+
+def test_top_k_0_samples_from_the_whole_vocabulary_and_top_k_n_from_the_n_most_likely():
+    """--top_k 0 is off (HF generate would otherwise fall back to its default top-50): a fresh toy model (nearly
+    uniform over its 104 tokens) then draws more than 50 distinct tokens at the first position; --top_k 3 draws
+    only the 3 most likely ones there."""
+    from common import generation, model as model_utils
+
+    tok = model_utils.load_tokenizer("toy")
+    model = model_utils.load_causal_lm("toy", tok, seed=0)
+    prompt = tok("<bos>12+34=", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        top3 = set(model(input_ids=torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist())
+    first = {}
+    for k in (0, 3):
+        gen = generation.HFGenerator(tok, generation.SamplingConfig(temperature=1.0, top_k=k, max_new_tokens=1))
+        torch.manual_seed(0)
+        first[k] = set(gen.generate(model, [prompt], n=400).completion_ids[:, 0].tolist())
+    assert len(tok) > 50 and len(first[0]) > 50
+    assert first[3] <= top3
