@@ -234,7 +234,8 @@ def gkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
              temperature: float = 1.0, num_items: float | None = None):
     """Σ over the masked tokens of D_β, divided by num_items (default: this micro-batch's token count) (detail 5),
     from full logits: student_logits, teacher_logits: (B, T, V); mask: (B, T) 0/1 (training computes the same sum
-    block by block from hidden states: distill_micro_batch). Returns (loss, per-token D_β (N,), student log-probs (N, V), teacher log-probs (N, V))."""
+    block by block from hidden states: distill_micro_batch). Returns (loss, per-token D_β (N,), student log-probs
+    (N, V), teacher log-probs (N, V))."""
     assert student_logits.shape == teacher_logits.shape and student_logits.shape[:2] == mask.shape
     keep = mask.bool()
     s_logps = torch.log_softmax(student_logits[keep].float() / temperature, -1)  # (N, V)
