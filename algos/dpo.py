@@ -130,7 +130,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, distributed, model as model_utils, packing, peft_utils, preference, tracking
+from common import checkpoint, data, distributed, model as model_utils, peft_utils, preference, tracking
 from common.evaluation import heldout_gold_reward
 
 
@@ -603,115 +603,7 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, max_prompt_length: int
     return preference.tokenize_pairs(ds, tokenizer, max_length, max_prompt_length, drop_empty_prompt=True)
 
 
-def pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool,
-               packing: bool = False) -> dict:
-    """A micro-batch of pairs for forward_pairs (detail 1). completion_mask, targets: (2B, T), chosen rows then
-    rejected rows.
-    share_prompt: one row per pair, [prompt | chosen | rejected | right padding], with position ids restarting after
-      the prompt for the rejected tokens and a (B, 1, L, L) attention mask in which every token sees the causal past
-      of its own sequence only (rejected tokens never see chosen ones; padding sees itself). mask_dtype: bool (True =
-      attend, sdpa attention) or a float dtype (0 or its minimum, added to the scores: eager attention).
-    else: two rows per pair, [left-padded prompt | right-padded completion] (TRL's layout).
-    packing: see packed_pair_batch."""
-    if packing:
-        return packed_pair_batch(rows, pad_id, device, share_prompt, mask_dtype)
-    chosen, rejected = [r[1] for r in rows], [r[2] for r in rows]
-    if not share_prompt:
-        b = data.batch_prompt_completion([r[0] for r in rows] * 2, chosen + rejected, pad_id)
-        T = b["completion_mask"].shape[1]
-        out = {**b, "position_ids": model_utils.position_ids_from_mask(b["attention_mask"]), "logits_to_keep": T + 1,
-               "pred": None, "targets": b["input_ids"][:, -T:]}
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
-    B = len(rows)
-    L = max(len(p) + len(c) + len(r) for p, c, r in rows)
-    T = max(max(len(c) for c in chosen), max(len(r) for r in rejected))
-    first = min(len(p) for p, _, _ in rows) - 1  # the earliest predicting position: logits from there on
-    assert first >= 0, "every prompt has at least one token (tokenize_pairs drops the others)"
-    ids, pos, seg, targets, cmask, pred = [], [], [], [[], []], [[], []], [[], []]  # lists first: one tensor each
-    for p, c, r in rows:
-        P, Tc, Tr = len(p), len(c), len(r)
-        pad = L - P - Tc - Tr
-        ids.append(p + c + r + [pad_id] * pad)
-        pos.append(list(range(P + Tc)) + list(range(P, P + Tr)) + [0] * pad)
-        seg.append([0] * P + [1] * Tc + [2] * Tr + [3] * pad)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
-        # the position (in the packed row) whose logits predict each token; the first rejected token's is the prompt's
-        for side, (comp, at) in enumerate(((c, list(range(P - 1, P + Tc - 1))),
-                                           (r, [P - 1] + list(range(P + Tc, P + Tc + Tr - 1))))):
-            targets[side].append(comp + [pad_id] * (T - len(comp)))
-            cmask[side].append([1] * len(comp) + [0] * (T - len(comp)))
-            pred[side].append(at + [first] * (T - len(comp)))
-    ids, pos, seg = torch.tensor(ids), torch.tensor(pos), torch.tensor(seg)
-    targets, cmask, pred = (torch.tensor(x[0] + x[1]) for x in (targets, cmask, pred))  # (2B, T) each
-    q, k = seg[:, :, None], seg[:, None, :]
-    ar = torch.arange(L)
-    mask = (ar[:, None] >= ar[None, :]) & ~((q == 2) & (k == 1)) & (k != 3)  # (B, L, L)
-    mask |= torch.eye(L, dtype=torch.bool) & (q == 3)  # padding attends to itself (no empty rows)
-    mask = mask[:, None]
-    if mask_dtype != torch.bool:
-        mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
-    out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": L - first,
-           "pred": pred - first, "targets": targets, "completion_mask": cmask}
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
-
-
-def packed_pair_batch(rows: list, pad_id: int, device, share_prompt: bool = True, mask_dtype=torch.bool) -> dict:
-    """A padding-free micro-batch for forward_pairs (detail 12): completion_mask and targets (2B, T) as pair_batch's,
-    plus `gather` (K, 2) = (row, column) of the position that predicts each of the K completion tokens and `scatter`
-    (K, 2) = (sequence in [chosen | rejected], token) where its log-prob goes back.
-    share_prompt: pairs [prompt | chosen | rejected] packed whole into rows as long as the longest pair (best-fit
-      decreasing), positions restarting at each pair (and after the prompt for the rejected tokens), and a
-      (R, 1, L, L) attention mask in which each token sees the causal past of its own sequence only (pair_batch's
-      block mask, per pair; padding sees itself).
-    else: the 2B sequences prompt + completion packed into rows as long as the longest (common/packing.py): position
-      ids restart at every sequence and no attention mask is passed, so transformers keeps attention within each
-      sequence (any attention implementation, flash attention's varlen kernels included)."""
-    B = len(rows)
-    comps = [r[1] for r in rows] + [r[2] for r in rows]  # chosen then rejected, (2B,)
-    T = max(len(c) for c in comps)
-    targets = torch.tensor([c + [pad_id] * (T - len(c)) for c in comps])
-    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in comps])
-    scatter = [(i, t) for i, c in enumerate(comps) for t in range(len(c))]
-    if not share_prompt:
-        seqs = [r[0] + r[1] for r in rows] + [r[0] + r[2] for r in rows]
-        prompt_lens = [len(r[0]) for r in rows] * 2
-        b = packing.pack_rows(seqs, [[0] * n + [1] * (len(s) - n) for s, n in zip(seqs, prompt_lens)],
-                              max(len(s) for s in seqs), pad_id)
-        out = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "gather": b["pred"]}
-    else:
-        units = [len(p) + len(c) + len(r) for p, c, r in rows]
-        bins = packing.best_fit_decreasing(units, max(units))
-        L = max(sum(units[i] for i in b) for b in bins)
-        ids, pos, unit, part = [], [], [], []  # per row, lists first: one tensor each
-        gather = [None] * (2 * B)  # per sequence, the predicting columns (row, col) of its tokens
-        for r, b in enumerate(bins):
-            ids.append([]), pos.append([]), unit.append([]), part.append([])
-            for i in sorted(b):
-                p, c, rej = rows[i]
-                P, Tc, Tr, at = len(p), len(c), len(rej), len(ids[r])
-                ids[r] += p + c + rej
-                pos[r] += list(range(P + Tc)) + list(range(P, P + Tr))
-                unit[r] += [i] * (P + Tc + Tr)
-                part[r] += [0] * P + [1] * Tc + [2] * Tr
-                gather[i] = [(r, at + P - 1 + t) for t in range(Tc)]
-                gather[B + i] = [(r, at + P - 1)] + [(r, at + P + Tc + t - 1) for t in range(1, Tr)]
-            pad = L - len(ids[r])
-            ids[r] += [pad_id] * pad
-            pos[r] += [0] * pad
-            unit[r] += [-1] * pad
-            part[r] += [3] * pad
-        unit, part = torch.tensor(unit), torch.tensor(part)
-        uq, uk, q, k = unit[:, :, None], unit[:, None, :], part[:, :, None], part[:, None, :]
-        ar = torch.arange(L)
-        mask = (ar[:, None] >= ar[None, :]) & (uq == uk) & ~((q == 2) & (k == 1)) & (k != 3)  # (R, L, L)
-        mask |= torch.eye(L, dtype=torch.bool) & (q == 3)  # padding attends to itself (no empty rows)
-        mask = mask[:, None]
-        if mask_dtype != torch.bool:
-            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
-        out = {"input_ids": torch.tensor(ids), "attention_mask": mask, "position_ids": torch.tensor(pos),
-               "gather": torch.tensor([g for gs in gather for g in gs])}
-    out.update({"logits_to_keep": out["input_ids"].shape[1], "pred": None, "scatter": torch.tensor(scatter),
-                "targets": targets, "completion_mask": cmask})
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+pair_batch = preference.shared_prompt_pair_batch  # detail 1's and detail 12's layouts (common/preference.py)
 
 
 @torch.no_grad()

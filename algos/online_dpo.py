@@ -111,7 +111,7 @@ import torch.nn.functional as F
 import tyro
 
 from common import (async_rollout, checkpoint, data, distributed, evaluation, model as model_utils,
-                    rewards as reward_utils, rollout, peft_utils, tracking)
+                    preference, rewards as reward_utils, rollout, peft_utils, tracking)
 from common.generation import build_generator
 from common.sampling import Generation
 from common.judges import check_ranks, load_judge
@@ -353,12 +353,7 @@ def pair_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
             for at in (list(range(P - 1, P + T1 - 1)), [P - 1] + list(range(P + T1, P + T1 + T2 - 1))):
                 cols.append([a - first for a in at] + [0] * (T - len(at)))
         ids, pos, seg = torch.tensor(ids), torch.tensor(pos), torch.tensor(seg)  # (B, L)
-        q, k = seg[:, :, None], seg[:, None, :]
-        ar = torch.arange(L)
-        mask = (ar[:, None] >= ar[None, :]) & ~((q == 2) & (k == 1)) & (k != 3)  # (B, L, L)
-        mask = (mask | (torch.eye(L, dtype=torch.bool) & (q == 3)))[:, None]  # padding attends to itself
-        if mask_dtype != torch.bool:
-            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+        mask = preference.pair_block_mask(seg, mask_dtype=mask_dtype)  # (B, 1, L, L): each sequence's own past
         out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "keep": L - first,
                "rows": torch.arange(B).repeat_interleave(2)[:, None].expand(2 * B, T), "cols": torch.tensor(cols)}
     out.update(targets=targets, completion_mask=cmask)
